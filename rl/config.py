@@ -1,0 +1,267 @@
+"""Typed configuration of a training run.
+
+One pydantic model per section, a description on every field (the single source for defaults and docs),
+strict loading: an unknown or misspelled key is an error that names the nearest valid key. Recipes in
+``configs/`` set only non-defaults; ``key=value`` overrides use dotted paths (``rollout.temperature=0.7``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rl.algorithms.config import AlgorithmConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    output_dir: str = Field("runs/default", description="Directory for metrics, samples, checkpoints, resolved config.")
+    seed: int = Field(0, description="Seed for data order, sampling seeds and model init.")
+    num_steps: int = Field(20, ge=1, description="Number of RL steps (one rollout batch + one learner update each).")
+    save_every_steps: int = Field(10, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_last_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep on disk.")
+    log_samples_per_step: int = Field(4, ge=0, description="Rollout samples written to samples.jsonl per step.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard event files under <output_dir>/tb.")
+    progress: bool = Field(True, description="Show a live progress display on the terminal.")
+
+
+class TinyModelConfig(_Section):
+    seed: int = Field(0, description="Seed of the tiny model's init and supervised warm start.")
+    sft_steps: int | None = Field(None, ge=0, description="Supervised warm-start steps (None: the builder's default).")
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(
+        None,
+        description="Checkpoint directory (transformers format). When None and `build_tiny` is true, the embedded "
+        "tiny model is built into <output_dir>/tiny_model.",
+    )
+    build_tiny: bool = Field(False, description="Build the embedded tiny arithmetic model when `path` is None.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for learner and engine.")
+
+    @model_validator(mode="after")
+    def _need_a_model(self) -> "ModelConfig":
+        if self.path is None and not self.build_tiny:
+            raise ValueError("model.path is not set: give a checkpoint directory (model.path=/path/to/model) "
+                             "or set model.build_tiny=true for the embedded tiny model")
+        return self
+
+
+class DatasetConfig(_Section):
+    kind: Literal["arith", "jsonl"] = Field("arith", description="`arith`: the embedded synthetic task; `jsonl`: a file.")
+    path: str | None = Field(None, description="For kind=jsonl: a JSONL path, or a benchmark name resolved in data_dir.")
+    split: Literal["train", "test"] = Field("train", description="For kind=arith: which split to generate.")
+    num_problems: int | None = Field(None, ge=1, description="Use at most this many problems (None: all; arith needs it).")
+    seed: int = Field(0, description="Seed of the synthetic task generator (kind=arith).")
+    problem_field: str = Field("problem", description="Field holding the question text (kind=jsonl).")
+    answer_field: str = Field("answer", description="Field holding the gold answer (kind=jsonl).")
+    id_field: str = Field("id", description="Field holding the row id (kind=jsonl); the line number when absent.")
+    prompt_template: str = Field(
+        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+        description="Template applied to the question (kind=jsonl); `{problem}` is replaced.",
+    )
+    use_chat_template: bool = Field(False, description="Wrap the prompt with the tokenizer's chat template (kind=jsonl).")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A malformed row: `error` stops with the row number; `skip` counts and skips it."
+    )
+
+
+class DataConfig(_Section):
+    data_dir: str | None = Field(
+        None, description="Directory of benchmark JSONL files (default: env RL_DATA_DIR, else ../shared/data)."
+    )
+    train: DatasetConfig = Field(default_factory=lambda: DatasetConfig(kind="arith", split="train", num_problems=20000))
+    eval: DatasetConfig = Field(default_factory=lambda: DatasetConfig(kind="arith", split="test", num_problems=200))
+
+
+class RolloutConfig(_Section):
+    num_engines: int = Field(1, ge=1, description="vLLM engine actors (data parallel).")
+    num_cpus_per_engine: float = Field(1.0, ge=0, description="Ray CPUs reserved per engine actor.")
+    num_gpus_per_engine: float = Field(0.0, ge=0, description="Ray GPUs per engine actor (0 on CPU).")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per RL step.")
+    num_samples_per_prompt: int = Field(8, ge=1, description="Responses per prompt (the GRPO group size).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the learner uses the same one).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; keep 1.0 for exact importance ratios.")
+    max_response_tokens: int = Field(64, ge=1, description="Max new tokens per response.")
+    max_model_len: int = Field(512, ge=16, description="Engine context length (prompt + response).")
+    gpu_memory_utilization: float = Field(
+        0.15, gt=0, le=1, description="vLLM memory share (on CPU: share of RAM for the KV cache)."
+    )
+    enforce_eager: bool = Field(False, description="Disable torch.compile/graphs in the engine (faster start, slower run).")
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor parallel degree of each engine.")
+
+
+class LearnerConfig(_Section):
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (padded tokens count).")
+    mini_batches_per_step: int = Field(1, ge=1, description="Optimizer steps per RL step (PPO mini-batches).")
+    epochs_per_step: int = Field(1, ge=1, description="Passes over the rollout batch per RL step.")
+    old_logprob_source: Literal["learner", "engine"] = Field(
+        "learner",
+        description="Where pi_old comes from: `learner` recomputes log-probs before the update (exact); `engine` uses "
+        "the vLLM behaviour log-probs (saves a forward pass; exact only when engine and learner agree).",
+    )
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the learner actor.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for the learner actor.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the learner (None: default).")
+
+
+class RewardEntry(_Section):
+    name: str = Field(..., description="Registered name, `package.module:function` or `path/to/file.py:function`.")
+    weight: float = Field(1.0, description="Weight in the combined reward.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the reward.")
+
+
+class RewardPoolConfig(_Section):
+    num_workers: int = Field(2, ge=1, description="Grader worker processes.")
+    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit per grading call, enforced from outside.")
+    audit_fraction: float = Field(0.0, ge=0, le=1, description="Share of `incorrect` verdicts re-checked by a second method.")
+
+
+class SyncConfig(_Section):
+    canary: bool = Field(True, description="After each weight sync, compare engine and learner log-probs on a probe.")
+    canary_tolerance: float = Field(1e-3, gt=0, description="Max abs log-prob difference allowed by the canary.")
+
+
+class EvalConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="Evaluate on data.eval every N steps (0: only before and after).")
+    num_samples: int = Field(1, ge=1, description="Samples per eval problem.")
+    temperature: float = Field(0.0, ge=0, description="Eval sampling temperature (0: greedy).")
+    max_response_tokens: int | None = Field(None, ge=1, description="Eval max tokens (None: rollout's).")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address (None: start a local Ray).")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: enough for the actors).")
+
+
+class Config(_Section):
+    """A whole training run."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(build_tiny=True))
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    rewards: list[RewardEntry] = Field(default_factory=lambda: [RewardEntry(name="math_verify")])
+    reward_pool: RewardPoolConfig = Field(default_factory=RewardPoolConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "Config":
+        total = self.rollout.prompts_per_step * self.rollout.num_samples_per_prompt
+        if total % self.learner.mini_batches_per_step:
+            raise ValueError(
+                f"rollout.prompts_per_step * rollout.num_samples_per_prompt = {total} samples per step is not divisible "
+                f"by learner.mini_batches_per_step = {self.learner.mini_batches_per_step}"
+            )
+        if self.rollout.prompts_per_step % self.learner.mini_batches_per_step:
+            raise ValueError(
+                f"rollout.prompts_per_step={self.rollout.prompts_per_step} must be divisible by "
+                f"learner.mini_batches_per_step={self.learner.mini_batches_per_step} (mini-batches hold whole groups)"
+            )
+        if self.rollout.max_response_tokens >= self.rollout.max_model_len:
+            raise ValueError("rollout.max_response_tokens must be smaller than rollout.max_model_len")
+        if not self.rewards:
+            raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says how to fix it."""
+
+
+def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
+    """Walk raw data against the schema; an unknown key fails with the nearest valid key."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid keys here: {', '.join(fields)})")
+        ann = fields[key].annotation
+        sub = _section_type(ann)
+        if sub is not None:
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    _check_keys(sub, item, f"{prefix}{key}[{i}].")
+            else:
+                _check_keys(sub, value, f"{prefix}{key}.")
+
+
+def _section_type(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[1,2]"]`` -> ``[("a.b", 1), ("c", [1, 2])]``; values are parsed as YAML."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. rollout.temperature=0.7)")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML recipe (or the defaults when ``path`` is None), apply overrides, validate strictly."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, ...)")
+        data = loaded
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value)
+    _check_keys(Config, data, "")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

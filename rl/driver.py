@@ -1,0 +1,389 @@
+"""The training driver: one RL step after another, as in DESIGN.md's data flow.
+
+    pick prompts -> generate (vLLM engine actors) -> score (reward pool) -> advantages -> learner update
+    -> sync weights to the engines + canary -> log, evaluate, checkpoint
+
+Runs on a local Ray (started here) or attaches to a cluster (``ray.address``). Everything a resume needs
+(learner weights, optimizer, RNG, sampler position, step) is in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from rl.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInput
+from rl.config import Config, dump_config
+from rl.data.datasets import PromptSampler, load_dataset
+from rl.tracking import CheckpointManager, MetricsLogger, Progress
+from rl.types import PromptItem, Rollout, TrainSample
+
+
+class CanaryError(RuntimeError):
+    """The engines do not serve the weights the learner has: rollouts would be off-policy without anyone knowing."""
+
+
+def request_seed(run_seed: int, step: int, index: int) -> int:
+    """Per-request sampling seed: the same (run, step, prompt slot) always samples the same responses."""
+    digest = hashlib.sha256(f"{run_seed}:{step}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class Trainer:
+    """Owns the actors and the loop. ``run()`` trains; ``close()`` releases everything."""
+
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        if cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_in == "reward":
+            raise ValueError("algorithm.kl_in=reward is not implemented yet; use algorithm.kl_in=loss")
+        self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator)
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.model_path = self._resolve_model()
+        self._start_ray()
+        self.reward_pool = self._make_reward_pool()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.train_items, train_report = load_dataset(cfg.data.train, cfg.data.data_dir, tokenizer)
+        self.eval_items, eval_report = load_dataset(cfg.data.eval, cfg.data.data_dir, tokenizer)
+        for rep in (train_report, eval_report):
+            if rep.skipped:
+                print(f"[rl] {rep.path}: skipped {len(rep.skipped)} bad rows, e.g. line {rep.skipped[0][0]}: "
+                      f"{rep.skipped[0][1]}", flush=True)
+        self.items_by_id = {it.id: it for it in self.train_items}
+        self.sampler = PromptSampler(self.train_items, seed=cfg.run.seed)
+        self.engines, self.learner = self._start_actors()
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.run.keep_last_checkpoints)
+        self.start_step = 0
+        if self.resume:
+            self._load_latest()
+        self.probe = None
+
+    def _resolve_model(self) -> str:
+        cfg = self.cfg.model
+        if cfg.path is not None:
+            path = Path(cfg.path)
+            if not (path / "config.json").is_file():
+                raise ValueError(f"model.path={cfg.path!r}: no config.json there; give a transformers checkpoint "
+                                 "directory (use `rl convert-gguf` for a GGUF file)")
+            return str(path.resolve())
+        out = self.run_dir / "tiny_model"
+        if (out / "config.json").is_file():
+            return str(out)
+        from trainers.tiny_model import build_tiny_model
+
+        print(f"[rl] building the embedded tiny model into {out} ...", flush=True)
+        kwargs = {"seed": cfg.tiny.seed}
+        if cfg.tiny.sft_steps is not None:
+            kwargs["sft_steps"] = cfg.tiny.sft_steps
+        tmp = out.with_name(out.name + ".tmp")
+        info = build_tiny_model(tmp, **kwargs)
+        os.replace(tmp, out)
+        print(f"[rl] tiny model ready: {json.dumps(info, default=str)}", flush=True)
+        return str(out)
+
+    def _start_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        env = {
+            "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(Path.cwd() / ".cache" / "vllm")),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "RL_DATA_DIR", "PYTHONPATH"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        if self.cfg.ray.address:
+            ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": env})
+        else:
+            r = self.cfg.rollout
+            need = int(np.ceil(r.num_engines * r.num_cpus_per_engine + self.cfg.learner.num_cpus)) + 1
+            num_cpus = self.cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                     log_to_driver=True, configure_logging=False)
+
+    def _make_reward_pool(self):
+        from rewards import RewardPool, RewardSpec
+
+        pc = self.cfg.reward_pool
+        specs = [RewardSpec(name=r.name, weight=r.weight, kwargs=dict(r.kwargs)) for r in self.cfg.rewards]
+        return RewardPool(specs, num_workers=pc.num_workers, timeout_s=pc.timeout_s,
+                          audit_fraction=pc.audit_fraction, audit_log_path=str(self.run_dir / "audit.jsonl"),
+                          seed=self.cfg.run.seed)
+
+    def _start_actors(self):
+        import ray
+
+        from rollout.engine import Engine
+        from trainers.learner import Learner
+
+        cfg = self.cfg
+        r = cfg.rollout
+        engine_cls = ray.remote(Engine).options(num_cpus=r.num_cpus_per_engine, num_gpus=r.num_gpus_per_engine)
+        engines = [
+            engine_cls.remote(
+                self.model_path, dtype=cfg.model.dtype, seed=cfg.run.seed + i, max_model_len=r.max_model_len,
+                gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+                tensor_parallel_size=r.tensor_parallel_size,
+            )
+            for i in range(r.num_engines)
+        ]
+        learner_cls = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)
+        learner = learner_cls.remote(
+            self.model_path, cfg.learner.model_dump(), cfg.algorithm.model_dump(),
+            temperature=r.temperature, seed=cfg.run.seed, dtype=cfg.model.dtype,
+        )
+        t0 = time.perf_counter()
+        ray.get([e.ping.remote() for e in engines] + [learner.ping.remote()])
+        print(f"[rl] {len(engines)} engine(s) and the learner are up ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return engines, learner
+
+    # ------------------------------------------------------------------ pieces of a step
+    def generate(self, items: list[PromptItem], n: int, step: int, temperature: float, max_tokens: int,
+                 seeded: bool = True) -> list[list[Rollout]]:
+        """``n`` samples per item, spread round-robin over the engines; groups come back in item order."""
+        import ray
+
+        from rollout.engine import GenerationRequest, SamplingSettings
+
+        settings = SamplingSettings(temperature=temperature, top_p=self.cfg.rollout.top_p, max_tokens=max_tokens)
+        reqs = [
+            GenerationRequest(it.id, it.prompt, n, request_seed(self.cfg.run.seed, step, i) if seeded else None)
+            for i, it in enumerate(items)
+        ]
+        k = len(self.engines)
+        shards = [reqs[i::k] for i in range(k)]
+        results = ray.get([e.generate.remote(s, settings) for e, s in zip(self.engines, shards) if s])
+        groups: list[list[Rollout]] = [None] * len(reqs)  # type: ignore[list-item]
+        for shard_idx, shard_out in enumerate(results):
+            for j, group in enumerate(shard_out):
+                groups[shard_idx + j * k] = group
+        return groups
+
+    def score(self, items: list[PromptItem], groups: list[list[Rollout]]):
+        from rewards import RewardRequest
+
+        reqs = [RewardRequest(it.prompt, r.response_text, it.answer, dict(it.metadata)) for it, g in zip(items, groups) for r in g]
+        return self.reward_pool.score(reqs)
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Learner -> engines through the object store, then the canary."""
+        import ray
+
+        t0 = time.perf_counter()
+        blob = self.learner.export_weights.remote()
+        infos = ray.get([e.load_weights.remote(blob, version) for e in self.engines])
+        sync_s = time.perf_counter() - t0
+        out = {"perf/weight_sync_s": sync_s, "sync/weight_version": float(version),
+               "sync/bytes": float(infos[0]["bytes"])}
+        if self.cfg.sync.canary and self.probe is not None:
+            out["sync/canary_max_abs_diff"] = self.check_canary(version)
+        return out
+
+    def check_canary(self, version: int) -> float:
+        import ray
+
+        want = ray.get(self.learner.probe_logprobs.remote(self.probe))
+        worst = 0.0
+        for i, engine in enumerate(self.engines):
+            got = ray.get(engine.score_tokens.remote(self.probe))
+            diff = max(abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g))
+            worst = max(worst, diff)
+            if diff > self.cfg.sync.canary_tolerance:
+                raise CanaryError(
+                    f"weight sync canary failed on engine {i} at version {version}: engine and learner log-probs on "
+                    f"the probe differ by {diff:.3g} > sync.canary_tolerance={self.cfg.sync.canary_tolerance}. "
+                    "The engine is not serving the learner's weights (or runs a different dtype/kernel)."
+                )
+        return worst
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out accuracy of the current policy (greedy by default)."""
+        from rl.metrics import pass_at_k
+
+        ec = self.cfg.eval
+        n = ec.num_samples
+        t0 = time.perf_counter()
+        groups = self.generate(self.eval_items, n, step=-1 - step, temperature=ec.temperature,
+                               max_tokens=ec.max_response_tokens or self.cfg.rollout.max_response_tokens)
+        results = self.score(self.eval_items, groups)
+        correct = np.array([r.correct for r in results], dtype=float).reshape(len(self.eval_items), n)
+        out = {
+            "eval/accuracy": float(correct.mean()),
+            "eval/num_problems": float(len(self.eval_items)),
+            "eval/response_len_mean": float(np.mean([len(r.response_token_ids) for g in groups for r in g])),
+            "perf/eval_s": time.perf_counter() - t0,
+        }
+        if n > 1:
+            out[f"eval/pass@{n}"] = float(np.mean([pass_at_k(n, int(c), n) for c in correct.sum(1)]))
+        return out
+
+    def build_samples(self, items, groups, results) -> tuple[list[TrainSample], dict[str, float]]:
+        rewards = np.array([r.score for r in results], dtype=np.float64)
+        group_ids = [g[0].prompt_id for g in groups for _ in g]
+        import torch
+
+        adv = self.estimator(AdvantageInput(rewards=torch.tensor(rewards), group_ids=group_ids), self.cfg.algorithm)
+        flat = [r for g in groups for r in g]
+        samples = [
+            TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, float(a), gid)
+            for r, a, gid in zip(flat, adv.tolist(), group_ids)
+        ]
+        n = self.cfg.rollout.num_samples_per_prompt
+        per_group = rewards.reshape(len(groups), n)
+        lengths = np.array([len(r.response_token_ids) for r in flat])
+        stats = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()),
+            "reward/accuracy": float(np.mean([r.correct for r in results])),
+            "rollout/response_len_mean": float(lengths.mean()),
+            "rollout/response_len_max": float(lengths.max()),
+            "rollout/truncated_frac": float(np.mean([r.finish_reason == "length" for r in flat])),
+            "rollout/groups_all_equal_frac": float(np.mean(per_group.max(1) == per_group.min(1))),
+            "rollout/advantage_abs_mean": float(np.abs(adv.numpy()).mean()),
+        }
+        return samples, stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        import ray
+
+        tmp = self.ckpt.begin(step)
+        ray.get(self.learner.save.remote(str(tmp)))
+        state = {"step": step, "sampler": self.sampler.state_dict(), "weight_version": step}
+        path = self.ckpt.commit(tmp, step, state)
+        return path
+
+    def _load_latest(self) -> None:
+        import ray
+
+        latest = self.ckpt.latest()
+        if latest is None:
+            print(f"[rl] --resume: no checkpoint in {self.ckpt.root}; starting from step 0", flush=True)
+            return
+        state = json.loads((latest / "driver_state.json").read_text())
+        ray.get(self.learner.load.remote(str(latest)))
+        self.sampler.load_state_dict(state["sampler"])
+        self.start_step = int(state["step"])
+        self.logger.truncate_after(self.start_step)
+        print(f"[rl] resumed from {latest} at step {self.start_step}", flush=True)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.setup()
+        # A fixed probe for the canary: the greedy answer to the first eval prompt, fixed for the whole run.
+        probe_groups = self.generate(self.eval_items[:2], 1, step=0, temperature=1.0, max_tokens=16)
+        self.probe = [(g[0].prompt_token_ids, g[0].response_token_ids or [g[0].prompt_token_ids[-1]]) for g in probe_groups]
+        first = self.sync_weights(version=self.start_step)
+        summary: dict = {"run_dir": str(self.run_dir)}
+        progress = Progress(cfg.run.num_steps, self.start_step, cfg.run.progress)
+        step = self.start_step
+        old_handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            if self.start_step == 0:
+                ev = self.evaluate(0)
+                self.logger.log(0, {**ev, **first})
+                progress.message(f"[rl] step 0: held-out accuracy {ev['eval/accuracy']:.3f}")
+                summary["eval_before"] = ev["eval/accuracy"]
+            while step < cfg.run.num_steps:
+                if self._stop_requested:
+                    raise KeyboardInterrupt
+                metrics = self.train_one_step(step + 1)
+                step += 1
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.run.num_steps:
+                    metrics.update(self.evaluate(step))
+                if step == cfg.run.num_steps:
+                    metrics.update(self.evaluate(step))
+                    summary["eval_after"] = metrics["eval/accuracy"]
+                self.logger.log(step, metrics)
+                progress.update(step, metrics)
+                if (cfg.run.save_every_steps and step % cfg.run.save_every_steps == 0) or step == cfg.run.num_steps:
+                    self.save_checkpoint(step)
+        except KeyboardInterrupt:
+            progress.close()
+            if step > self.start_step or step == 0:
+                path = self.save_checkpoint(step)
+                print(f"\n[rl] interrupted: saved step {step} to {path}; continue with --resume", flush=True)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old_handler)
+            progress.close()
+        summary["final_step"] = step
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def train_one_step(self, step: int) -> dict[str, float]:
+        import ray
+
+        cfg = self.cfg
+        t_step = time.perf_counter()
+        items = self.sampler.next(cfg.rollout.prompts_per_step)
+        t0 = time.perf_counter()
+        groups = self.generate(items, cfg.rollout.num_samples_per_prompt, step, cfg.rollout.temperature,
+                               cfg.rollout.max_response_tokens)
+        t_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = self.score(items, groups)
+        t_reward = time.perf_counter() - t0
+        samples, metrics = self.build_samples(items, groups, results)
+        learn = ray.get(self.learner.train_step.remote(samples))
+        metrics.update(learn)
+        metrics.update(self.sync_weights(version=step))
+        metrics.update(self.reward_pool.metrics(reset=True))
+        n_tokens = sum(len(r.response_token_ids) for g in groups for r in g)
+        metrics.update({
+            "perf/rollout_s": t_gen,
+            "perf/rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            "perf/reward_s": t_reward,
+            "perf/step_s": time.perf_counter() - t_step,
+        })
+        k = cfg.run.log_samples_per_step
+        if k:
+            flat = [(it, r) for it, g in zip(items, groups) for r in g]
+            picked = [(it, r, results[i]) for i, (it, r) in enumerate(flat[:k])]
+            self.logger.log_samples(step, [
+                {"prompt_id": it.id, "prompt": it.prompt, "response": r.response_text, "answer": it.answer,
+                 "reward": res.score, "correct": res.correct, "extracted": res.extracted, "status": res.status}
+                for it, r, res in picked
+            ])
+        return metrics
+
+    def close(self) -> None:
+        import ray
+
+        for closer in (getattr(self, "logger", None), getattr(self, "reward_pool", None)):
+            if closer is not None:
+                closer.close()
+        if ray.is_initialized() and not self.cfg.ray.address:
+            ray.shutdown()
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,164 @@
+"""The rollout engine: one ``vllm.LLM`` that samples groups of responses and receives new weights.
+
+``Engine`` is a plain class so that it can be used in-process (tests, ``rl eval`` on one machine); the driver
+wraps it as a Ray actor with ``ray.remote(Engine)``. The same code runs on the CPU build of vLLM and on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from rl.types import Rollout
+
+WORKER_EXTENSION = "rollout.worker_ext.WeightSyncExtension"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """n samples for one prompt. ``seed`` makes the request reproducible (resume gives identical samples)."""
+
+    prompt_id: str
+    prompt: str
+    n: int
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+
+
+class Engine:
+    """Owns a vLLM engine. Construct inside the process that will use it (vLLM spawns workers)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int = 512,
+        gpu_memory_utilization: float = 0.15,
+        enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
+        speculative_config: dict | None = None,
+    ) -> None:
+        os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.getcwd(), ".cache", "vllm"))
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        kwargs = dict(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            # Log-probs after temperature, as the learner computes them: needed for exact importance ratios.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+            disable_log_stats=speculative_config is None,
+        )
+        if speculative_config:
+            kwargs["speculative_config"] = speculative_config
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.weight_version = 0
+        self.start_s = time.perf_counter() - t0
+        self._gen_tokens = 0
+        self._gen_time = 0.0
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, requests: list[GenerationRequest], settings: SamplingSettings) -> list[list[Rollout]]:
+        """Sample ``r.n`` responses per request; returns one list of rollouts per request, in order."""
+        from vllm import SamplingParams
+
+        if not requests:
+            return []
+        params = [
+            SamplingParams(
+                n=r.n,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=-1 if settings.top_p >= 1.0 else 0,
+                max_tokens=settings.max_tokens,
+                seed=r.seed,
+                logprobs=0,  # the sampled token's log-prob only
+            )
+            for r in requests
+        ]
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        groups: list[list[Rollout]] = []
+        ntok = 0
+        for req, out in zip(requests, outputs):
+            group = []
+            for comp in out.outputs:
+                ids = list(comp.token_ids)
+                lps = [float(step[tok].logprob) for step, tok in zip(comp.logprobs or [], ids)]
+                if len(lps) != len(ids):
+                    raise RuntimeError(f"engine returned {len(lps)} log-probs for {len(ids)} tokens")
+                ntok += len(ids)
+                group.append(
+                    Rollout(
+                        prompt_id=req.prompt_id,
+                        prompt_token_ids=list(out.prompt_token_ids),
+                        response_token_ids=ids,
+                        logprobs=lps,
+                        finish_reason="length" if comp.finish_reason == "length" else "stop",
+                        policy_version=self.weight_version,
+                        response_text=comp.text,
+                    )
+                )
+            groups.append(group)
+        self._gen_tokens += ntok
+        self._gen_time += elapsed
+        return groups
+
+    def score_tokens(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Log-probs (temperature 1) the engine assigns to given responses: ``[(prompt_ids, response_ids)]``.
+
+        Used by the weight-sync canary: computed from the prompt log-probs of prompt+response.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
+        prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for (p, r), out in zip(sequences, outputs):
+            plp = out.prompt_logprobs
+            ids = list(p) + list(r)
+            result.append([float(plp[i][ids[i]].logprob) for i in range(len(p), len(ids))])
+        return result
+
+    # ---------------------------------------------------------------- weights
+    def load_weights(self, blob: bytes, version: int) -> dict:
+        """Push a full state dict (safetensors bytes) into every worker; clears the prefix cache."""
+        t0 = time.perf_counter()
+        results = self.llm.collective_rpc("rl_load_weights", args=(blob, version))
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+        versions = {r["version"] for r in results}
+        if versions != {int(version)}:
+            raise RuntimeError(f"weight sync: workers report versions {versions}, expected {version}")
+        return {"version": int(version), "sync_s": time.perf_counter() - t0, "bytes": len(blob)}
+
+    def worker_weight_versions(self) -> list[int]:
+        return list(self.llm.collective_rpc("rl_weight_version"))
+
+    def stats(self, reset: bool = True) -> dict:
+        out = {"tokens": self._gen_tokens, "time_s": self._gen_time}
+        if reset:
+            self._gen_tokens, self._gen_time = 0, 0.0
+        return out
+
+    def ping(self) -> int:
+        return self.weight_version

@@ -1,0 +1,60 @@
+"""vLLM worker extension: receives new policy weights inside the engine's worker process.
+
+Loaded by name through ``LLM(worker_extension_cls="rollout.worker_ext.WeightSyncExtension")``; its methods
+are called with ``llm.collective_rpc(name, args=...)``. Method names must not clash with the worker's own
+(the CPU worker already has ``update_weights``).
+
+Weights arrive as safetensors bytes, because tensors passed as ``collective_rpc`` arguments are not
+rebuilt as tensors on the CPU build. Two ways to load them, chosen by the device the model lives on:
+
+- CPU: the CPU backend repacks linear weights once the engine runs, so the model's plain ``load_weights``
+  fails; vLLM's in-place reload (``model_runner.reload_weights``) takes HF-named checkpoint tensors and
+  re-runs the repacking.
+- CUDA: the model's ``load_weights`` works on live CUDA parameters (tensors copied to the device first).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class; ``self.model_runner`` is the worker's model runner."""
+
+    def _rl_model(self):
+        runner = self.model_runner
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+    def _rl_device(self) -> torch.device:
+        for p in self._rl_model().parameters():
+            if p.numel() > 0:
+                return p.device
+        return torch.device("cpu")
+
+    def rl_load_weights(self, blob: bytes, version: int) -> dict:
+        """Load a full state dict (safetensors bytes, HF parameter names); returns timing and version."""
+        from safetensors.torch import load as st_load
+
+        t0 = time.perf_counter()
+        items = list(st_load(bytes(blob)).items())
+        device = self._rl_device()
+        if device.type == "cpu":
+            self.model_runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+        else:
+            self._rl_model().load_weights(weights=[(n, t.to(device, non_blocking=True)) for n, t in items])
+            torch.cuda.synchronize(device)
+        self._rl_weight_version = int(version)
+        return {"version": self._rl_weight_version, "load_s": time.perf_counter() - t0, "num_tensors": len(items)}
+
+    def rl_weight_version(self) -> int:
+        return int(getattr(self, "_rl_weight_version", 0))
+
+    def rl_weight_checksum(self) -> float:
+        """Sum of all parameters in float64: a cheap fingerprint for tests."""
+        total = 0.0
+        for p in self._rl_model().parameters():
+            if p.numel():
+                total += float(p.detach().double().sum())
+        return total

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The tests: unit, integration (real Ray + real vLLM on CPU) and end to end. Extra args go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+. .venv/bin/activate
+. scripts/env.sh
+python -m pytest tests "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "[test] pytest collected no tests: that is a failure" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,112 @@
+"""Contract every registry entry must meet, whatever it computes: one signature over the typed input,
+output shapes, finiteness, and gradients only where they belong. New entries are picked up automatically."""
+
+import importlib
+import pkgutil
+
+import pytest
+import torch
+
+import rl.algorithms
+from rl.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AGG_MODES,
+    POLICY_LOSSES,
+    AdvantageInput,
+    AlgorithmConfig,
+    PolicyLossInput,
+    aggregate_loss,
+)
+from rl.registry import Registry
+
+COVERED = {id(ADVANTAGE_ESTIMATORS), id(POLICY_LOSSES)}
+
+
+def test_every_algorithm_registry_has_a_contract():
+    for mod in pkgutil.iter_modules(rl.algorithms.__path__):
+        module = importlib.import_module(f"rl.algorithms.{mod.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, Registry):
+                assert id(obj) in COVERED, f"registry {module.__name__}.{name} has no contract test"
+
+
+def _advantage_input(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = [f"p{i}" for i in [0, 1, 0, 2, 1, 0, 3, 2, 1, 0, 4, 4]]  # sizes 4, 3, 2, 1, 2; interleaved
+    rewards = torch.randint(0, 2, (len(groups),), generator=g).float() + 0.1 * torch.rand(len(groups), generator=g)
+    rewards[10] = rewards[11]  # group p4 is all-equal
+    return AdvantageInput(rewards, groups)
+
+
+@pytest.mark.parametrize("name", ADVANTAGE_ESTIMATORS.names())
+@pytest.mark.parametrize("norm", [True, False])
+def test_advantage_estimator_contract(name, norm):
+    cfg = AlgorithmConfig(advantage_estimator=name, norm_adv_by_std=norm)
+    inp = _advantage_input()
+    inp.rewards.requires_grad_(True)
+    adv = ADVANTAGE_ESTIMATORS.get(name)(inp, cfg)
+    assert adv.shape == inp.rewards.shape and adv.dtype == inp.rewards.dtype
+    assert torch.isfinite(adv).all()
+    assert not adv.requires_grad  # advantages are constants for the policy loss
+    # permutation equivariance: shuffling samples shuffles advantages
+    perm = torch.randperm(len(inp.group_ids), generator=torch.Generator().manual_seed(1))
+    shuffled = AdvantageInput(inp.rewards.detach()[perm], [inp.group_ids[i] for i in perm])
+    torch.testing.assert_close(ADVANTAGE_ESTIMATORS.get(name)(shuffled, cfg), adv[perm])
+    assert set(ADVANTAGE_ESTIMATORS.capabilities(name)) >= {"needs_ref_logprobs", "needs_step_ids"}
+
+
+def _loss_input(seed=0, on_policy=False):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([3, 1, 5, 2])
+    seq_index = torch.repeat_interleave(torch.arange(4), lens)
+    t = seq_index.numel()
+    old = -torch.rand(t, generator=g, dtype=torch.float64) * 3
+    logp = old.clone() if on_policy else old + 0.3 * torch.randn(t, generator=g, dtype=torch.float64)
+    seq_adv = torch.randn(4, generator=g, dtype=torch.float64)
+    mask = torch.ones(t, dtype=torch.bool)
+    mask[[0, 6]] = False
+    return PolicyLossInput(
+        logp=logp.requires_grad_(True),
+        old_logp=old.requires_grad_(True),  # must be treated as a constant
+        advantages=seq_adv[seq_index].requires_grad_(True),  # must be treated as a constant
+        mask=mask,
+        seq_index=seq_index,
+        num_seqs=4,
+    )
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+def test_policy_loss_contract(name):
+    inp = _loss_input()
+    out = POLICY_LOSSES.get(name)(inp, AlgorithmConfig(policy_loss=name, dual_clip_c=3.0))
+    assert out.per_token_loss.shape == inp.logp.shape
+    assert torch.isfinite(out.per_token_loss).all()
+    assert torch.equal(out.per_token_loss[~inp.mask], torch.zeros(2, dtype=torch.float64))
+    for key, value in out.metrics.items():
+        assert value.dim() == 0 and torch.isfinite(value) and not value.requires_grad, key
+    out.per_token_loss.sum().backward()
+    assert inp.old_logp.grad is None and inp.advantages.grad is None
+    assert torch.isfinite(inp.logp.grad).all()
+    assert torch.equal(inp.logp.grad[~inp.mask], torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+def test_policy_loss_on_policy_gradient_is_vanilla_policy_gradient(name):
+    """At ratio 1 every surrogate's gradient w.r.t. logp_t is -A_t on masked-in tokens."""
+    inp = _loss_input(on_policy=True)
+    out = POLICY_LOSSES.get(name)(inp, AlgorithmConfig(policy_loss=name))
+    (grad,) = torch.autograd.grad(out.per_token_loss.sum(), inp.logp)
+    expected = torch.where(inp.mask, -inp.advantages.detach(), torch.zeros_like(grad))
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_policy_loss_aggregates_to_finite_scalar(name, mode):
+    inp = _loss_input(seed=3)
+    out = POLICY_LOSSES.get(name)(inp, AlgorithmConfig(policy_loss=name))
+    loss = aggregate_loss(out.per_token_loss, inp.mask, inp.seq_index, mode,
+                          global_num_tokens=float(inp.mask.sum()), global_num_seqs=4, const_len=8)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(inp.logp.grad).all() and inp.logp.grad.abs().sum() > 0

@@ -1,0 +1,317 @@
+"""The learner: a transformers causal LM updated with a PPO-style policy loss.
+
+``Learner`` is a plain class (the driver wraps it with ``ray.remote``). One optimizer step per mini-batch;
+each mini-batch is cut into micro-batches by a token budget, and the loss of every micro-batch is
+normalized by the token/sequence count of the whole mini-batch, so gradient accumulation gives the same
+gradient as one big batch. The algorithm math (advantages, policy loss, aggregation, KL) comes from
+``rl.algorithms``; this module only moves tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rl.algorithms import POLICY_LOSSES, AlgorithmConfig, PolicyLossInput, aggregate_loss, kl_estimate
+from rl.types import TrainSample
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded micro-batch.
+
+    input_ids:  [B, L]  prompt+response ids, padded with 0.
+    attn_mask:  [B, L]  1 on real tokens.
+    resp_mask:  [B, L-1] 1 where position t predicts a trained response token (shifted targets).
+    targets:    [B, L-1] next-token ids.
+    index:      which samples of the caller's list are in this micro-batch.
+    """
+
+    input_ids: torch.Tensor
+    attn_mask: torch.Tensor
+    resp_mask: torch.Tensor
+    targets: torch.Tensor
+    index: list[int]
+
+
+def make_micro_batches(samples: list[TrainSample], token_budget: int) -> list[MicroBatch]:
+    """Greedy packing of samples (in length order) into padded micro-batches of at most ``token_budget``
+    padded tokens (a longer single sample gets a micro-batch of its own)."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i].num_tokens)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            cur = groups[-1]
+            longest = max(samples[j].num_tokens for j in cur + [i])
+            if longest * (len(cur) + 1) <= token_budget:
+                cur.append(i)
+                continue
+        groups.append([i])
+    return [_collate([samples[i] for i in g], g) for g in groups]
+
+
+def _collate(samples: list[TrainSample], index: list[int]) -> MicroBatch:
+    length = max(s.num_tokens for s in samples)
+    b = len(samples)
+    ids = torch.zeros(b, length, dtype=torch.long)
+    attn = torch.zeros(b, length, dtype=torch.long)
+    resp = torch.zeros(b, length - 1, dtype=torch.float32)
+    for row, s in enumerate(samples):
+        seq = s.prompt_token_ids + s.response_token_ids
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attn[row, : len(seq)] = 1
+        p, r = len(s.prompt_token_ids), len(s.response_token_ids)
+        mask = s.loss_mask if s.loss_mask is not None else [1] * r
+        # position t predicts token t+1: response token j sits at p+j and is predicted at p+j-1.
+        resp[row, p - 1 : p - 1 + r] = torch.tensor(mask, dtype=torch.float32)
+    return MicroBatch(ids, attn, resp, ids[:, 1:].clone(), index)
+
+
+def _response_values(mb: MicroBatch, samples: list[TrainSample], values: list[list[float]]) -> torch.Tensor:
+    """Scatter per-response-token values into the [B, L-1] layout of ``mb``."""
+    out = torch.zeros_like(mb.resp_mask)
+    for row, i in enumerate(mb.index):
+        p, r = len(samples[i].prompt_token_ids), len(samples[i].response_token_ids)
+        if r:
+            out[row, p - 1 : p - 1 + r] = torch.tensor(values[i], dtype=torch.float32)
+    return out
+
+
+def _gather_response(mb: MicroBatch, samples: list[TrainSample], tensor: torch.Tensor) -> list[list[float]]:
+    rows = []
+    for row, i in enumerate(mb.index):
+        p, r = len(samples[i].prompt_token_ids), len(samples[i].response_token_ids)
+        rows.append(tensor[row, p - 1 : p - 1 + r].tolist())
+    return rows
+
+
+def token_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool = False):
+    """Log-probs [B, L-1] of the next tokens after temperature (as vLLM's processed log-probs), and optionally
+    entropies [B, L-1]. Materializes [B, L, V] logits; the fused kernel path replaces this for large vocabularies."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attn_mask).logits[:, :-1].float()
+    logp_all = F.log_softmax(logits / temperature, dim=-1)
+    logp = logp_all.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+class Learner:
+    """Holds the policy (and optionally a frozen reference), the optimizer, and the update step."""
+
+    def __init__(
+        self,
+        model_path: str,
+        learner_cfg: dict,
+        algo_cfg: dict,
+        *,
+        temperature: float,
+        seed: int = 0,
+        dtype: str = "float32",
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = learner_cfg
+        self.algo = AlgorithmConfig.model_validate(algo_cfg)
+        self.temperature = float(temperature)
+        if learner_cfg.get("torch_threads"):
+            torch.set_num_threads(int(learner_cfg["torch_threads"]))
+        torch.manual_seed(seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and learner_cfg.get("num_gpus", 0) > 0 else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
+        self.model.train()
+        self.ref_model = None
+        if self.algo.kl_coef > 0 and self.algo.kl_in == "loss":
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=learner_cfg["lr"],
+            betas=tuple(learner_cfg["betas"]),
+            weight_decay=learner_cfg["weight_decay"],
+        )
+        self.num_updates = 0
+
+    # ---------------------------------------------------------------- log-probs
+    @torch.no_grad()
+    def compute_logprobs(self, samples: list[TrainSample], model=None, temperature: float | None = None) -> list[list[float]]:
+        """Per-response-token log-probs under ``model`` (default: the policy), same order as ``samples``."""
+        model = model or self.model
+        temp = self.temperature if temperature is None else temperature
+        out: list[list[float]] = [[] for _ in samples]
+        for mb in make_micro_batches(samples, self.cfg["micro_batch_tokens"]):
+            mb = self._to_device(mb)
+            logp, _ = token_logprobs(model, mb, temp)
+            for i, row in zip(mb.index, _gather_response(mb, samples, logp.cpu())):
+                out[i] = row
+        return out
+
+    def _to_device(self, mb: MicroBatch) -> MicroBatch:
+        if self.device.type == "cpu":
+            return mb
+        return MicroBatch(*(t.to(self.device) for t in (mb.input_ids, mb.attn_mask, mb.resp_mask, mb.targets)), mb.index)
+
+    # ---------------------------------------------------------------- update
+    def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
+        """One RL step's update. ``samples`` hold whole groups in order; mini-batches are consecutive slices."""
+        t0 = time.perf_counter()
+        if self.cfg["old_logprob_source"] == "learner":
+            old = self.compute_logprobs(samples)
+        else:
+            old = [s.behaviour_logprobs for s in samples]
+        t_old = time.perf_counter() - t0
+        ref = self.compute_logprobs(samples, model=self.ref_model) if self.ref_model is not None else None
+        drift = [abs(a - b) for s, o in zip(samples, old) for a, b in zip(s.behaviour_logprobs, o)]
+
+        n_mini = self.cfg["mini_batches_per_step"]
+        per_mini = len(samples) // n_mini
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def add(key: str, value: float) -> None:
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+
+        train_tokens = 0
+        for _epoch in range(self.cfg["epochs_per_step"]):
+            for m in range(n_mini):
+                idx = list(range(m * per_mini, (m + 1) * per_mini))
+                stats = self._update(samples, idx, old, ref)
+                train_tokens += stats.pop("tokens")
+                for k, v in stats.items():
+                    add(k, v)
+        elapsed = time.perf_counter() - t0
+        metrics = {k: sums[k] / counts[k] for k in sums}
+        metrics.update(
+            {
+                "perf/learner_s": elapsed,
+                "perf/learner_old_logprob_s": t_old,
+                "perf/learner_tokens_per_s": train_tokens / max(elapsed, 1e-9),
+                "rollout/logprob_abs_diff_mean": float(np.mean(drift)) if drift else 0.0,
+                "rollout/logprob_abs_diff_max": float(np.max(drift)) if drift else 0.0,
+            }
+        )
+        return metrics
+
+    def _update(self, samples, idx, old, ref) -> dict[str, float]:
+        sub = [samples[i] for i in idx]
+        sub_old = [old[i] for i in idx]
+        sub_ref = [ref[i] for i in idx] if ref is not None else None
+        masks = [s.loss_mask if s.loss_mask is not None else [1] * len(s.response_token_ids) for s in sub]
+        n_tokens = float(sum(sum(m) for m in masks))
+        n_seqs = float(len(sub))
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0}
+        weighted = {"loss/clip_frac": 0.0, "loss/entropy": 0.0, "loss/ratio_mean": 0.0}
+        for mb in make_micro_batches(sub, self.cfg["micro_batch_tokens"]):
+            mb = self._to_device(mb)
+            logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True)
+            mask = mb.resp_mask
+            old_t = _response_values(mb, sub, sub_old).to(logp.device)
+            adv_t = mask * torch.tensor([sub[i].advantage for i in mb.index], device=logp.device).unsqueeze(1)
+            rows = torch.arange(mask.shape[0], device=logp.device).unsqueeze(1).expand_as(mask)
+            sel = mask > 0
+            inp = PolicyLossInput(
+                logp=logp[sel], old_logp=old_t[sel], advantages=adv_t[sel], mask=mask[sel],
+                seq_index=rows[sel], num_seqs=mask.shape[0],
+            )
+            out = self.policy_loss(inp, self.algo)
+            agg = dict(
+                mode=self.algo.loss_agg_mode, global_num_tokens=n_tokens, global_num_seqs=n_seqs,
+                const_len=self.algo.loss_agg_const_len,
+            )
+            pg = aggregate_loss(out.per_token_loss, inp.mask, inp.seq_index, **agg)
+            loss = pg
+            if sub_ref is not None:
+                ref_t = _response_values(mb, sub, sub_ref).to(logp.device)
+                kl = kl_estimate(logp[sel], ref_t[sel], self.algo.kl_estimator)
+                kl_loss = aggregate_loss(kl, inp.mask, inp.seq_index, **agg)
+                loss = loss + self.algo.kl_coef * kl_loss
+                totals["loss/kl"] += float(kl_loss)
+            loss.backward()
+            totals["loss/policy"] += float(pg)
+            totals["loss/total"] += float(loss)
+            share = float(mask.sum()) / max(n_tokens, 1.0)
+            weighted["loss/entropy"] += share * float((entropy * mask).sum() / mask.sum().clamp(min=1))
+            for key, name in (("clip_frac", "loss/clip_frac"), ("ratio_mean", "loss/ratio_mean")):
+                if key in out.metrics:
+                    weighted[name] += share * float(out.metrics[key])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.optimizer.step()
+        self.num_updates += 1
+        return {**totals, **weighted, "loss/grad_norm": float(grad_norm), "tokens": n_tokens}
+
+    # ---------------------------------------------------------------- weights and checkpoints
+    def export_weights(self) -> bytes:
+        """Full state dict as safetensors bytes (HF names; tied tensors cloned so safetensors accepts them)."""
+        from safetensors.torch import save as st_save
+
+        sd = {k: v.detach().to("cpu").clone().contiguous() for k, v in self.model.state_dict().items()}
+        return st_save(sd)
+
+    def probe_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Temperature-1 log-probs of given responses (the canary's learner side)."""
+        samples = [TrainSample(list(p), list(r), [0.0] * len(r), 0.0, "probe") for p, r in sequences]
+        return self.compute_logprobs(samples, temperature=1.0)
+
+    def save(self, directory: str) -> None:
+        """Model (safetensors), optimizer and RNG states into ``directory`` (the caller makes it atomic)."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path / "model")
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "num_updates": self.num_updates,
+            "rng": _rng_state(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        (path / "learner_state.pt").write_bytes(buf.getvalue())
+
+    def load(self, directory: str) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        weights = load_file(str(path / "model" / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        # Tied LM heads are saved once; anything else missing is a real mismatch.
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
+        state = torch.load(path / "learner_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_updates = state["num_updates"]
+        _set_rng_state(state["rng"])
+
+    def save_model_for_tokenizer(self, directory: str, tokenizer_dir: str) -> None:
+        """Write a loadable checkpoint (model + tokenizer files) to ``directory``."""
+        from transformers import AutoTokenizer
+
+        self.model.save_pretrained(directory)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
