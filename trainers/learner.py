@@ -240,10 +240,10 @@ class Learner:
                 kl = kl_estimate(logp[sel], ref_t[sel], self.algo.kl_estimator)
                 kl_loss = aggregate_loss(kl, inp.mask, inp.seq_index, **agg)
                 loss = loss + self.algo.kl_coef * kl_loss
-                totals["loss/kl"] += float(kl_loss)
+                totals["loss/kl"] += float(kl_loss.detach())
             loss.backward()
-            totals["loss/policy"] += float(pg)
-            totals["loss/total"] += float(loss)
+            totals["loss/policy"] += float(pg.detach())
+            totals["loss/total"] += float(loss.detach())
             share = float(mask.sum()) / max(n_tokens, 1.0)
             weighted["loss/entropy"] += share * float((entropy * mask).sum() / mask.sum().clamp(min=1))
             for key, name in (("clip_frac", "loss/clip_frac"), ("ratio_mean", "loss/ratio_mean")):

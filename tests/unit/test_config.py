@@ -1,0 +1,66 @@
+"""Config loading: strict keys with suggestions, overrides, validation with fix hints, every recipe loads."""
+
+from pathlib import Path
+
+import pytest
+
+from rl.config import Config, ConfigError, dump_config, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert cfg.model.build_tiny and cfg.rollout.num_samples_per_prompt == 8
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, Config)
+
+
+def test_misspelled_key_names_nearest(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rollout:\n  temperatur: 0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'rollout.temperatur'; did you mean 'rollout.temperature'"):
+        load_config(p)
+
+
+def test_misspelled_section_and_list_items():
+    with pytest.raises(ConfigError, match="did you mean 'learner'"):
+        load_config(None, ["lerner.lr=1"])
+    with pytest.raises(ConfigError, match=r"rewards\[0\].wieght"):
+        load_config(None, ["rewards=[{name: math_verify, wieght: 2}]"])
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_overrides(["a.b=1", "c=[1, 2]", "d=true", "e=x"]) == [("a.b", 1), ("c", [1, 2]), ("d", True), ("e", "x")]
+    cfg = load_config(None, ["rollout.temperature=0.7", "run.num_steps=3"])
+    assert cfg.rollout.temperature == 0.7 and cfg.run.num_steps == 3
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["rollout.temperature"])
+
+
+def test_value_errors_name_the_field():
+    with pytest.raises(ConfigError, match="rollout.temperature"):
+        load_config(None, ["rollout.temperature=-1"])
+    with pytest.raises(ConfigError, match="model.path is not set"):
+        load_config(None, ["model.build_tiny=false"])
+
+
+def test_batch_arithmetic_checked():
+    with pytest.raises(ConfigError, match="mini_batches_per_step"):
+        load_config(None, ["rollout.prompts_per_step=6", "learner.mini_batches_per_step=4"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["rollout.temperature=0.9"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/x.yaml")
