@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny model built locally once per test session, a local Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """The embedded tiny model with a short warm start (enough to emit task-shaped text)."""
+    from trainers.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_model(out, seed=0, sft_steps=30, eval_problems=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_CACHE_ROOT", "VLLM_CPU_KVCACHE_SPACE")}})
+    yield ray
+    ray.shutdown()
