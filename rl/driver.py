@@ -90,7 +90,7 @@ class Trainer:
         from trainers.tiny_model import build_tiny_model
 
         print(f"[rl] building the embedded tiny model into {out} ...", flush=True)
-        kwargs = {"seed": cfg.tiny.seed}
+        kwargs = {"seed": cfg.tiny.seed, "eval_problems": 0}
         if cfg.tiny.sft_steps is not None:
             kwargs["sft_steps"] = cfg.tiny.sft_steps
         tmp = out.with_name(out.name + ".tmp")
