@@ -10,7 +10,7 @@ Runs, in one process:
 2. the same mix with 5% pathological responses: the plain loop capped by math-verify's own per-call timeout
    (which only exists on the main thread; in a thread or Ray actor it must be disabled and the loop would
    be unbounded) vs the pool with the same limit enforced from outside.
-Appends a dated section to docs/benchmarks_rewards.md (unless --no-write).
+Appends a dated section to docs/benchmarks.md (unless --no-write).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from rewards import RewardPool, RewardRequest, RewardSpec, grade_math  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("RL_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-DOC = REPO_ROOT / "docs" / "benchmarks_rewards.md"
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
 RUN_DATE = "2026-11-23"
 MACHINE = "2-core CPU, 24 GB, no GPU"
 PATHOLOGICAL = [
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=500, help="responses per run")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout-s", type=int, default=2, help="per-response limit in the pathological run")
-    parser.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks_rewards.md")
+    parser.add_argument("--no-write", action="store_true", help="do not append to docs/benchmarks.md")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # math-verify logs every timeout
     load = os.getloadavg()[0]
