@@ -9,7 +9,7 @@ policy-gradient step (importance ratio 1, so the loss is just ``-A * logp``):
 
 Held-out accuracy on test-split problems (sampled at T=1 and greedy) is measured before and after.
 
-    python scripts/grpo_probe.py runs/tiny_model --steps 30 --lr 3e-4
+    python scripts/grpo_probe.py runs/tiny_model --steps 30 --lr 1e-4
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", help="tiny model directory (built first with default settings if missing)")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--samples-per-prompt", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=24)

@@ -6,8 +6,9 @@
    (EOS, also BOS id; never added to prompts) and ``<|pad|>``;
 2. builds a random-init Qwen2 model (head dim 64: the smallest that vLLM's CPU attention supports);
 3. supervised warm start on train-split demonstrations (``rl.data.arith.reference_solution`` + EOS), loss on
-   response tokens only, for a few hundred steps: enough that sampled answers (T=1) are right some of the time,
-   not so many that RL has nothing left to fix;
+   response tokens only, stopped once greedy accuracy on held-back train problems reaches 35% (a few hundred
+   steps): sampled answers (T=1) are then right about 20% of the time, greedy ones about 40%, which leaves RL
+   room to improve and gives groups of 8 samples mixed rewards;
 4. saves model (safetensors), tokenizer and ``generation_config.json`` with ``save_pretrained``.
 
 Deterministic given the seed (on one machine and thread count). ``python -m trainers.tiny_model OUT_DIR`` prints
@@ -35,14 +36,14 @@ from rl.types import PromptItem
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
-# Defaults measured on 2 CPU cores (see the module docstring of scripts/grpo_probe.py for the RL side).
+# Defaults measured on 2 CPU cores (seed 0: 330 steps, ~50 s alone on the machine; RL side: scripts/grpo_probe.py).
 DEFAULT_DIFFICULTY = "easy"
 DEFAULT_SFT_MAX_STEPS = 500
 DEFAULT_SFT_TARGET_ACCURACY = 0.35
 DEFAULT_SFT_EXAMPLES = 6000
-_SFT_VALIDATION_PROBLEMS = 200
 DEFAULT_SFT_BATCH_SIZE = 64
 DEFAULT_SFT_LR = 3e-3
+_SFT_VALIDATION_PROBLEMS = 200
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:

@@ -1,4 +1,4 @@
-"""End to end: `rl train configs/tiny_cpu.yaml` makes the tiny model better on held-out problems, and a run
+"""End to end: `rl train configs/tiny_cpu.yaml` trains the tiny model without collapse, and a run
 resumed from its mid-run checkpoint reproduces the uninterrupted run."""
 
 import json
