@@ -9,6 +9,19 @@ policy-gradient step (importance ratio 1, so the loss is just ``-A * logp``):
 
 Held-out accuracy on test-split problems (sampled at T=1 and greedy) is measured before and after.
 
+Measured (2 shared CPU cores, model from ``build_tiny_model(seed=0)``: 330 SFT steps; 16 prompts x 8 samples,
+T=1, top_p=1, max 24 new tokens, AdamW betas (0.9, 0.999), no weight decay, grad clip 1.0; eval: 200 test
+problems x 4 samples at T=1, and greedy; ~1-2 s per step):
+
+    lr     steps  sampled acc       greedy acc
+    1e-3   30     0.208 -> 0.019    0.38 -> 0.02   (collapses within 5 steps)
+    3e-4   30     0.208 -> 0.180    0.38 -> 0.23   (responses grow longer, accuracy falls)
+    2e-4   30     0.208 -> 0.284    0.38 -> 0.365
+    1e-4   30     0.208 -> 0.336    0.38 -> 0.465
+    1e-4   60     0.208 -> 0.346    0.38 -> 0.485
+    5e-5   30     0.208 -> 0.290    0.38 -> 0.455
+    (seed-2 model, 1e-4, 30 steps: 0.211 -> 0.269 sampled, 0.38 -> 0.39 greedy)
+
     python scripts/grpo_probe.py runs/tiny_model --steps 30 --lr 1e-4
 """
 

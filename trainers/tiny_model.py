@@ -205,20 +205,24 @@ def sample_responses(
 
     ``temperature == 0`` is greedy; otherwise pure sampling (``top_p=1``, ``top_k=0``), as the RL rollouts do.
     """
-    tokenizer.padding_side = "left"
     flat = [p for p in prompts for _ in range(num_samples)]
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0
+                else {"do_sample": False})
     out: list[list[int]] = []
-    for start in range(0, len(flat), batch_size):
-        enc = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
-        gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, **sampling,
-        )
-        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id) + 1]
-            out.append([t for t in row if t != tokenizer.pad_token_id])
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generate continues after the last column
+    try:
+        for start in range(0, len(flat), batch_size):
+            enc = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, **sampling,
+            )
+            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                out.append([t for t in row if t != tokenizer.pad_token_id])
+    finally:
+        tokenizer.padding_side = side
     return [out[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 

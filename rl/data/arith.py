@@ -2,8 +2,8 @@
 
 A problem is ``"Compute 47 + 38."``; the demonstration response is ``"85 \\boxed{85}"``: the answer, then the
 same answer boxed (writing the answer first is what a tiny model learns fastest; restating the operands first,
-``"47+38=85"``, was measured to slow the warm start several-fold). The task is
-generated from a seed (no files, no hub), so the tiny CPU recipe and the end-to-end tests run anywhere.
+``"47+38=85"``, was measured to slow the warm start several-fold). The task is generated from a seed (no
+files, no hub), so the tiny CPU recipe and the end-to-end tests run anywhere.
 
 Train and test are disjoint by construction: each problem's canonical key (operator plus operands, sorted for
 the commutative ``+`` and ``*``) is hashed with a fixed hash, and 1 in ``TEST_BUCKETS`` keys belongs to the test
