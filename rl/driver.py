@@ -225,6 +225,7 @@ class Trainer:
         groups = self.generate(self.eval_items, n, step=-1 - step, temperature=ec.temperature,
                                max_tokens=ec.max_response_tokens or self.cfg.rollout.max_response_tokens)
         results = self.score(self.eval_items, groups)
+        self.reward_pool.metrics(reset=True)  # eval grading must not count in the next training step's reward metrics
         correct = np.array([r.correct for r in results], dtype=float).reshape(len(self.eval_items), n)
         out = {
             "eval/accuracy": float(correct.mean()),
@@ -352,7 +353,8 @@ class Trainer:
         learn = ray.get(self.learner.train_step.remote(samples))
         metrics.update(learn)
         metrics.update(self.sync_weights(version=step))
-        metrics.update(self.reward_pool.metrics(reset=True))
+        # The pool's own counters (timeouts, parse failures...) never overwrite the step's metrics.
+        metrics = {**self.reward_pool.metrics(reset=True), **metrics}
         n_tokens = sum(len(r.response_token_ids) for g in groups for r in g)
         metrics.update({
             "perf/rollout_s": t_gen,
