@@ -23,8 +23,9 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray for one test module (shut down after it, so other modules may start their own)."""
     import ray
 
     if not ray.is_initialized():
