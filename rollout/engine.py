@@ -70,8 +70,6 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
         self.start_s = time.perf_counter() - t0
-        self._gen_tokens = 0
-        self._gen_time = 0.0
 
     # ---------------------------------------------------------------- generation
     def generate(self, requests: list[GenerationRequest], settings: SamplingSettings) -> list[list[Rollout]]:
@@ -92,11 +90,8 @@ class Engine:
             )
             for r in requests
         ]
-        t0 = time.perf_counter()
         outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
-        elapsed = time.perf_counter() - t0
         groups: list[list[Rollout]] = []
-        ntok = 0
         for req, out in zip(requests, outputs):
             group = []
             for comp in out.outputs:
@@ -104,7 +99,6 @@ class Engine:
                 lps = [float(step[tok].logprob) for step, tok in zip(comp.logprobs or [], ids)]
                 if len(lps) != len(ids):
                     raise RuntimeError(f"engine returned {len(lps)} log-probs for {len(ids)} tokens")
-                ntok += len(ids)
                 group.append(
                     Rollout(
                         prompt_id=req.prompt_id,
@@ -117,8 +111,6 @@ class Engine:
                     )
                 )
             groups.append(group)
-        self._gen_tokens += ntok
-        self._gen_time += elapsed
         return groups
 
     def score_tokens(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
@@ -153,12 +145,6 @@ class Engine:
 
     def worker_weight_versions(self) -> list[int]:
         return list(self.llm.collective_rpc("rl_weight_version"))
-
-    def stats(self, reset: bool = True) -> dict:
-        out = {"tokens": self._gen_tokens, "time_s": self._gen_time}
-        if reset:
-            self._gen_tokens, self._gen_time = 0, 0.0
-        return out
 
     def ping(self) -> int:
         return self.weight_version

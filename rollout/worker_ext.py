@@ -50,11 +50,3 @@ class WeightSyncExtension:
 
     def rl_weight_version(self) -> int:
         return int(getattr(self, "_rl_weight_version", 0))
-
-    def rl_weight_checksum(self) -> float:
-        """Sum of all parameters in float64: a cheap fingerprint for tests."""
-        total = 0.0
-        for p in self._rl_model().parameters():
-            if p.numel():
-                total += float(p.detach().double().sum())
-        return total

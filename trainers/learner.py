@@ -296,13 +296,6 @@ class Learner:
         self.num_updates = state["num_updates"]
         _set_rng_state(state["rng"])
 
-    def save_model_for_tokenizer(self, directory: str, tokenizer_dir: str) -> None:
-        """Write a loadable checkpoint (model + tokenizer files) to ``directory``."""
-        from transformers import AutoTokenizer
-
-        self.model.save_pretrained(directory)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
-
     def ping(self) -> int:
         return os.getpid()
 
