@@ -82,6 +82,25 @@ class DataConfig(_Section):
     eval: DatasetConfig = Field(default_factory=lambda: DatasetConfig(kind="arith", split="test", num_problems=200))
 
 
+class DynamicSamplingConfig(_Section):
+    """DAPO dynamic sampling: drop groups whose filter metric is constant, generate again until the batch is full."""
+
+    enabled: bool = Field(False, description="Filter constant groups and refill the batch (DAPO). Off: one round.")
+    metric: Literal["accuracy", "score"] = Field(
+        "accuracy",
+        description="What must vary within a kept group: `accuracy` (the verifier verdict; DAPO's `acc`, the "
+        "recommended choice) or `score` (the shaped reward, so length penalties alone can keep a group).",
+    )
+    prompts_per_round: int | None = Field(
+        None, ge=1, description="Prompts generated per round (None: rollout.prompts_per_step; DAPO used 3x).",
+    )
+    max_rounds: int = Field(
+        10, ge=1,
+        description="Generation rounds per step at most (verl max_num_gen_batches=10). When the cap is hit the step "
+        "trains on the groups it has (metric `dapo/batch_fill_frac` < 1) instead of looping forever.",
+    )
+
+
 class RolloutConfig(_Section):
     num_engines: int = Field(1, ge=1, description="vLLM engine actors (data parallel).")
     num_cpus_per_engine: float = Field(1.0, ge=0, description="Ray CPUs reserved per engine actor.")
@@ -97,6 +116,7 @@ class RolloutConfig(_Section):
     )
     enforce_eager: bool = Field(False, description="Disable torch.compile/graphs in the engine (faster start, slower run).")
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor parallel degree of each engine.")
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
 
 
 class LearnerConfig(_Section):
@@ -141,6 +161,20 @@ class EvalConfig(_Section):
     max_response_tokens: int | None = Field(None, ge=1, description="Eval max tokens (None: rollout's).")
 
 
+class ShapingConfig(_Section):
+    """Reward and loss-mask shaping applied to graded responses before advantages (DAPO's overlong handling)."""
+
+    overlong_buffer_len: int = Field(
+        0, ge=0,
+        description="Soft overlong punishment: responses longer than max_response_tokens - overlong_buffer_len get "
+        "a linear penalty reaching -overlong_penalty_factor at max_response_tokens (DAPO: 4096 of 20480). 0: off.",
+    )
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="Penalty at the length limit (DAPO: 1.0).")
+    mask_truncated: bool = Field(
+        False, description="Overlong filtering: responses cut at max_response_tokens get no loss (DAPO ablation)."
+    )
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address (None: start a local Ray).")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: enough for the actors).")
@@ -157,6 +191,7 @@ class Config(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     rewards: list[RewardEntry] = Field(default_factory=lambda: [RewardEntry(name="math_verify")])
     reward_pool: RewardPoolConfig = Field(default_factory=RewardPoolConfig)
+    shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -176,6 +211,11 @@ class Config(_Section):
             )
         if self.rollout.max_response_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_response_tokens must be smaller than rollout.max_model_len")
+        if self.shaping.overlong_buffer_len > self.rollout.max_response_tokens:
+            raise ValueError(
+                f"shaping.overlong_buffer_len={self.shaping.overlong_buffer_len} exceeds rollout.max_response_tokens="
+                f"{self.rollout.max_response_tokens}; it must be at most that (DAPO: 4096 of 20480)"
+            )
         if not self.rewards:
             raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
         return self

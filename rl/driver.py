@@ -15,20 +15,30 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from rl.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInput
+from rl.algorithms.dapo import keep_group, overlong_penalty
 from rl.config import Config, dump_config
 from rl.data.datasets import PromptSampler, load_dataset
 from rl.tracking import CheckpointManager, MetricsLogger, Progress
-from rl.types import PromptItem, Rollout, TrainSample
+from rl.types import PromptItem, RewardResult, Rollout, TrainSample
 
 
 class CanaryError(RuntimeError):
     """The engines do not serve the weights the learner has: rollouts would be off-policy without anyone knowing."""
+
+
+def _split(flat: list, sizes: list[int]) -> list[list]:
+    """Cut a flat list into consecutive chunks of the given sizes."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(flat[start : start + n])
+        start += n
+    return out
 
 
 def request_seed(run_seed: int, step: int, index: int) -> int:
@@ -49,6 +59,7 @@ class Trainer:
             raise ValueError("algorithm.kl_in=reward is not implemented yet; use algorithm.kl_in=loss")
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator)
         self._stop_requested = False
+        self.gdro = None  # GDRO controller (set up in setup() when configured)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -157,17 +168,21 @@ class Trainer:
         return engines, learner
 
     # ------------------------------------------------------------------ pieces of a step
-    def generate(self, items: list[PromptItem], n: int, step: int, temperature: float, max_tokens: int,
-                 seeded: bool = True) -> list[list[Rollout]]:
-        """``n`` samples per item, spread round-robin over the engines; groups come back in item order."""
+    def generate(self, items: list[PromptItem], n: int | list[int], step: int, temperature: float, max_tokens: int,
+                 seeded: bool = True, seed_offset: int = 0) -> list[list[Rollout]]:
+        """``n`` samples per item (one count for all, or one per item), spread round-robin over the engines;
+        groups come back in item order. Request ``i`` is seeded from (run seed, step, seed_offset + i)."""
         import ray
 
         from rollout.engine import GenerationRequest, SamplingSettings
 
+        counts = [n] * len(items) if isinstance(n, int) else list(n)
+        if len(counts) != len(items):
+            raise ValueError(f"got {len(counts)} sample counts for {len(items)} prompts")
         settings = SamplingSettings(temperature=temperature, top_p=self.cfg.rollout.top_p, max_tokens=max_tokens)
         reqs = [
-            GenerationRequest(it.id, it.prompt, n, request_seed(self.cfg.run.seed, step, i) if seeded else None)
-            for i, it in enumerate(items)
+            GenerationRequest(it.id, it.prompt, c, request_seed(self.cfg.run.seed, step, seed_offset + i) if seeded else None)
+            for i, (it, c) in enumerate(zip(items, counts))
         ]
         k = len(self.engines)
         shards = [reqs[i::k] for i in range(k)]
@@ -237,30 +252,111 @@ class Trainer:
             out[f"eval/pass@{n}"] = float(np.mean([pass_at_k(n, int(c), n) for c in correct.sum(1)]))
         return out
 
+    def shape_rewards(self, groups: list[list[Rollout]], results: list[RewardResult]) -> tuple[list[RewardResult], dict]:
+        """DAPO's soft overlong punishment, added to each graded score (``shaping.overlong_*``)."""
+        sc = self.cfg.shaping
+        if not sc.overlong_buffer_len:
+            return results, {}
+        max_len = self.cfg.rollout.max_response_tokens
+        flat = [r for g in groups for r in g]
+        penalties = [overlong_penalty(len(r.response_token_ids), max_len, sc.overlong_buffer_len,
+                                      sc.overlong_penalty_factor) for r in flat]
+        shaped = [replace(res, score=res.score + p) for res, p in zip(results, penalties)]
+        return shaped, {"shaping/overlong_penalty_mean": float(np.mean(penalties)),
+                        "shaping/overlong_frac": float(np.mean([p < 0 for p in penalties]))}
+
+    def rollout_batch(self, step: int) -> tuple[list[PromptItem], list[list[Rollout]], list[RewardResult], dict]:
+        """Prompts, their response groups and graded (shaped) results for one step.
+
+        Without dynamic sampling: one round of ``prompts_per_step`` prompts. With it (DAPO): rounds of
+        ``prompts_per_round`` prompts; groups whose filter metric is constant are dropped, rounds continue
+        until ``prompts_per_step`` groups are kept or ``max_rounds`` is reached, and the batch is cut to exactly
+        ``prompts_per_step`` groups. The GDRO controller (when on) sets the sample count of each prompt and
+        sees every graded group, kept or not.
+        """
+        cfg = self.cfg
+        ds = cfg.rollout.dynamic_sampling
+        target = cfg.rollout.prompts_per_step
+        per_round = (ds.prompts_per_round or target) if ds.enabled else target
+        kept: list[tuple[PromptItem, list[Rollout], list[RewardResult]]] = []
+        stats = {"perf/rollout_s": 0.0, "perf/reward_s": 0.0, "rollout/tokens": 0.0}
+        shaping: dict[str, list[float]] = {}
+        generated = rounds = dropped = 0
+        for rnd in range(ds.max_rounds if ds.enabled else 1):
+            rounds += 1
+            items = self.sampler.next(per_round)
+            counts = (self.gdro.n_per_prompt([it.id for it in items]) if self.gdro is not None
+                      else cfg.rollout.num_samples_per_prompt)
+            t0 = time.perf_counter()
+            groups = self.generate(items, counts, step, cfg.rollout.temperature, cfg.rollout.max_response_tokens,
+                                   seed_offset=rnd * per_round)
+            stats["perf/rollout_s"] += time.perf_counter() - t0
+            stats["rollout/tokens"] += sum(len(r.response_token_ids) for g in groups for r in g)
+            t0 = time.perf_counter()
+            results, shape_stats = self.shape_rewards(groups, self.score(items, groups))
+            stats["perf/reward_s"] += time.perf_counter() - t0
+            for key, value in shape_stats.items():
+                shaping.setdefault(key, []).append(value)
+            graded = _split(results, [len(g) for g in groups])
+            if self.gdro is not None:
+                self.gdro.update([it.id for it in items], [[r.correct for r in rs] for rs in graded])
+            generated += len(items)
+            for it, g, rs in zip(items, groups, graded):
+                values = [float(r.correct) for r in rs] if ds.metric == "accuracy" else [r.score for r in rs]
+                if not ds.enabled or keep_group(values):
+                    kept.append((it, g, rs))
+                else:
+                    dropped += 1
+            if len(kept) >= target:
+                break
+        kept = kept[:target]
+        stats.update({key: float(np.mean(v)) for key, v in shaping.items()})
+        if ds.enabled:
+            stats.update({
+                "dapo/gen_rounds": float(rounds),
+                "dapo/prompts_generated": float(generated),
+                "dapo/filtered_group_frac": dropped / max(generated, 1),
+                "dapo/batch_fill_frac": len(kept) / target,
+            })
+        items = [k[0] for k in kept]
+        groups = [k[1] for k in kept]
+        results = [r for k in kept for r in k[2]]
+        return items, groups, results, stats
+
     def build_samples(self, items, groups, results) -> tuple[list[TrainSample], dict[str, float]]:
-        rewards = np.array([r.score for r in results], dtype=np.float64)
-        group_ids = [g[0].prompt_id for g in groups for _ in g]
+        """Advantages (estimator, then per-prompt GDRO weights) and the learner's samples."""
         import torch
 
-        adv = self.estimator(AdvantageInput(rewards=torch.tensor(rewards), group_ids=group_ids), self.cfg.algorithm)
         flat = [r for g in groups for r in g]
+        rewards = np.array([r.score for r in results], dtype=np.float64)
+        group_ids = [g[0].prompt_id for g in groups for _ in g]
+        stats: dict[str, float] = {}
+        if not flat:
+            return [], {"rollout/num_samples": 0.0}
+        adv = self.estimator(AdvantageInput(rewards=torch.tensor(rewards), group_ids=group_ids), self.cfg.algorithm)
+        if self.gdro is not None:
+            weights = self.gdro.sample_weights([it.id for it in items])
+            adv = adv * torch.tensor([w for w, g in zip(weights, groups) for _ in g], dtype=adv.dtype)
+        mask_truncated = self.cfg.shaping.mask_truncated
         samples = [
-            TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, float(a), gid)
+            TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, float(a), gid,
+                        loss_mask=[0] * len(r.response_token_ids) if mask_truncated and r.finish_reason == "length"
+                        else None)
             for r, a, gid in zip(flat, adv.tolist(), group_ids)
         ]
-        n = self.cfg.rollout.num_samples_per_prompt
-        per_group = rewards.reshape(len(groups), n)
+        by_group = _split(list(rewards), [len(g) for g in groups])
         lengths = np.array([len(r.response_token_ids) for r in flat])
-        stats = {
+        stats.update({
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()),
             "reward/accuracy": float(np.mean([r.correct for r in results])),
+            "rollout/num_samples": float(len(flat)),
             "rollout/response_len_mean": float(lengths.mean()),
             "rollout/response_len_max": float(lengths.max()),
             "rollout/truncated_frac": float(np.mean([r.finish_reason == "length" for r in flat])),
-            "rollout/groups_all_equal_frac": float(np.mean(per_group.max(1) == per_group.min(1))),
+            "rollout/groups_all_equal_frac": float(np.mean([max(g) == min(g) for g in by_group])),
             "rollout/advantage_abs_mean": float(np.abs(adv.numpy()).mean()),
-        }
+        })
         return samples, stats
 
     # ------------------------------------------------------------------ checkpoints
@@ -341,25 +437,21 @@ class Trainer:
 
         cfg = self.cfg
         t_step = time.perf_counter()
-        items = self.sampler.next(cfg.rollout.prompts_per_step)
-        t0 = time.perf_counter()
-        groups = self.generate(items, cfg.rollout.num_samples_per_prompt, step, cfg.rollout.temperature,
-                               cfg.rollout.max_response_tokens)
-        t_gen = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results = self.score(items, groups)
-        t_reward = time.perf_counter() - t0
+        items, groups, results, roll_stats = self.rollout_batch(step)
         samples, metrics = self.build_samples(items, groups, results)
-        learn = ray.get(self.learner.train_step.remote(samples))
-        metrics.update(learn)
+        metrics.update(roll_stats)
+        if samples:
+            metrics.update(ray.get(self.learner.train_step.remote(samples)))
+        else:
+            print(f"[rl] step {step}: no group survived dynamic sampling; no update this step", flush=True)
         metrics.update(self.sync_weights(version=step))
+        if self.gdro is not None:
+            metrics.update(self.gdro.metrics())
         # The pool's own counters (timeouts, parse failures...) never overwrite the step's metrics.
         metrics = {**self.reward_pool.metrics(reset=True), **metrics}
-        n_tokens = sum(len(r.response_token_ids) for g in groups for r in g)
+        n_tokens = metrics.pop("rollout/tokens")
         metrics.update({
-            "perf/rollout_s": t_gen,
-            "perf/rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9),
-            "perf/reward_s": t_reward,
+            "perf/rollout_tokens_per_s": n_tokens / max(metrics["perf/rollout_s"], 1e-9),
             "perf/step_s": time.perf_counter() - t_step,
         })
         k = cfg.run.log_samples_per_step

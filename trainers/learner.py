@@ -176,8 +176,9 @@ class Learner:
         ref = self.compute_logprobs(samples, model=self.ref_model) if self.ref_model is not None else None
         drift = [abs(a - b) for s, o in zip(samples, old) for a, b in zip(s.behaviour_logprobs, o)]
 
-        n_mini = self.cfg["mini_batches_per_step"]
-        per_mini = len(samples) // n_mini
+        # Consecutive near-equal slices that cover every sample (group sizes may vary: GDRO, dynamic sampling).
+        n_mini = min(self.cfg["mini_batches_per_step"], len(samples))
+        bounds = np.linspace(0, len(samples), n_mini + 1).round().astype(int)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
 
@@ -188,7 +189,7 @@ class Learner:
         train_tokens = 0
         for _epoch in range(self.cfg["epochs_per_step"]):
             for m in range(n_mini):
-                idx = list(range(m * per_mini, (m + 1) * per_mini))
+                idx = list(range(bounds[m], bounds[m + 1]))
                 stats = self._update(samples, idx, old, ref)
                 train_tokens += stats.pop("tokens")
                 for k, v in stats.items():
@@ -215,7 +216,7 @@ class Learner:
         n_seqs = float(len(sub))
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0}
-        weighted = {"loss/clip_frac": 0.0, "loss/entropy": 0.0, "loss/ratio_mean": 0.0}
+        weighted: dict[str, float] = {"loss/entropy": 0.0}
         for mb in make_micro_batches(sub, self.cfg["micro_batch_tokens"]):
             mb = self._to_device(mb)
             logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True)
@@ -246,9 +247,8 @@ class Learner:
             totals["loss/total"] += float(loss.detach())
             share = float(mask.sum()) / max(n_tokens, 1.0)
             weighted["loss/entropy"] += share * float((entropy * mask).sum() / mask.sum().clamp(min=1))
-            for key, name in (("clip_frac", "loss/clip_frac"), ("ratio_mean", "loss/ratio_mean")):
-                if key in out.metrics:
-                    weighted[name] += share * float(out.metrics[key])
+            for key, value in out.metrics.items():  # every loss metric, token-share weighted over the mini-batch
+                weighted[f"loss/{key}"] = weighted.get(f"loss/{key}", 0.0) + share * float(value)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
         self.optimizer.step()
         self.num_updates += 1
