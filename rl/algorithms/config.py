@@ -8,6 +8,11 @@ Variants are parameters, not classes (formulas: ``shared/reference/algorithms.md
 - DAPO loss: ``clip_eps_high=0.28``, ``dual_clip_c=10.0``, ``loss_agg_mode="token-mean"``, ``kl_coef=0``.
 - GSPO: ``policy_loss="gspo"``, ``clip_eps_low=3e-4``, ``clip_eps_high=4e-4``,
   ``loss_agg_mode="seq-mean-token-mean"``.
+- SAPO (§3): ``policy_loss="sapo"``, ``sapo_tau_pos=1.0``, ``sapo_tau_neg=1.05``,
+  ``loss_agg_mode="seq-mean-token-mean"`` (verl forces that mode for SAPO; we use whatever is configured).
+- Differential smoothing / DS-GRPO (§6): ``advantage_shaping="differential_smoothing"`` on top of any
+  estimator and loss, with ``ds_gamma_pos``, ``ds_gamma_neg`` and ``ds_logprob_norm``
+  (``rl.algorithms.smoothing``).
 """
 
 from __future__ import annotations
@@ -47,10 +52,38 @@ class AlgorithmConfig(BaseModel):
     )
     adv_eps: float = Field(1e-6, ge=0.0, description="Added to the group std before dividing: A = (R-mean)/(std+eps).")
 
+    advantage_shaping: Literal["none", "differential_smoothing"] = Field(
+        "none",
+        description="Per-sample change to the estimator's advantages before the loss. "
+        "`differential_smoothing` (DS-GRPO, arXiv 2511.19942): A - ds_gamma_pos * log pi_old(y|x) for "
+        "correct samples, A + ds_gamma_neg * log pi_old(y|x) otherwise; needs sequence log-probs.",
+    )
+    ds_gamma_pos: float = Field(
+        0.01,
+        ge=0.0,
+        description="Differential smoothing on correct samples: a diversity bonus -gamma * log pi (rare correct "
+        "answers get more credit). 0.01 is a third-party fork's default; the paper's value is unverified.",
+    )
+    ds_gamma_neg: float = Field(
+        0.01,
+        ge=0.0,
+        description="Differential smoothing on incorrect samples: +gamma * log pi (unlikely wrong answers are "
+        "pushed down harder). 0.01 is a third-party fork's default; the paper's value is unverified.",
+    )
+    ds_logprob_norm: Literal["sum", "mean"] = Field(
+        "mean",
+        description="The log pi(y|x) of differential smoothing. `sum`: sequence log-prob (sum over response "
+        "tokens), as the formula is written; O(-length), so gamma 0.01 on a 4000-token answer adds ~10 to "
+        "the advantage. `mean`: per-token mean log-prob (sum / length), bounded whatever the length. Default "
+        "`mean` for that reason; whether the paper length-normalizes is UNVERIFIED. A gamma tuned for one "
+        "mode does not transfer to the other; watch `ds/term_to_adv_ratio`.",
+    )
+
     policy_loss: str = Field(
         "ppo_clip",
         description="Name in `POLICY_LOSSES`: `ppo_clip` (token ratio, decoupled clip, optional dual "
-        "clip) or `gspo` (GSPO-token: sequence-level geometric-mean ratio).",
+        "clip), `gspo` (GSPO-token: sequence-level geometric-mean ratio) or `sapo` (soft sigmoid gate on the "
+        "token ratio, no clip).",
     )
     clip_eps_low: float = Field(
         0.2, ge=0.0, lt=1.0, description="Lower clip: ratio is clipped at 1 - clip_eps_low. GSPO uses ~3e-4."
@@ -64,7 +97,19 @@ class AlgorithmConfig(BaseModel):
     dual_clip_c: float | None = Field(
         None,
         description="Dual clip for negative advantages: the loss of a token with A<0 is capped at -A*c. "
-        "Must be > 1 when set (verl default 3.0, DAPO 10.0). None disables it. Ignored by `gspo`.",
+        "Must be > 1 when set (verl default 3.0, DAPO 10.0). None disables it. Ignored by `gspo` and `sapo`.",
+    )
+    sapo_tau_pos: float = Field(
+        1.0,
+        gt=0.0,
+        description="SAPO gate temperature for tokens with A > 0: f(r) = sigmoid(tau (r - 1)) * 4 / tau. "
+        "Larger tau shrinks the gradient of off-policy tokens faster. Used only by `sapo`.",
+    )
+    sapo_tau_neg: float = Field(
+        1.05,
+        gt=0.0,
+        description="SAPO gate temperature for tokens with A <= 0; must be >= sapo_tau_pos (negative "
+        "advantages are the larger source of instability). Used only by `sapo`.",
     )
     loss_agg_mode: LossAggMode = Field(
         "token-mean",
@@ -129,6 +174,15 @@ class AlgorithmConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _sapo_tau_order(self) -> AlgorithmConfig:
+        if self.sapo_tau_neg < self.sapo_tau_pos:
+            raise ValueError(
+                f"sapo_tau_neg ({self.sapo_tau_neg}) must be >= sapo_tau_pos ({self.sapo_tau_pos}): negative "
+                "advantages need the faster-decaying gate (defaults 1.05 and 1.0)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _const_len_for_norm_mode(self) -> AlgorithmConfig:
         if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.loss_agg_const_len is None:
             raise ValueError(
@@ -144,4 +198,12 @@ class AlgorithmConfig(BaseModel):
             self.kl_coef > 0
             or ADVANTAGE_ESTIMATORS.capabilities(self.advantage_estimator)["needs_ref_logprobs"]
             or POLICY_LOSSES.capabilities(self.policy_loss)["needs_ref_logprobs"]
+        )
+
+    @property
+    def needs_sequence_logprobs(self) -> bool:
+        """Whether advantages need each sample's sequence log-prob under the rollout policy."""
+        return (
+            self.advantage_shaping != "none"
+            or ADVANTAGE_ESTIMATORS.capabilities(self.advantage_estimator)["needs_sequence_logprobs"]
         )

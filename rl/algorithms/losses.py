@@ -2,7 +2,10 @@
 
 Every entry of ``POLICY_LOSSES`` has the signature ``fn(inp: PolicyLossInput, cfg: AlgorithmConfig)
 -> PolicyLossOutput``. Losses are per token (to be minimized); ``rl.algorithms.aggregation`` turns
-them into a scalar. Formulas: ``shared/reference/algorithms.md`` §0, §1.1, §2.
+them into a scalar. Formulas: ``shared/reference/algorithms.md`` §0, §1.1, §2, §3.
+
+Every entry reports the same metric keys (``POLICY_LOSS_METRICS``), each a mean over masked-in tokens;
+a key that does not apply to a loss has a documented neutral value, so dashboards can compare runs.
 """
 
 from __future__ import annotations
@@ -71,10 +74,44 @@ POLICY_LOSSES: Registry[PolicyLossFn] = Registry(
 )
 
 
+POLICY_LOSS_METRICS = (
+    "clip_frac",  # clip_frac_low + clip_frac_high
+    "clip_frac_low",  # A < 0 and the ratio below 1 - clip_eps_low: the clipped branch wins. 0 for `sapo`
+    "clip_frac_high",  # A > 0 and the ratio above 1 + clip_eps_high: the clipped branch wins. 0 for `sapo`
+    "dual_clip_frac",  # A < 0 and the loss capped at -A * dual_clip_c. 0 for `gspo` and `sapo`
+    "gate_mean",  # weight of the token's gradient relative to the unclipped surrogate -A r: SAPO's
+    # w = 4 p (1 - p); 1 on a token whose clip loss takes the unclipped branch, 0 on a clipped one
+    "ratio_mean",  # importance ratio the loss uses (token ratio; GSPO: the sequence ratio)
+    "approx_kl",  # mean of old_logp - logp (k1 estimate of KL(old || current))
+)
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x`` over tokens where ``mask`` is set; 0 when the mask is empty."""
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def _metrics(
+    mask: Tensor, ratio: Tensor, neg_log_ratio: Tensor, clip_low: Tensor, clip_high: Tensor, dual: Tensor, gate: Tensor
+) -> dict[str, Tensor]:
+    """The ``POLICY_LOSS_METRICS`` of one micro-batch from per-token [T] values (flags may be bool)."""
+
+    def mean(x: Tensor) -> Tensor:
+        return masked_mean(x.detach().to(ratio.dtype), mask)
+
+    low, high = mean(clip_low), mean(clip_high)
+    metrics = {
+        "clip_frac": low + high,
+        "clip_frac_low": low,
+        "clip_frac_high": high,
+        "dual_clip_frac": mean(dual),
+        "gate_mean": mean(gate),
+        "ratio_mean": mean(ratio),
+        "approx_kl": mean(neg_log_ratio),
+    }
+    assert tuple(metrics) == POLICY_LOSS_METRICS
+    return metrics
 
 
 def _clipped_surrogate(ratio: Tensor, adv: Tensor, cfg: AlgorithmConfig) -> tuple[Tensor, Tensor]:
@@ -105,13 +142,11 @@ def ppo_clip(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:
         clip_active = clip_active & ~dual_active
 
     loss = torch.where(mask, loss, torch.zeros_like(loss))
-    metrics = {
-        "clip_frac": masked_mean(clip_active.to(loss.dtype), mask),
-        "dual_clip_frac": masked_mean(dual_active.to(loss.dtype), mask),
-        "ratio_mean": masked_mean(ratio.detach(), mask),
-        "approx_kl": masked_mean(-log_ratio.detach(), mask),
-    }
-    return PolicyLossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+    metrics = _metrics(
+        mask, ratio, -log_ratio, clip_active & (adv < 0), clip_active & (adv > 0), dual_active,
+        ~(clip_active | dual_active),
+    )
+    return PolicyLossOutput(loss, metrics)
 
 
 @POLICY_LOSSES.register("gspo", sequence_level_ratio=True)
@@ -137,13 +172,39 @@ def gspo(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:
     loss, clip_active = _clipped_surrogate(ratio, adv, cfg)
 
     loss = torch.where(mask, loss, torch.zeros_like(loss))
-    metrics = {
-        "clip_frac": masked_mean(clip_active.to(loss.dtype), mask),
-        "dual_clip_frac": torch.zeros((), dtype=loss.dtype, device=loss.device),
-        "ratio_mean": masked_mean(ratio.detach(), mask),
-        "approx_kl": masked_mean(-token_log_ratio, mask),
-    }
-    return PolicyLossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+    no_dual = torch.zeros_like(mask)
+    metrics = _metrics(
+        mask, ratio, -token_log_ratio, clip_active & (adv < 0), clip_active & (adv > 0), no_dual, ~clip_active
+    )
+    return PolicyLossOutput(loss, metrics)
+
+
+@POLICY_LOSSES.register("sapo")
+def sapo(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:
+    """SAPO (Qwen, arXiv 2511.20347): a soft sigmoid gate on the token ratio instead of a clip.
+
+    loss = -f(r) A with f(r) = sigmoid(tau (r - 1)) * 4 / tau, r = exp(clamp(logp - old_logp)),
+    tau = ``cfg.sapo_tau_pos`` where A > 0 and ``cfg.sapo_tau_neg`` where A <= 0 (A = 0 contributes nothing).
+    The gradient w.r.t. logp is -w r A with w = f'(r) = 4 p (1 - p), p = sigmoid(tau (r - 1)): the vanilla
+    policy gradient at r = 1 (w = 1), smoothly down-weighted off-policy, never exactly zero. The loss *value*
+    at r = 1 is -2A/tau, not -A: compare gradients with PPO, not loss curves.
+
+    Aggregation: verl forces ``seq-mean-token-mean`` for SAPO whatever its config says. We do NOT force it:
+    the configured ``cfg.loss_agg_mode`` is used, and a SAPO recipe should set ``seq-mean-token-mean`` to
+    match the paper. Metrics: ``gate_mean`` is the mean of w; clip fractions are 0 (nothing is clipped).
+    """
+    mask = inp.mask.to(torch.bool)
+    adv = inp.advantages.detach()
+    log_ratio = (inp.logp - inp.old_logp.detach()).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    tau = torch.full_like(ratio, cfg.sapo_tau_neg).masked_fill(adv > 0, cfg.sapo_tau_pos)
+    p = torch.sigmoid(tau * (ratio - 1.0))
+    loss = -(p * 4.0 / tau) * adv
+
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    none = torch.zeros_like(mask)
+    metrics = _metrics(mask, ratio, -log_ratio, none, none, none, 4.0 * p * (1.0 - p))
+    return PolicyLossOutput(loss, metrics)
 
 
 def compute_policy_loss(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:

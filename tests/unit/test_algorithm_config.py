@@ -11,8 +11,12 @@ def test_defaults():
     assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c) == (0.2, 0.2, None)
     assert cfg.loss_agg_mode == "token-mean" and cfg.loss_agg_const_len is None
     assert (cfg.kl_coef, cfg.kl_estimator, cfg.kl_in, cfg.log_ratio_clamp) == (0.0, "k3", "loss", 20.0)
-    assert not cfg.needs_ref_logprobs
+    assert (cfg.sapo_tau_pos, cfg.sapo_tau_neg) == (1.0, 1.05)
+    assert cfg.advantage_shaping == "none" and (cfg.ds_gamma_pos, cfg.ds_gamma_neg) == (0.01, 0.01)
+    assert cfg.ds_logprob_norm == "mean"
+    assert not cfg.needs_ref_logprobs and not cfg.needs_sequence_logprobs
     assert AlgorithmConfig(kl_coef=0.001).needs_ref_logprobs
+    assert AlgorithmConfig(advantage_shaping="differential_smoothing").needs_sequence_logprobs
 
 
 def test_every_field_documented():
@@ -28,8 +32,18 @@ def test_unknown_key_suggests_nearest():
 def test_unknown_registry_names_list_valid():
     with pytest.raises(ValidationError, match=r"Did you mean 'grpo'.*grpo, rloo"):
         AlgorithmConfig(advantage_estimator="gpro")
-    with pytest.raises(ValidationError, match=r"gspo, ppo_clip"):
+    with pytest.raises(ValidationError, match=r"Did you mean 'sapo'.*gspo, ppo_clip, sapo"):
         AlgorithmConfig(policy_loss="sapo_typo")
+    with pytest.raises(ValidationError, match=r"'none' or 'differential_smoothing'"):
+        AlgorithmConfig(advantage_shaping="ds")
+
+
+def test_sapo_tau_neg_not_below_tau_pos():
+    assert AlgorithmConfig(policy_loss="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.0).sapo_tau_neg == 1.0
+    with pytest.raises(ValidationError, match=r"sapo_tau_neg \(0.9\) must be >= sapo_tau_pos \(1.0\)"):
+        AlgorithmConfig(sapo_tau_neg=0.9)
+    with pytest.raises(ValidationError):
+        AlgorithmConfig(sapo_tau_pos=0.0)
 
 
 def test_dual_clip_must_exceed_one():
@@ -47,7 +61,8 @@ def test_norm_mode_needs_const_len():
 
 def test_ranges_and_literals():
     for bad in ({"clip_eps_low": 1.0}, {"clip_eps_high": -0.1}, {"kl_coef": -1.0}, {"std_mode": "bessel"},
-                {"kl_estimator": "k4"}, {"loss_agg_mode": "mean"}, {"log_ratio_clamp": 0.0}):
+                {"kl_estimator": "k4"}, {"loss_agg_mode": "mean"}, {"log_ratio_clamp": 0.0},
+                {"ds_gamma_pos": -0.01}, {"ds_gamma_neg": -0.01}, {"ds_logprob_norm": "max"}):
         with pytest.raises(ValidationError):
             AlgorithmConfig(**bad)
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rl.algorithms import AlgorithmConfig, PolicyLossInput, aggregate_loss, compute_policy_loss
+from rl.algorithms import POLICY_LOSS_METRICS, AlgorithmConfig, PolicyLossInput, aggregate_loss, compute_policy_loss
 
 
 def _inp(ratios, advs, mask=None, seq_index=None, num_seqs=1):
@@ -125,9 +125,78 @@ def test_gspo_token_matches_sequence_level_gspo_value_and_gradient():
     torch.testing.assert_close(g_ours, g_ref)
 
 
-def test_metrics_are_detached_scalars():
-    _, _, m = _loss_and_grad(_inp([1.5, 0.7, 1.0], [1.0, -1.0, 0.5]))
-    assert set(m) >= {"clip_frac", "ratio_mean", "dual_clip_frac"}
+def test_clip_fracs_split_by_side_and_clipped_tokens_get_exactly_zero_grad():
+    # tokens: A>0 r above 1+eps (high clip), A<0 r below 1-eps (low clip), A>0 r low and A<0 r high
+    # (unclipped: the clip only binds on the side the advantage pushes towards), on-policy, A=0
+    loss, grad, m = _loss_and_grad(_inp([1.5, 0.5, 0.5, 1.5, 1.0, 1.5], [1.0, -1.0, 1.0, -1.0, 1.0, 0.0]))
+    torch.testing.assert_close(loss, torch.tensor([-1.2, 0.8, -0.5, 1.5, -1.0, 0.0], dtype=torch.float64))
+    assert grad[0].item() == 0.0 and grad[1].item() == 0.0 and grad[5].item() == 0.0
+    torch.testing.assert_close(grad[2:5], torch.tensor([-0.5, 1.5, -1.0], dtype=torch.float64))  # -A r
+    assert m["clip_frac_high"].item() == pytest.approx(1 / 6)
+    assert m["clip_frac_low"].item() == pytest.approx(1 / 6)
+    assert m["clip_frac"].item() == pytest.approx(2 / 6)
+    assert m["dual_clip_frac"].item() == 0.0
+    assert m["gate_mean"].item() == pytest.approx(4 / 6)  # 1 on unclipped tokens, 0 on clipped ones
+
+
+def test_gspo_clip_fracs_split_by_side():
+    # two sequences with the same ratio s = e^0.001 > 1 + 4e-4: only the A>0 one is clipped (high side)
+    inp = _inp([math.exp(0.001)] * 4, [1.0, 1.0, -1.0, -1.0], seq_index=[0, 0, 1, 1], num_seqs=2)
+    _, grad, m = _loss_and_grad(inp, policy_loss="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4)
+    assert torch.equal(grad[:2], torch.zeros(2, dtype=torch.float64)) and (grad[2:] != 0).all()
+    assert (m["clip_frac_high"].item(), m["clip_frac_low"].item(), m["clip_frac"].item()) == (0.5, 0.0, 0.5)
+    assert m["gate_mean"].item() == 0.5
+
+
+# SAPO, reference §3.4: (tau, r, gate f(r), weight w(r) = f'(r)); d loss / d logp = -A w r.
+SAPO_TABLE = [
+    (1.0, 1.0, 2.000000, 1.000000),
+    (1.0, 1.5, 2.489837, 0.940015),
+    (1.0, 2.0, 2.924234, 0.786448),
+    (1.0, 0.5, 1.510163, 0.940015),
+    (1.05, 1.0, 1.904762, 1.000000),
+    (1.05, 1.5, 2.393585, 0.934140),
+    (1.05, 2.0, 2.822000, 0.768110),
+]
+
+
+@pytest.mark.parametrize(("tau", "r", "gate", "w"), SAPO_TABLE)
+def test_sapo_gate_table(tau, r, gate, w):
+    loss, grad, m = _loss_and_grad(_inp([r], [1.0]), policy_loss="sapo", sapo_tau_pos=tau, sapo_tau_neg=tau)
+    assert loss.item() == pytest.approx(-gate, abs=1e-6)
+    assert grad.item() == pytest.approx(-w * r, abs=1e-6)
+    assert m["gate_mean"].item() == pytest.approx(w, abs=1e-6)
+
+
+def test_sapo_autograd_picks_tau_by_advantage_sign():
+    loss, grad, m = _loss_and_grad(_inp([1.5], [1.0]), policy_loss="sapo")  # tau_pos = 1.0
+    assert loss.item() == pytest.approx(-2.489837, abs=1e-6)
+    assert grad.item() == pytest.approx(-1.410022, abs=1e-6)
+    loss, grad, m = _loss_and_grad(_inp([1.5], [-1.0]), policy_loss="sapo")  # tau_neg = 1.05
+    assert loss.item() == pytest.approx(2.393585, abs=1e-6)
+    assert grad.item() == pytest.approx(1.401210, abs=1e-6)
+    assert m["clip_frac"].item() == 0.0 and m["dual_clip_frac"].item() == 0.0
+
+
+def test_sapo_zero_advantage_and_masked_tokens_contribute_nothing():
+    inp = _inp([1.5, 0.7, 2.0], [0.0, 1.0, -1.0], mask=[True, True, False])
+    loss, grad, m = _loss_and_grad(inp, policy_loss="sapo")
+    assert loss[0].item() == 0.0 and grad[0].item() == 0.0  # A = 0
+    assert loss[2].item() == 0.0 and grad[2].item() == 0.0  # masked
+    assert grad[1].item() != 0.0
+    assert m["ratio_mean"].item() == pytest.approx((1.5 + 0.7) / 2)  # masked token not counted
+
+
+def test_sapo_never_zeroes_a_far_off_policy_gradient():
+    _, grad, _ = _loss_and_grad(_inp([3.0, 0.2], [1.0, -1.0]), policy_loss="sapo")
+    assert (grad.abs() > 0).all()
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo_clip", "gspo", "sapo"])
+def test_metrics_are_detached_scalars(policy_loss):
+    _, _, m = _loss_and_grad(_inp([1.5, 0.7, 1.0], [1.0, -1.0, 0.5]), policy_loss=policy_loss)
+    assert tuple(m) == POLICY_LOSS_METRICS
+    assert m["clip_frac"].item() == pytest.approx(m["clip_frac_low"].item() + m["clip_frac_high"].item())
     for v in m.values():
         assert v.dim() == 0 and not v.requires_grad
 

@@ -11,6 +11,7 @@ import rl.algorithms
 from rl.algorithms import (
     ADVANTAGE_ESTIMATORS,
     AGG_MODES,
+    POLICY_LOSS_METRICS,
     POLICY_LOSSES,
     AdvantageInput,
     AlgorithmConfig,
@@ -82,6 +83,7 @@ def test_policy_loss_contract(name):
     assert out.per_token_loss.shape == inp.logp.shape
     assert torch.isfinite(out.per_token_loss).all()
     assert torch.equal(out.per_token_loss[~inp.mask], torch.zeros(2, dtype=torch.float64))
+    assert tuple(out.metrics) == POLICY_LOSS_METRICS  # every loss reports the same keys
     for key, value in out.metrics.items():
         assert value.dim() == 0 and torch.isfinite(value) and not value.requires_grad, key
     out.per_token_loss.sum().backward()
