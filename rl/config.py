@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rl.algorithms.config import AlgorithmConfig
+from rl.algorithms.gdro import GdroConfig
+from rl.algorithms.gigpo import GigpoConfig
 
 
 class _Section(BaseModel):
@@ -175,6 +177,24 @@ class ShapingConfig(_Section):
     )
 
 
+class MultiTurnConfig(_Section):
+    """Multi-turn training on a step-wise environment (GiGPO). Off while ``env`` is None (single-turn prompts)."""
+
+    env: str | None = Field(
+        None,
+        description="Environment name in `rollout.env.ENVIRONMENTS` (built in: `number_target`). When set, each step "
+        "plays episodes instead of answering data.train prompts, and advantages come from GiGPO.",
+    )
+    env_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment.")
+    groups_per_step: int = Field(8, ge=1, description="Episode groups per step (distinct start states).")
+    group_size: int = Field(8, ge=1, description="Trajectories per group, all from the same start state.")
+    max_turns: int = Field(6, ge=1, description="Turns per episode at most (also capped by the env's own limit).")
+    eval_groups: int = Field(
+        64, ge=1, description="Held-out start states for eval (seeds disjoint from training); eval.num_samples each.",
+    )
+    gigpo: GigpoConfig = Field(default_factory=GigpoConfig)
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address (None: start a local Ray).")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: enough for the actors).")
@@ -192,6 +212,8 @@ class Config(_Section):
     rewards: list[RewardEntry] = Field(default_factory=lambda: [RewardEntry(name="math_verify")])
     reward_pool: RewardPoolConfig = Field(default_factory=RewardPoolConfig)
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
+    gdro: GdroConfig = Field(default_factory=GdroConfig)
+    multiturn: MultiTurnConfig = Field(default_factory=MultiTurnConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -216,6 +238,15 @@ class Config(_Section):
                 f"shaping.overlong_buffer_len={self.shaping.overlong_buffer_len} exceeds rollout.max_response_tokens="
                 f"{self.rollout.max_response_tokens}; it must be at most that (DAPO: 4096 of 20480)"
             )
+        if self.gdro.rollout_gdro and self.gdro.n_mean != self.rollout.num_samples_per_prompt:
+            raise ValueError(
+                f"gdro.n_mean={self.gdro.n_mean} must equal rollout.num_samples_per_prompt="
+                f"{self.rollout.num_samples_per_prompt}: Rollout-GDRO redistributes that mean budget over bins"
+            )
+        if self.multiturn.env is not None and (self.gdro.prompt_gdro or self.gdro.rollout_gdro
+                                               or self.rollout.dynamic_sampling.enabled):
+            raise ValueError("multiturn.env is set: GDRO and dynamic sampling act on single-turn prompts and are not "
+                             "supported with environments; turn gdro.* and rollout.dynamic_sampling.enabled off")
         if not self.rewards:
             raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
         return self

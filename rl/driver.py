@@ -22,6 +22,7 @@ import numpy as np
 
 from rl.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInput
 from rl.algorithms.dapo import keep_group, overlong_penalty
+from rl.algorithms.smoothing import shape_advantages
 from rl.config import Config, dump_config
 from rl.data.datasets import PromptSampler, load_dataset
 from rl.tracking import CheckpointManager, MetricsLogger, Progress
@@ -59,7 +60,15 @@ class Trainer:
             raise ValueError("algorithm.kl_in=reward is not implemented yet; use algorithm.kl_in=loss")
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator)
         self._stop_requested = False
-        self.gdro = None  # GDRO controller (set up in setup() when configured)
+        self.gdro = None
+        if cfg.gdro.prompt_gdro or cfg.gdro.rollout_gdro:
+            from rl.algorithms.gdro import GdroController
+
+            self.gdro = GdroController(cfg.gdro)
+        if cfg.multiturn.env is not None:
+            from rollout.env import make_env
+
+            make_env(cfg.multiturn.env, **cfg.multiturn.env_options)  # fail now on a bad name or option
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -172,8 +181,6 @@ class Trainer:
                  seeded: bool = True, seed_offset: int = 0) -> list[list[Rollout]]:
         """``n`` samples per item (one count for all, or one per item), spread round-robin over the engines;
         groups come back in item order. Request ``i`` is seeded from (run seed, step, seed_offset + i)."""
-        import ray
-
         from rollout.engine import GenerationRequest, SamplingSettings
 
         counts = [n] * len(items) if isinstance(n, int) else list(n)
@@ -184,6 +191,12 @@ class Trainer:
             GenerationRequest(it.id, it.prompt, c, request_seed(self.cfg.run.seed, step, seed_offset + i) if seeded else None)
             for i, (it, c) in enumerate(zip(items, counts))
         ]
+        return self._dispatch(reqs, settings)
+
+    def _dispatch(self, reqs, settings) -> list[list[Rollout]]:
+        """Requests round-robin over the engine actors; one group per request, in request order."""
+        import ray
+
         k = len(self.engines)
         shards = [reqs[i::k] for i in range(k)]
         results = ray.get([e.generate.remote(s, settings) for e, s in zip(self.engines, shards) if s])
@@ -234,6 +247,9 @@ class Trainer:
         """Held-out accuracy of the current policy (greedy by default)."""
         from rl.metrics import pass_at_k
 
+        if self.cfg.multiturn.env is not None:
+            return self.evaluate_episodes(step)
+
         ec = self.cfg.eval
         n = ec.num_samples
         t0 = time.perf_counter()
@@ -282,6 +298,7 @@ class Trainer:
         stats = {"perf/rollout_s": 0.0, "perf/reward_s": 0.0, "rollout/tokens": 0.0}
         shaping: dict[str, list[float]] = {}
         generated = rounds = dropped = 0
+        seen: list[tuple[str, list[bool]]] = []  # every graded group of this step, kept or not (for GDRO)
         for rnd in range(ds.max_rounds if ds.enabled else 1):
             rounds += 1
             items = self.sampler.next(per_round)
@@ -298,8 +315,7 @@ class Trainer:
             for key, value in shape_stats.items():
                 shaping.setdefault(key, []).append(value)
             graded = _split(results, [len(g) for g in groups])
-            if self.gdro is not None:
-                self.gdro.update([it.id for it in items], [[r.correct for r in rs] for rs in graded])
+            seen.extend((it.id, [r.correct for r in rs]) for it, rs in zip(items, graded))
             generated += len(items)
             for it, g, rs in zip(items, groups, graded):
                 values = [float(r.correct) for r in rs] if ds.metric == "accuracy" else [r.score for r in rs]
@@ -321,7 +337,73 @@ class Trainer:
         items = [k[0] for k in kept]
         groups = [k[1] for k in kept]
         results = [r for k in kept for r in k[2]]
+        self._seen_groups = seen
         return items, groups, results, stats
+
+    # ------------------------------------------------------------------ multi-turn (GiGPO)
+    def _env_generate_fn(self, temperature: float, max_tokens: int):
+        """``generate_fn(prompts, seeds) -> one rollout each`` over the engine actors, for ``run_episodes``."""
+        from rollout.engine import GenerationRequest, SamplingSettings
+
+        settings = SamplingSettings(temperature=temperature, top_p=self.cfg.rollout.top_p, max_tokens=max_tokens)
+
+        def generate_fn(prompts: list[str], seeds: list[int]) -> list[Rollout]:
+            reqs = [GenerationRequest(f"turn-{i}", p, 1, seed) for i, (p, seed) in enumerate(zip(prompts, seeds))]
+            return [group[0] for group in self._dispatch(reqs, settings)]
+
+        return generate_fn
+
+    def play_episodes(self, group_seeds: list[int], group_size: int, temperature: float, prefix: str):
+        from rollout.env import make_env
+        from rollout.multiturn import run_episodes
+
+        mt = self.cfg.multiturn
+        gen = self._env_generate_fn(temperature, self.cfg.rollout.max_response_tokens)
+        return run_episodes(gen, lambda: make_env(mt.env, **mt.env_options), group_seeds, group_size, mt.max_turns,
+                            base_seed=self.cfg.run.seed, group_id_prefix=prefix)
+
+    def episode_batch(self, step: int):
+        """Play ``groups_per_step`` x ``group_size`` episodes, GiGPO advantages, one sample per turn."""
+        from rollout.multiturn import episode_advantages, episode_metrics, to_train_samples
+
+        mt = self.cfg.multiturn
+        t0 = time.perf_counter()
+        seeds = [request_seed(self.cfg.run.seed, step, i) for i in range(mt.groups_per_step)]
+        episodes = self.play_episodes(seeds, mt.group_size, self.cfg.rollout.temperature, prefix=f"s{step}-g")
+        t_gen = time.perf_counter() - t0
+        result = episode_advantages(episodes, mt.gigpo)
+        samples = to_train_samples(episodes, result.advantages)
+        lengths = np.array([len(s.response_token_ids) for s in samples])
+        metrics = {
+            **episode_metrics(episodes),
+            **result.metrics,
+            "reward/mean": float(np.mean([ep.episode_return for ep in episodes])),
+            "reward/accuracy": float(np.mean([any(st.info.get("success") for st in ep.steps) for ep in episodes])),
+            "rollout/response_len_mean": float(lengths.mean()) if len(lengths) else 0.0,
+            "rollout/advantage_abs_mean": float(np.mean(np.abs(result.advantages))) if samples else 0.0,
+            "perf/rollout_s": t_gen,
+            "perf/reward_s": 0.0,
+            "rollout/tokens": float(lengths.sum()),
+        }
+        self._last_episodes = episodes
+        return samples, metrics, [], [], []
+
+    def evaluate_episodes(self, step: int) -> dict[str, float]:
+        """Success rate on held-out start states (seeds >= 2**31, never drawn for training)."""
+        from rollout.multiturn import episode_metrics
+
+        ec, mt = self.cfg.eval, self.cfg.multiturn
+        t0 = time.perf_counter()
+        seeds = [2**31 + i for i in range(mt.eval_groups)]
+        episodes = self.play_episodes(seeds, ec.num_samples, ec.temperature, prefix="eval-g")
+        m = episode_metrics(episodes)
+        return {
+            "eval/accuracy": m["rollout/episode_success_frac"],
+            "eval/episode_return_mean": m["rollout/episode_return_mean"],
+            "eval/episode_steps_mean": m["rollout/episode_steps_mean"],
+            "eval/invalid_action_frac": m["rollout/invalid_action_frac"],
+            "perf/eval_s": time.perf_counter() - t0,
+        }
 
     def build_samples(self, items, groups, results) -> tuple[list[TrainSample], dict[str, float]]:
         """Advantages (estimator, then per-prompt GDRO weights) and the learner's samples."""
@@ -333,10 +415,23 @@ class Trainer:
         stats: dict[str, float] = {}
         if not flat:
             return [], {"rollout/num_samples": 0.0}
-        adv = self.estimator(AdvantageInput(rewards=torch.tensor(rewards), group_ids=group_ids), self.cfg.algorithm)
+        algo = self.cfg.algorithm
+        adv = self.estimator(AdvantageInput(rewards=torch.tensor(rewards), group_ids=group_ids), algo)
+        self._raw_advantages: dict[str, list[float]] = {}  # prompt id -> unweighted advantages (for GDRO)
+        for gid, a in zip(group_ids, adv.tolist()):
+            self._raw_advantages.setdefault(gid, []).append(a)
+        if algo.advantage_shaping != "none":
+            adv, ds_stats = shape_advantages(
+                adv,
+                torch.tensor([r.correct for r in results], dtype=torch.bool),
+                torch.tensor([float(sum(r.logprobs)) for r in flat], dtype=adv.dtype),
+                torch.tensor([len(r.response_token_ids) for r in flat], dtype=adv.dtype),
+                algo,
+            )
+            stats.update(ds_stats)
         if self.gdro is not None:
-            weights = self.gdro.sample_weights([it.id for it in items])
-            adv = adv * torch.tensor([w for w, g in zip(weights, groups) for _ in g], dtype=adv.dtype)
+            weights = self.gdro.sample_weights(group_ids)  # one id per sample: mean 1 over samples
+            adv = adv * torch.tensor(weights, dtype=adv.dtype)
         mask_truncated = self.cfg.shaping.mask_truncated
         samples = [
             TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, float(a), gid,
@@ -351,6 +446,8 @@ class Trainer:
             "reward/std": float(rewards.std()),
             "reward/accuracy": float(np.mean([r.correct for r in results])),
             "rollout/num_samples": float(len(flat)),
+            "rollout/samples_per_prompt_min": float(min(len(g) for g in groups)),
+            "rollout/samples_per_prompt_max": float(max(len(g) for g in groups)),
             "rollout/response_len_mean": float(lengths.mean()),
             "rollout/response_len_max": float(lengths.max()),
             "rollout/truncated_frac": float(np.mean([r.finish_reason == "length" for r in flat])),
@@ -366,6 +463,8 @@ class Trainer:
         tmp = self.ckpt.begin(step)
         ray.get(self.learner.save.remote(str(tmp)))
         state = {"step": step, "sampler": self.sampler.state_dict(), "weight_version": step}
+        if self.gdro is not None:
+            state["gdro"] = self.gdro.state_dict()
         path = self.ckpt.commit(tmp, step, state)
         return path
 
@@ -379,6 +478,10 @@ class Trainer:
         state = json.loads((latest / "driver_state.json").read_text())
         ray.get(self.learner.load.remote(str(latest)))
         self.sampler.load_state_dict(state["sampler"])
+        if self.gdro is not None:
+            if "gdro" not in state:
+                raise ValueError(f"{latest} has no GDRO controller state, but gdro is enabled in this config")
+            self.gdro.load_state_dict(state["gdro"])
         self.start_step = int(state["step"])
         self.logger.truncate_after(self.start_step)
         print(f"[rl] resumed from {latest} at step {self.start_step}", flush=True)
@@ -437,15 +540,21 @@ class Trainer:
 
         cfg = self.cfg
         t_step = time.perf_counter()
-        items, groups, results, roll_stats = self.rollout_batch(step)
-        samples, metrics = self.build_samples(items, groups, results)
-        metrics.update(roll_stats)
+        if cfg.multiturn.env is not None:
+            samples, metrics, items, groups, results = self.episode_batch(step)
+        else:
+            items, groups, results, roll_stats = self.rollout_batch(step)
+            samples, metrics = self.build_samples(items, groups, results)
+            metrics.update(roll_stats)
         if samples:
             metrics.update(ray.get(self.learner.train_step.remote(samples)))
         else:
             print(f"[rl] step {step}: no group survived dynamic sampling; no update this step", flush=True)
         metrics.update(self.sync_weights(version=step))
         if self.gdro is not None:
+            ids = [pid for pid, _ in self._seen_groups]
+            self.gdro.update(ids, [c for _, c in self._seen_groups],
+                             advantages=[self._raw_advantages.get(pid, [0.0] * len(c)) for pid, c in self._seen_groups])
             metrics.update(self.gdro.metrics())
         # The pool's own counters (timeouts, parse failures...) never overwrite the step's metrics.
         metrics = {**self.reward_pool.metrics(reset=True), **metrics}
@@ -455,7 +564,14 @@ class Trainer:
             "perf/step_s": time.perf_counter() - t_step,
         })
         k = cfg.run.log_samples_per_step
-        if k:
+        if k and cfg.multiturn.env is not None:
+            turns = [(ep, st) for ep in self._last_episodes for st in ep.steps][:k]
+            self.logger.log_samples(step, [
+                {"trajectory_id": ep.trajectory_id, "turn": st.step_index, "prompt": st.prompt,
+                 "response": st.action_text, "reward": st.reward, "state": st.state_key, "info": st.info}
+                for ep, st in turns
+            ])
+        elif k:
             flat = [(it, r) for it, g in zip(items, groups) for r in g]
             picked = [(it, r, results[i]) for i, (it, r) in enumerate(flat[:k])]
             self.logger.log_samples(step, [

@@ -33,3 +33,13 @@ def ray_local():
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_CACHE_ROOT", "VLLM_CPU_KVCACHE_SPACE")}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def warm_tiny_model_dir(tmp_path_factory) -> str:
+    """The embedded tiny model with its default warm start (right about 20% of the time when sampling)."""
+    from trainers.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("warm_tiny_model")
+    build_tiny_model(out, seed=0, eval_problems=0)
+    return str(out)

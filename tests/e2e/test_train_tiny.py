@@ -13,8 +13,9 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-# Learning is NOT asserted yet: measured runs of this recipe did not raise held-out accuracy (lr 3e-4: greedy
-# 0.385 -> 0.220 in 20 steps; docs/benchmarks.md). Restoring a gain assertion is open work.
+# Held-out mean@4 accuracy of this recipe, measured (docs/benchmarks.md): 0.215 -> 0.276 after 30 steps. The
+# margin asserted is half the measured gain; the eval set's standard error is about 0.015.
+MIN_GAIN = 0.03
 COMPARED = ("reward/mean", "reward/accuracy", "loss/policy", "rollout/response_len_mean", "eval/accuracy")
 
 
@@ -43,7 +44,7 @@ def test_training_runs_end_to_end(trained_run):
     before, after = summary["eval_before"], summary["eval_after"]
     print(f"held-out accuracy {before:.3f} -> {after:.3f}")
     assert before > 0.05, f"the warm-started tiny model should be right some of the time, got {before:.3f}"
-    assert 0.0 <= after <= 1.0
+    assert after - before >= MIN_GAIN, f"GRPO should raise held-out accuracy by >= {MIN_GAIN}: {before:.3f} -> {after:.3f}"
     m = _metrics(trained_run)
     last = max(m)
     assert m[last]["sync/canary_max_abs_diff"] < 1e-3
@@ -68,3 +69,37 @@ def test_resume_reproduces_uninterrupted_run(trained_run, tmp_path):
         for key in COMPARED:
             if key in full[step]:
                 assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, warm_tiny_model_dir):
+    """SIGTERM mid-run: the driver finishes the current step, saves it, exits 130; --resume continues from it."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    model = [f"model.path={warm_tiny_model_dir}", "model.build_tiny=false"]
+    args = [sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={run}", *model,
+            "run.progress=false", "run.num_steps=500", "run.save_every_steps=0", "eval.every_steps=0",
+            "data.eval.num_problems=8", "eval.num_samples=1"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # step 0 (eval) + 2 training steps
+            break
+        time.sleep(1)
+    assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()[-4000:]}"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-4000:]
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert ckpts, f"no checkpoint after SIGTERM:\n{out[-4000:]}"
+    saved = int(ckpts[-1].name.split("_")[1])
+    assert saved >= 2 and "continue with --resume" in out
+    _rl("train", "configs/tiny_cpu.yaml", f"run.output_dir={run}", *model, "run.progress=false",
+        f"run.num_steps={saved + 1}",
+        "run.save_every_steps=0", "eval.every_steps=0", "data.eval.num_problems=8", "eval.num_samples=1",
+        "--resume", cwd=ROOT)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-1] == saved + 1 and steps.count(saved + 1) == 1
