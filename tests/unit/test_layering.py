@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TOP = ("rl", "rollout", "rewards", "trainers")
 # rl modules that sit on top of everything (they may import the other packages).
-RL_SHELL = {"rl/driver.py", "rl/cli.py", "rl/report.py"}
+RL_SHELL = {"rl/driver.py", "rl/cli.py", "rl/report.py", "rl/evaluation.py"}
 ALLOWED = {"rollout": {"rl", "rollout"}, "rewards": {"rl", "rewards"}, "trainers": {"rl", "trainers"}}
 
 

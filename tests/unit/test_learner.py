@@ -61,9 +61,10 @@ def test_micro_batches_respect_budget_and_cover_all():
         assert int(mb.resp_mask.sum()) == sum(len(samples[i].response_token_ids) for i in mb.index)
 
 
-def _grads(model_dir, budget, mode="token-mean"):
+def _grads(model_dir, budget, mode="token-mean", loss="ppo_clip"):
     cfg = {**LEARNER_CFG, "micro_batch_tokens": budget}
-    learner = Learner(model_dir, cfg, {**ALGO, "loss_agg_mode": mode, "loss_agg_const_len": 8}, temperature=1.0)
+    algo = {**ALGO, "loss_agg_mode": mode, "loss_agg_const_len": 8, "policy_loss": loss}
+    learner = Learner(model_dir, cfg, algo, temperature=1.0)
     samples = _samples(8)
     captured = {}
     orig = learner.optimizer.step
@@ -77,11 +78,12 @@ def _grads(model_dir, budget, mode="token-mean"):
     return captured, metrics
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_grad_accumulation_invariance(model_dir, mode):
-    """One micro-batch (1x8) and many micro-batches (8x1) give the same gradient."""
-    big, m_big = _grads(model_dir, 10_000, mode)
-    small, m_small = _grads(model_dir, 1, mode)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("loss", ["ppo_clip", "gspo", "sapo"])
+def test_grad_accumulation_invariance(model_dir, mode, loss):
+    """One micro-batch (1x8) and many micro-batches (8x1) give the same gradient, for every aggregation and loss."""
+    big, m_big = _grads(model_dir, 10_000, mode, loss)
+    small, m_small = _grads(model_dir, 1, mode, loss)
     for name in big:
         torch.testing.assert_close(big[name], small[name], rtol=1e-4, atol=1e-6)
     assert math.isclose(m_big["loss/policy"], m_small["loss/policy"], rel_tol=1e-5, abs_tol=1e-7)
