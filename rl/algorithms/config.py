@@ -17,22 +17,22 @@ Variants are parameters, not classes (formulas: ``shared/reference/algorithms.md
 
 from __future__ import annotations
 
-import difflib
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rl.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from rl.algorithms.losses import POLICY_LOSSES
+from rl.schema import StrictModel
 
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
-class AlgorithmConfig(BaseModel):
+class AlgorithmConfig(StrictModel):
     """Advantage estimation, policy loss, loss aggregation and KL regularization of one run."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _kind: ClassVar[str] = "algorithm"
 
     advantage_estimator: str = Field(
         "grpo",
@@ -143,18 +143,6 @@ class AlgorithmConfig(BaseModel):
         "stale or broken token cannot overflow; clamped tokens get no gradient.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        """Reject unknown keys with the nearest valid key (pydantic's own message has no hint)."""
-        if isinstance(data, dict):
-            valid = list(cls.model_fields)
-            for key in data:
-                if key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), valid, n=1)
-                    hint = f" Did you mean {close[0]!r}?" if close else ""
-                    raise ValueError(f"unknown algorithm option {key!r}.{hint} Valid options: {', '.join(valid)}")
-        return data
 
     @field_validator("advantage_estimator")
     @classmethod

@@ -19,20 +19,21 @@ Pure Python, no I/O, deterministic. The driver talks to ``GdroController`` once 
 from __future__ import annotations
 
 import bisect
-import difflib
 import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from rl.schema import StrictModel
 
 STATE_VERSION = 1
 
 
-class GdroConfig(BaseModel):
+class GdroConfig(StrictModel):
     """Prompt-GDRO, Rollout-GDRO and their shared pass@k difficulty classifier.
 
     Default sources: "script" = the released launch scripts `run_groupdro.sh` / `run_rollout_groupdro.sh` (they
@@ -40,7 +41,7 @@ class GdroConfig(BaseModel):
     "ours" = our choice, with the reason in the description.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _kind: ClassVar[str] = "gdro"
 
     prompt_gdro: bool = Field(False, description="Scale each prompt's advantages by its bin's Prompt-GDRO weight.")
     rollout_gdro: bool = Field(
@@ -163,18 +164,6 @@ class GdroConfig(BaseModel):
         "~n_min.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        """Reject unknown keys with the nearest valid key."""
-        if isinstance(data, dict):
-            valid = list(cls.model_fields)
-            for key in data:
-                if key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), valid, n=1)
-                    hint = f" Did you mean {close[0]!r}?" if close else ""
-                    raise ValueError(f"unknown gdro option {key!r}.{hint} Valid options: {', '.join(valid)}")
-        return data
 
     @field_validator("bin_edges")
     @classmethod

@@ -14,22 +14,23 @@ action text. Its advantage combines two groupings (formulas: ``shared/reference/
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
+
+from rl.schema import StrictModel
 
 NormMode = Literal["mean_norm", "mean_std_norm"]
 
 
-class GigpoConfig(BaseModel):
+class GigpoConfig(StrictModel):
     """Discounting, weighting and normalization of GiGPO advantages (defaults: verl-agent scripts, §4.2)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _kind: ClassVar[str] = "gigpo"
 
     gamma: float = Field(
         0.95,
@@ -64,18 +65,6 @@ class GigpoConfig(BaseModel):
         1e-6, ge=0.0, description="Added to the std before dividing in `mean_std_norm` (verl-agent 1e-6)."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        """Reject unknown keys with the nearest valid key."""
-        if isinstance(data, dict):
-            valid = list(cls.model_fields)
-            for key in data:
-                if key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), valid, n=1)
-                    hint = f" Did you mean {close[0]!r}?" if close else ""
-                    raise ValueError(f"unknown gigpo option {key!r}.{hint} Valid options: {', '.join(valid)}")
-        return data
 
 
 @dataclass(frozen=True)
