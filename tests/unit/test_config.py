@@ -18,6 +18,10 @@ def test_defaults_are_valid():
 def test_every_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert isinstance(cfg, Config)
+    if cfg.multiturn.env is not None:  # the environment and its options are checked when the trainer starts
+        from rollout.env import make_env
+
+        make_env(cfg.multiturn.env, **cfg.multiturn.env_options)
 
 
 def test_misspelled_key_names_nearest(tmp_path):
