@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from rewards import builtin as _builtin  # noqa: F401  (registers format_boxed, length_penalty)
+from rewards import dccot as _dccot  # noqa: F401  (registers dccot, dccot_format, dccot_path_penalty)
 from rewards import math_verifier as _math_verifier  # noqa: F401  (registers math_verify)
 from rewards.base import REWARD_REGISTRY, RewardEntry, RewardSpec
 
