@@ -243,6 +243,8 @@ class Config(_Section):
                 f"gdro.n_mean={self.gdro.n_mean} must equal rollout.num_samples_per_prompt="
                 f"{self.rollout.num_samples_per_prompt}: Rollout-GDRO redistributes that mean budget over bins"
             )
+        if self.multiturn.env is not None and self.algorithm.kl_coef > 0 and self.algorithm.kl_in == "reward":
+            raise ValueError("algorithm.kl_in=reward is for single-turn prompts; with multiturn.env use kl_in=loss")
         if self.multiturn.env is not None and (self.gdro.prompt_gdro or self.gdro.rollout_gdro
                                                or self.rollout.dynamic_sampling.enabled):
             raise ValueError("multiturn.env is set: GDRO and dynamic sampling act on single-turn prompts and are not "

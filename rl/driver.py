@@ -56,8 +56,6 @@ class Trainer:
         self.run_dir = Path(cfg.run.output_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
-        if cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_in == "reward":
-            raise ValueError("algorithm.kl_in=reward is not implemented yet; use algorithm.kl_in=loss")
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator)
         self._stop_requested = False
         self.gdro = None
@@ -406,7 +404,8 @@ class Trainer:
         }
 
     def build_samples(self, items, groups, results) -> tuple[list[TrainSample], dict[str, float]]:
-        """Advantages (estimator, then per-prompt GDRO weights) and the learner's samples."""
+        """The learner's samples: rewards (minus the KL penalty with ``kl_in=reward``) -> advantage estimator ->
+        advantage shaping -> Prompt-GDRO weights."""
         import torch
 
         flat = [r for g in groups for r in g]
@@ -416,7 +415,20 @@ class Trainer:
         if not flat:
             return [], {"rollout/num_samples": 0.0}
         algo = self.cfg.algorithm
-        adv = self.estimator(AdvantageInput(rewards=torch.tensor(rewards), group_ids=group_ids), algo)
+        mask_truncated = self.cfg.shaping.mask_truncated
+        masks = [[0] * len(r.response_token_ids) if mask_truncated and r.finish_reason == "length" else None
+                 for r in flat]
+        if algo.kl_coef > 0 and algo.kl_in == "reward":
+            import ray
+
+            pre = [TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, 0.0, gid, loss_mask=m)
+                   for r, gid, m in zip(flat, group_ids, masks)]
+            penalties = np.array(ray.get(self.learner.kl_reward_penalties.remote(pre)))
+            stats["kl/reward_penalty_mean"] = float(penalties.mean())
+        else:
+            penalties = np.zeros_like(rewards)
+        train_rewards = torch.tensor(rewards - penalties)
+        adv = self.estimator(AdvantageInput(rewards=train_rewards, group_ids=group_ids), algo)
         self._raw_advantages: dict[str, list[float]] = {}  # prompt id -> unweighted advantages (for GDRO)
         for gid, a in zip(group_ids, adv.tolist()):
             self._raw_advantages.setdefault(gid, []).append(a)
@@ -432,12 +444,9 @@ class Trainer:
         if self.gdro is not None:
             weights = self.gdro.sample_weights(group_ids)  # one id per sample: mean 1 over samples
             adv = adv * torch.tensor(weights, dtype=adv.dtype)
-        mask_truncated = self.cfg.shaping.mask_truncated
         samples = [
-            TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, float(a), gid,
-                        loss_mask=[0] * len(r.response_token_ids) if mask_truncated and r.finish_reason == "length"
-                        else None)
-            for r, a, gid in zip(flat, adv.tolist(), group_ids)
+            TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, float(a), gid, loss_mask=m)
+            for r, a, gid, m in zip(flat, adv.tolist(), group_ids, masks)
         ]
         by_group = _split(list(rewards), [len(g) for g in groups])
         lengths = np.array([len(r.response_token_ids) for r in flat])

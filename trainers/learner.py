@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rl.algorithms import POLICY_LOSSES, AlgorithmConfig, PolicyLossInput, aggregate_loss, kl_estimate
+from rl.algorithms import (
+    POLICY_LOSSES,
+    AlgorithmConfig,
+    PolicyLossInput,
+    aggregate_loss,
+    kl_estimate,
+    kl_reward_penalty,
+)
 from rl.types import TrainSample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,7 +141,7 @@ class Learner:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
         self.model.train()
         self.ref_model = None
-        if self.algo.kl_coef > 0 and self.algo.kl_in == "loss":
+        if self.algo.kl_coef > 0:  # KL to the initial policy, as a loss term or a reward penalty (algorithm.kl_in)
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
         self.optimizer = torch.optim.AdamW(
@@ -164,6 +171,26 @@ class Learner:
             return mb
         return MicroBatch(*(t.to(self.device) for t in (mb.input_ids, mb.attn_mask, mb.resp_mask, mb.targets)), mb.index)
 
+    def kl_reward_penalties(self, samples: list[TrainSample]) -> list[float]:
+        """``kl_coef * sum_t KL_t`` per sample against the reference policy, for ``algorithm.kl_in=reward``.
+
+        The KL estimate (``algorithm.kl_estimator``) is taken at the engine's behaviour log-probs of the sampled
+        tokens (the policy that generated them) against the reference model's; tokens outside the loss mask are
+        not counted.
+        """
+        if self.ref_model is None:
+            raise ValueError("kl_reward_penalties needs algorithm.kl_coef > 0")
+        ref = self.compute_logprobs(samples, model=self.ref_model)
+        out = []
+        for s, r in zip(samples, ref):
+            n = len(s.response_token_ids)
+            mask = torch.tensor(s.loss_mask if s.loss_mask is not None else [1] * n, dtype=torch.float64)
+            logp = torch.tensor(s.behaviour_logprobs, dtype=torch.float64)
+            pen = kl_reward_penalty(logp, torch.tensor(r, dtype=torch.float64), mask, torch.zeros(n, dtype=torch.long),
+                                    1, self.algo.kl_coef, self.algo.kl_estimator)
+            out.append(float(pen[0]))
+        return out
+
     # ---------------------------------------------------------------- update
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
         """One RL step's update. ``samples`` hold whole groups in order; mini-batches are consecutive slices."""
@@ -173,7 +200,8 @@ class Learner:
         else:
             old = [s.behaviour_logprobs for s in samples]
         t_old = time.perf_counter() - t0
-        ref = self.compute_logprobs(samples, model=self.ref_model) if self.ref_model is not None else None
+        kl_in_loss = self.ref_model is not None and self.algo.kl_in == "loss"
+        ref = self.compute_logprobs(samples, model=self.ref_model) if kl_in_loss else None
         drift = [abs(a - b) for s, o in zip(samples, old) for a, b in zip(s.behaviour_logprobs, o)]
 
         # Consecutive near-equal slices that cover every sample (group sizes may vary: GDRO, dynamic sampling).

@@ -76,11 +76,17 @@ def test_gdro_varies_n_per_prompt_within_the_budget(warm_tiny_model_dir, tmp_pat
     assert state["gdro"], "the GDRO controller state must be in the checkpoint"
 
 
-def test_differential_smoothing_shapes_advantages(warm_tiny_model_dir, tmp_path):
-    m = train("configs/ds_tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", "run.num_steps=2")
-    for r in steps(m):
+def test_differential_smoothing_shapes_advantages_with_kl_in_the_reward(warm_tiny_model_dir, tmp_path):
+    # Also a KL penalty in the reward (PPO style, k3 >= 0): zero while the policy is the reference, then positive.
+    m = train("configs/ds_tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", "run.num_steps=2",
+              "algorithm.kl_coef=0.1", "algorithm.kl_in=reward", "algorithm.kl_estimator=k3")
+    rows = steps(m)
+    for r in rows:
         assert r["ds/term_abs_mean"] > 0.0
         assert math.isfinite(r["ds/term_to_adv_ratio"]) and r["ds/term_to_adv_ratio"] > 0.0
+        assert r["loss/kl"] == 0.0  # the KL is in the reward, not in the loss
+    assert rows[0]["kl/reward_penalty_mean"] == pytest.approx(0.0, abs=1e-4)
+    assert rows[1]["kl/reward_penalty_mean"] > rows[0]["kl/reward_penalty_mean"]
 
 
 def test_gigpo_finds_anchor_groups_in_multi_turn_episodes(warm_tiny_model_dir, tmp_path):

@@ -118,3 +118,20 @@ def test_checkpoint_round_trip(model_dir, tmp_path):
     ma, mb = a.train_step(_samples(6, seed=1)), b.train_step(_samples(6, seed=1))
     assert ma["loss/policy"] == mb["loss/policy"]
     assert b.export_weights() == a.export_weights()
+
+
+def test_kl_reward_penalty_per_sample(model_dir):
+    """kl_in=reward: kl_coef * sum_t k1 over loss tokens, with behaviour log-probs against the reference model."""
+    algo = {**ALGO, "kl_coef": 0.5, "kl_in": "reward", "kl_estimator": "k1"}
+    learner = Learner(model_dir, LEARNER_CFG, algo, temperature=1.0)
+    samples = _samples(3)
+    ref = learner.compute_logprobs(samples, model=learner.ref_model)
+    for s, r in zip(samples, ref):
+        s.behaviour_logprobs = [x + 0.1 for x in r]  # behaviour is 0.1 nats above the reference on every token
+    samples[2].loss_mask = [0] + [1] * (len(samples[2].response_token_ids) - 1)
+    got = learner.kl_reward_penalties(samples)
+    want = [0.5 * 0.1 * len(s.response_token_ids) for s in samples[:2]]
+    want.append(0.5 * 0.1 * (len(samples[2].response_token_ids) - 1))
+    assert got == pytest.approx(want, abs=1e-6)
+    # With kl_in=reward the loss has no KL term.
+    assert learner.train_step(samples)["loss/kl"] == 0.0
