@@ -1,0 +1,79 @@
+"""`rl eval` end to end on the tiny CPU model (real Ray, real vLLM, math-verify): outputs, resume, bad rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rl_eval(model_dir: str, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "rl.cli", "eval", "--model", model_dir, "--benchmarks", str(data), "--n", "4",
+            "--k", "1,2,4", "--temperature", "1.0", "--top-p", "1.0", "--max-tokens", "16", "--chat-template", "off",
+            "--prompt-template", "Problem: {problem}\nSolution:\n", "--out", str(out), "--no-progress",
+            "--num-resamples", "200", "--reward-workers", "1", *extra]
+    return subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _problems(tmp_path: Path, bad_line: int | None = None) -> Path:
+    from rl.data.arith import make_arith_problems
+
+    rows = [json.dumps({"id": it.id, "problem": it.metadata["question"], "answer": it.answer,
+                        "level": it.metadata["op"]}) for it in make_arith_problems(20, seed=3, split="test")]
+    if bad_line is not None:
+        rows[bad_line - 1] = '{"id": "broken", "problem": "Compute 1 + 1."'
+    path = tmp_path / ("bad.jsonl" if bad_line else "arith20.jsonl")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_malformed_row_is_reported_with_its_line(tiny_model_dir, tmp_path):
+    proc = rl_eval(tiny_model_dir, _problems(tmp_path, bad_line=7), tmp_path / "bad_out")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "bad.jsonl:7: not valid JSON" in proc.stderr
+    assert "engine(s) up" not in proc.stdout  # fails before any engine starts
+
+
+def test_rl_eval_writes_outputs_then_resumes_without_generating(tiny_model_dir, tmp_path):
+    data, out = _problems(tmp_path), tmp_path / "out"
+    first = rl_eval(tiny_model_dir, data, out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for name in ("generations.jsonl", "summary.json", "summary.md", "pass_at_k.png"):
+        assert (out / name).stat().st_size > 0, name
+    lines = (out / "generations.jsonl").read_text().splitlines()
+    rows = [json.loads(ln) for ln in lines]
+    assert len(rows) == 20 * 4
+    assert {(r["id"], r["sample_index"]) for r in rows} == {(r["id"], i) for r in rows for i in range(4)}
+    assert all({"prompt", "response", "answer", "correct", "extracted", "status"} <= set(r) for r in rows)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["this_run"]["tokens_per_s"] > 0
+    res = summary["results"]["arith20"]
+    assert res["num_problems"] == 20 and res["n"] == 4
+    curve = [res["pass@k"][str(k)]["value"] for k in (1, 2, 3, 4)]
+    assert curve == sorted(curve)  # pass@k never falls with k
+    assert res["pass@k"]["1"]["value"] == pytest.approx(res["mean@n"]["value"])
+    assert res["pass@k"]["1"]["value"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    for est in res["pass@k"].values():
+        assert est["ci_low"] <= est["value"] <= est["ci_high"]
+    assert set(res["by"]["level"]) <= {"+", "-", "*"}  # breakdown by the data's level field
+    table = (out / "summary.md").read_text()
+    assert "| arith20 | 20 | 4 |" in table and table.strip() in first.stdout
+
+    second = rl_eval(tiny_model_dir, data, out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "20 already done" in second.stdout and "engine(s) up" not in second.stdout
+    assert (out / "generations.jsonl").read_text().splitlines() == lines
+    assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
+
+    changed = rl_eval(tiny_model_dir, data, out, "--seed", "1")
+    assert changed.returncode == 2 and "other settings" in changed.stderr
