@@ -161,6 +161,18 @@ class EvalConfig(_Section):
     num_samples: int = Field(1, ge=1, description="Samples per eval problem.")
     temperature: float = Field(0.0, ge=0, description="Eval sampling temperature (0: greedy).")
     max_response_tokens: int | None = Field(None, ge=1, description="Eval max tokens (None: rollout's).")
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="Also evaluate these benchmarks (names in data.data_dir such as math500, gsm8k, aime24, or "
+        "JSONL/Parquet paths) with the statistics of `rl eval`: `eval/<bench>/pass@k`, `maj@k`, `mean@n` with "
+        "bootstrap CIs, every `every_steps` and at the start and end, with `num_samples` samples per problem.",
+    )
+    benchmark_limit: int | None = Field(None, ge=1, description="First N problems of each benchmark (None: all).")
+    benchmark_template: str = Field(
+        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+        description="Prompt template of the benchmark problems (`{problem}` is replaced); the model's chat "
+        "template wraps it when the tokenizer has one.",
+    )
 
 
 class ShapingConfig(_Section):

@@ -85,6 +85,7 @@ class Trainer:
                 print(f"[rl] {rep.path}: skipped {len(rep.skipped)} bad rows, e.g. line {rep.skipped[0][0]}: "
                       f"{rep.skipped[0][1]}", flush=True)
         self.items_by_id = {it.id: it for it in self.train_items}
+        self.benchmarks = self._load_benchmarks(tokenizer)
         self.sampler = PromptSampler(self.train_items, seed=cfg.run.seed)
         self.engines, self.learner = self._start_actors()
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard)
@@ -93,6 +94,18 @@ class Trainer:
         if self.resume:
             self._load_latest()
         self.probe = None
+
+    def _load_benchmarks(self, tokenizer) -> dict[str, list[PromptItem]]:
+        """The ``eval.benchmarks`` problems, formatted as ``rl eval`` formats them."""
+        ec = self.cfg.eval
+        if not ec.benchmarks:
+            return {}
+        from rl.evaluation import load_benchmark, make_prompt_formatter, parse_benchmarks
+
+        fmt, _ = make_prompt_formatter(tokenizer, ec.benchmark_template)
+        limit = str(ec.benchmark_limit) if ec.benchmark_limit else None
+        return {spec.name: load_benchmark(spec, fmt, self.cfg.data.data_dir)[0]
+                for spec in parse_benchmarks(",".join(ec.benchmarks), limit)}
 
     def _resolve_model(self) -> str:
         cfg = self.cfg.model
@@ -264,6 +277,18 @@ class Trainer:
         }
         if n > 1:
             out[f"eval/pass@{n}"] = float(np.mean([pass_at_k(n, int(c), n) for c in correct.sum(1)]))
+        if self.benchmarks:
+            from rl.evaluation import evaluate_benchmarks
+
+            max_tokens = ec.max_response_tokens or self.cfg.rollout.max_response_tokens
+            bench = evaluate_benchmarks(
+                lambda items, k: self.generate(items, k, step=-1 - step, temperature=ec.temperature,
+                                               max_tokens=max_tokens),
+                self.score, self.benchmarks, n,
+            )
+            self.reward_pool.metrics(reset=True)
+            out["perf/eval_s"] += bench.pop("perf/eval_s")
+            out.update(bench)
         return out
 
     def shape_rewards(self, groups: list[list[Rollout]], results: list[RewardResult]) -> tuple[list[RewardResult], dict]:

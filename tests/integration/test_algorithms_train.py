@@ -49,8 +49,20 @@ def test_dapo_filters_constant_groups_and_refills(warm_tiny_model_dir, tmp_path)
         assert -1.0 <= r["shaping/overlong_penalty_mean"] <= 0.0
 
 
-def test_sapo_gates_softly(warm_tiny_model_dir, tmp_path):
-    m = train("configs/sapo_tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", "run.num_steps=2")
+def test_sapo_gates_softly_and_benchmarks_validate_in_training(warm_tiny_model_dir, tmp_path):
+    # In-training validation on a benchmark file with `rl eval`'s statistics (eval.benchmarks).
+    bench = tmp_path / "arith6.jsonl"
+    bench.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"Compute {a} + {b}.", "answer": str(a + b)}) + "\n"
+                             for i, (a, b) in enumerate([(12, 34), (7, 8), (40, 41), (23, 19), (55, 11), (9, 90)])))
+    m = train("configs/sapo_tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", "run.num_steps=2",
+              f"eval.benchmarks=[{bench}]", "eval.num_samples=2",
+              'eval.benchmark_template="Problem: {problem}\\nSolution:\\n"')
+    for step in (0, 2):
+        r = m[step]
+        assert r["eval/arith6/num_problems"] == 6.0
+        assert 0.0 <= r["eval/arith6/pass@1"] <= r["eval/arith6/pass@2"] <= 1.0
+        assert r["eval/arith6/pass@2_ci_low"] <= r["eval/arith6/pass@2"] <= r["eval/arith6/pass@2_ci_high"]
+        assert r["eval/arith6/mean@2"] == pytest.approx(r["eval/arith6/pass@1"])
     for r in steps(m):
         # 4 mini-batches per step: after the first the ratios move off 1 and the gate weight drops below 1.
         assert 0.0 < r["loss/gate_mean"] < 1.0
