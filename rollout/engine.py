@@ -66,6 +66,14 @@ class Engine:
         )
         if speculative_config:
             kwargs["speculative_config"] = speculative_config
+        import torch
+
+        if not torch.cuda.is_available():
+            # vLLM's CPU build fails ("CPU Generator does not use offset") when a request with its own seed has
+            # its prompt prefilled in chunks, which happens once a batch's prompts exceed the token budget. We seed
+            # every request, so prompts are never chunked on CPU: whole prompts, budget >= the context length.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0

@@ -51,6 +51,13 @@ def test_engine_generate_sync_canary(ray_local, tiny_model_dir):
     new = ray.get(engine.generate.remote(reqs[:1], settings))
     assert new[0][0].policy_version == 1
 
+    # Seeded requests whose prompts together exceed the engine's per-step token budget (4096): vLLM's CPU build
+    # used to fail on chunked prefill of seeded requests ("CPU Generator does not use offset").
+    long_prompt = "Problem: Compute 12 + 34. " * 14
+    many = [GenerationRequest(f"l{i}", long_prompt, 1, seed=100 + i) for i in range(100)]
+    out = ray.get(engine.generate.remote(many, SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=2)))
+    assert sum(len(g[0].prompt_token_ids) for g in out) > 4096 and all(len(g) == 1 for g in out)
+
     # The canary catches weights that are not the learner's.
     import torch
 
