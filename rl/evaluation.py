@@ -548,9 +548,6 @@ def _generate_all(settings: EvalSettings, engines: list, pool, todo: list[tuple[
 
     sampling = SamplingSettings(temperature=settings.temperature, top_p=settings.top_p,
                                 max_tokens=settings.max_tokens)
-    # vLLM 0.32's CPU build crashes ("CPU Generator does not use offset") when a seeded request's prompt is
-    # prefilled in parts, which long prompts in big chunks trigger; on CPU, requests use the engine's seed instead.
-    seeded = bool(ray.cluster_resources().get("GPU", 0))
     # Chunks of one benchmark each, taken round-robin over benchmarks: a run stopped early (crash, --max-time-s)
     # has a prefix of every benchmark rather than all of the first one.
     per_bench: dict[str, list[tuple[str, PromptItem]]] = defaultdict(list)
@@ -569,7 +566,7 @@ def _generate_all(settings: EvalSettings, engines: list, pool, todo: list[tuple[
                 i = load.index(min(load))
                 chunk = chunks[nxt]
                 reqs = [GenerationRequest(it.id, it.prompt, settings.n,
-                                          request_seed(settings.seed, b, it.id) if seeded else None)
+                                          request_seed(settings.seed, b, it.id))
                         for b, it in chunk]
                 pending[engines[i].generate.remote(reqs, sampling)] = (i, chunk)
                 load[i] += 1
