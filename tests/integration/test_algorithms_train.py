@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,15 @@ def test_gdro_varies_n_per_prompt_within_the_budget(warm_tiny_model_dir, tmp_pat
     assert varied, "once prompts have bins, n per prompt should vary"
     state = json.loads((run / "checkpoints" / "step_000004" / "driver_state.json").read_text())
     assert state["gdro"], "the GDRO controller state must be in the checkpoint"
+
+    # The controller survives resume: from the step-2 checkpoint, steps 3-4 make the same decisions.
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("step_000004", "tb"))
+    resumed = train("configs/gdro_tiny_cpu.yaml", warm_tiny_model_dir, copy, "run.num_steps=4",
+                    "rollout.prompts_per_step=8", "data.train.num_problems=16", "run.save_every_steps=2", "--resume")
+    for step in (3, 4):
+        for key in [k for k in m[step] if k.startswith(("gdro/", "rollout/samples_per_prompt", "reward/accuracy"))]:
+            assert resumed[step][key] == pytest.approx(m[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
 def test_differential_smoothing_shapes_advantages_with_kl_in_the_reward(warm_tiny_model_dir, tmp_path):
