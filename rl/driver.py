@@ -84,7 +84,6 @@ class Trainer:
             if rep.skipped:
                 print(f"[rl] {rep.path}: skipped {len(rep.skipped)} bad rows, e.g. line {rep.skipped[0][0]}: "
                       f"{rep.skipped[0][1]}", flush=True)
-        self.items_by_id = {it.id: it for it in self.train_items}
         self.benchmarks = self._load_benchmarks(tokenizer)
         self.sampler = PromptSampler(self.train_items, seed=cfg.run.seed)
         self.engines, self.learner = self._start_actors()
@@ -189,7 +188,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of a step
     def generate(self, items: list[PromptItem], n: int | list[int], step: int, temperature: float, max_tokens: int,
-                 seeded: bool = True, seed_offset: int = 0) -> list[list[Rollout]]:
+                 seed_offset: int = 0) -> list[list[Rollout]]:
         """``n`` samples per item (one count for all, or one per item), spread round-robin over the engines;
         groups come back in item order. Request ``i`` is seeded from (run seed, step, seed_offset + i)."""
         from rollout.engine import GenerationRequest, SamplingSettings
@@ -199,7 +198,7 @@ class Trainer:
             raise ValueError(f"got {len(counts)} sample counts for {len(items)} prompts")
         settings = SamplingSettings(temperature=temperature, top_p=self.cfg.rollout.top_p, max_tokens=max_tokens)
         reqs = [
-            GenerationRequest(it.id, it.prompt, c, request_seed(self.cfg.run.seed, step, seed_offset + i) if seeded else None)
+            GenerationRequest(it.id, it.prompt, c, request_seed(self.cfg.run.seed, step, seed_offset + i))
             for i, (it, c) in enumerate(zip(items, counts))
         ]
         return self._dispatch(reqs, settings)

@@ -24,7 +24,7 @@ def make_trainer(tmp_path, outcomes: dict[str, list[bool]], lengths: dict[str, l
     trainer.sampler._order = list(range(len(items)))  # walk the prompts in the order given
     calls = []
 
-    def generate(its, n, step, temperature, max_tokens, seeded=True, seed_offset=0):
+    def generate(its, n, step, temperature, max_tokens, seed_offset=0):
         calls.append(([it.id for it in its], n, seed_offset))
         out = []
         for it in its:
