@@ -52,6 +52,7 @@ def _eval(args: argparse.Namespace) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
             enforce_eager=args.enforce_eager, chunk_problems=args.chunk_problems, reward_workers=args.reward_workers,
             num_resamples=args.num_resamples, max_time_s=args.max_time_s, ray_address=args.ray_address,
+            dccot=_dccot_options(args),
         )
         summary = run_eval(settings, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -60,6 +61,15 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"rl eval: {e}", file=sys.stderr)
         return 2
     return 0 if summary["complete"] else 3
+
+
+def _dccot_options(args: argparse.Namespace) -> dict | None:
+    """The DC-CoT executor options of ``rl eval --dccot`` (the path budget is --max-tokens)."""
+    if not args.dccot:
+        return None
+    opts = {"workers_per_block": args.dccot_workers, "max_spawn_blocks": args.dccot_max_spawn_blocks,
+            "max_worker_tokens": args.dccot_max_worker_tokens, "max_total_tokens": args.dccot_max_total_tokens}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _convert_gguf(args: argparse.Namespace) -> int:
@@ -120,6 +130,14 @@ def _add_eval_parser(sub) -> None:
                    help="stop starting new chunks after this many seconds; summarize what is done (exit code 3)")
     p.add_argument("--ray-address", default=None, help="attach to a running Ray cluster")
     p.add_argument("--no-progress", action="store_true", help="plain progress lines even on a terminal")
+    g = p.add_argument_group("DC-CoT", "evaluate a director/worker model through the DC-CoT executor; reports the "
+                             "longest path (latency) next to pass@k. --max-tokens is the path budget.")
+    g.add_argument("--dccot", action="store_true", help="run every sample through the DC-CoT executor")
+    g.add_argument("--dccot-workers", type=int, default=None, help="workers per spawn block (default 3)")
+    g.add_argument("--dccot-max-spawn-blocks", type=int, default=None, help="spawn blocks per response (default 8)")
+    g.add_argument("--dccot-max-worker-tokens", type=int, default=None, help="tokens per worker (default 2048)")
+    g.add_argument("--dccot-max-total-tokens", type=int, default=None,
+                   help="budget on all tokens, director and every worker (default: none)")
     p.set_defaults(func=_eval)
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rl.algorithms.config import AlgorithmConfig
 from rl.algorithms.gdro import GdroConfig
 from rl.algorithms.gigpo import GigpoConfig
+from rl.dccot import DCCoTConfig
 
 
 class _Section(BaseModel):
@@ -35,6 +36,12 @@ class RunConfig(_Section):
 
 
 class TinyModelConfig(_Section):
+    task: Literal["arith", "dccot_sum"] = Field(
+        "arith",
+        description="What the embedded tiny model is warm-started on: `arith` (two-number sums, "
+        "trainers/tiny_model.py) or `dccot_sum` (six-term sums in the DC-CoT director/worker format, "
+        "trainers/tiny_dccot.py).",
+    )
     seed: int = Field(0, description="Seed of the tiny model's init and supervised warm start.")
     sft_steps: int | None = Field(None, ge=0, description="Supervised warm-start steps (None: the builder's default).")
 
@@ -58,7 +65,11 @@ class ModelConfig(_Section):
 
 
 class DatasetConfig(_Section):
-    kind: Literal["arith", "jsonl"] = Field("arith", description="`arith`: the embedded synthetic task; `jsonl`: a file.")
+    kind: Literal["arith", "dccot_sum", "jsonl"] = Field(
+        "arith",
+        description="`arith`: the embedded synthetic task; `dccot_sum`: its DC-CoT variant (six-term sums, prompt "
+        "ending in `<think>`); `jsonl`: a file.",
+    )
     path: str | None = Field(None, description="For kind=jsonl: a JSONL path, or a benchmark name resolved in data_dir.")
     split: Literal["train", "test"] = Field("train", description="For kind=arith: which split to generate.")
     num_problems: int | None = Field(None, ge=1, description="Use at most this many problems (None: all; arith needs it).")
@@ -88,10 +99,12 @@ class DynamicSamplingConfig(_Section):
     """DAPO dynamic sampling: drop groups whose filter metric is constant, generate again until the batch is full."""
 
     enabled: bool = Field(False, description="Filter constant groups and refill the batch (DAPO). Off: one round.")
-    metric: Literal["accuracy", "score"] = Field(
+    metric: Literal["accuracy", "score", "correct_and_format"] = Field(
         "accuracy",
         description="What must vary within a kept group: `accuracy` (the verifier verdict; DAPO's `acc`, the "
-        "recommended choice) or `score` (the shaped reward, so length penalties alone can keep a group).",
+        "recommended choice) or `score` (the shaped reward, so length penalties alone can keep a group). "
+        "`correct_and_format` (DC-CoT only) instead keeps a group iff at least one response is correct AND "
+        "format-valid, so all-correct groups stay (DC-CoT stages 1-2: their advantages then rank path lengths).",
     )
     prompts_per_round: int | None = Field(
         None, ge=1, description="Prompts generated per round (None: rollout.prompts_per_step; DAPO used 3x).",
@@ -126,7 +139,9 @@ class LearnerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
-    micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (padded tokens count).")
+    micro_batch_tokens: int = Field(
+        4096, ge=16, description="Token budget of one micro-batch (padded tokens count; packed: real tokens).",
+    )
     mini_batches_per_step: int = Field(1, ge=1, description="Optimizer steps per RL step (PPO mini-batches).")
     epochs_per_step: int = Field(1, ge=1, description="Passes over the rollout batch per RL step.")
     old_logprob_source: Literal["learner", "engine"] = Field(
@@ -226,6 +241,12 @@ class Config(_Section):
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     gdro: GdroConfig = Field(default_factory=GdroConfig)
     multiturn: MultiTurnConfig = Field(default_factory=MultiTurnConfig)
+    dccot: DCCoTConfig | None = Field(
+        None,
+        description="DC-CoT parallel reasoning (docs/dccot.md): when set, every response is a director with "
+        "parallel workers run by the DC-CoT executor, under these budgets (rollout.max_response_tokens is then "
+        "not used: the budgets are here).",
+    )
     sync: SyncConfig = Field(default_factory=SyncConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -261,6 +282,11 @@ class Config(_Section):
                                                or self.rollout.dynamic_sampling.enabled):
             raise ValueError("multiturn.env is set: GDRO and dynamic sampling act on single-turn prompts and are not "
                              "supported with environments; turn gdro.* and rollout.dynamic_sampling.enabled off")
+        if self.dccot is not None:
+            self._check_dccot()
+        elif self.rollout.dynamic_sampling.metric == "correct_and_format":
+            raise ValueError("rollout.dynamic_sampling.metric=correct_and_format needs DC-CoT mode (the dccot section); "
+                             "use accuracy or score")
         if not self.rewards:
             raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
         return self
@@ -288,6 +314,38 @@ def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
                     _check_keys(sub, item, f"{prefix}{key}[{i}].")
             else:
                 _check_keys(sub, value, f"{prefix}{key}.")
+
+    def _check_dccot(self) -> None:
+        """DC-CoT mode trains on whole director/worker trajectories; what acts on single responses is rejected."""
+        unsupported = {
+            "multiturn.env": self.multiturn.env is not None,
+            "gdro.prompt_gdro / gdro.rollout_gdro": self.gdro.prompt_gdro or self.gdro.rollout_gdro,
+            "algorithm.advantage_shaping": self.algorithm.advantage_shaping != "none",
+            "algorithm.kl_in=reward": self.algorithm.kl_coef > 0 and self.algorithm.kl_in == "reward",
+            "shaping.overlong_buffer_len (use the dccot reward's max_path_tokens / overlong_buffer_tokens)":
+                self.shaping.overlong_buffer_len > 0,
+            "shaping.mask_truncated": self.shaping.mask_truncated,
+            "eval.benchmarks (DC-CoT evaluation runs on data.eval)": bool(self.eval.benchmarks),
+            "eval.max_response_tokens (DC-CoT evaluation uses the dccot budgets)":
+                self.eval.max_response_tokens is not None,
+            "rollout.max_response_tokens (DC-CoT budgets are dccot.max_path_tokens / max_total_tokens)":
+                "max_response_tokens" in self.rollout.model_fields_set,
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"dccot is set, which does not support: {', '.join(bad)}; turn these off or remove "
+                             "the dccot section")
+        d = self.dccot
+        # Without a total budget a director context holds the path plus the other workers' copies (each with an
+        # opener of a few tokens; 8 is generous for real tokenizers' `<worker_i>`).
+        total = d.max_total_tokens if d.max_total_tokens is not None else (
+            d.max_path_tokens + d.max_spawn_blocks * (d.workers_per_block - 1) * (d.max_worker_tokens + 8))
+        if total >= self.rollout.max_model_len:
+            raise ValueError(
+                f"rollout.max_model_len={self.rollout.max_model_len} cannot hold a DC-CoT director context: its "
+                f"responses can reach {total} tokens (dccot.max_total_tokens, or max_path_tokens plus the "
+                "other workers' copies); raise max_model_len above prompt length + that, or set dccot.max_total_tokens"
+            )
 
 
 def _section_type(ann: Any) -> type[BaseModel] | None:

@@ -42,6 +42,21 @@ def _split(flat: list, sizes: list[int]) -> list[list]:
     return out
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                    "added_tokens.json", "chat_template.jinja", "tokenizer.model", "generation_config.json")
+
+
+def _copy_tokenizer_files(model_path: str, dest: Path) -> None:
+    """Copy the tokenizer (and generation config) of the run's model next to a checkpoint's weights, so the
+    checkpoint's ``model`` directory starts the next stage of a multi-stage recipe (``model.path``)."""
+    import shutil
+
+    for name in _TOKENIZER_FILES:
+        src = Path(model_path) / name
+        if src.is_file() and not (dest / name).exists():
+            shutil.copy2(src, dest / name)
+
+
 def request_seed(run_seed: int, step: int, index: int) -> int:
     """Per-request sampling seed: the same (run, step, prompt slot) always samples the same responses."""
     digest = hashlib.sha256(f"{run_seed}:{step}:{index}".encode()).digest()
@@ -78,6 +93,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = tokenizer
         self.train_items, train_report = load_dataset(cfg.data.train, cfg.data.data_dir, tokenizer)
         self.eval_items, eval_report = load_dataset(cfg.data.eval, cfg.data.data_dir, tokenizer)
         for rep in (train_report, eval_report):
@@ -117,9 +133,12 @@ class Trainer:
         out = self.run_dir / "tiny_model"
         if (out / "config.json").is_file():
             return str(out)
-        from trainers.tiny_model import build_tiny_model
+        if cfg.tiny.task == "dccot_sum":
+            from trainers.tiny_dccot import build_tiny_dccot_model as build_tiny_model
+        else:
+            from trainers.tiny_model import build_tiny_model
 
-        print(f"[rl] building the embedded tiny model into {out} ...", flush=True)
+        print(f"[rl] building the embedded tiny {cfg.tiny.task} model into {out} ...", flush=True)
         kwargs = {"seed": cfg.tiny.seed, "eval_problems": 0}
         if cfg.tiny.sft_steps is not None:
             kwargs["sft_steps"] = cfg.tiny.sft_steps
@@ -259,6 +278,8 @@ class Trainer:
 
         if self.cfg.multiturn.env is not None:
             return self.evaluate_episodes(step)
+        if self.cfg.dccot is not None:
+            return self.evaluate_dccot(step)
 
         ec = self.cfg.eval
         n = ec.num_samples
@@ -427,6 +448,143 @@ class Trainer:
             "perf/eval_s": time.perf_counter() - t0,
         }
 
+    # ------------------------------------------------------------------ DC-CoT (director + parallel workers)
+    def dccot_trajectories(self, items: list[PromptItem], n: int, step: int, temperature: float,
+                           seed_offset: int = 0):
+        """``n`` DC-CoT trajectories per item (item-major), seeded from (run seed, step, slot)."""
+        from rollout.dccot import TrajectoryRequest, run_dccot
+
+        tok = self.tokenizer
+        reqs = [
+            TrajectoryRequest(it.id, tok(it.prompt, add_special_tokens=False)["input_ids"],
+                              request_seed(self.cfg.run.seed, step, seed_offset + i * n + j))
+            for i, it in enumerate(items) for j in range(n)
+        ]
+        from rollout.engine import SamplingSettings, engines_generate_fn
+
+        settings = SamplingSettings(temperature=temperature, top_p=self.cfg.rollout.top_p)
+        return run_dccot(
+            engines_generate_fn(self.engines, settings),
+            lambda text: tok(text, add_special_tokens=False)["input_ids"],
+            lambda ids: tok.decode(ids, skip_special_tokens=True),
+            reqs, self.cfg.dccot,
+        )
+
+    def score_trajectories(self, items: list[PromptItem], trajs, n: int) -> list[RewardResult]:
+        """Grade each trajectory's response text; the rewards see its path lengths in the metadata."""
+        from rewards import RewardRequest
+
+        reqs = [RewardRequest(it.prompt, t.response_text, it.answer, {**it.metadata, **t.reward_metadata()})
+                for i, it in enumerate(items) for t in trajs[i * n : (i + 1) * n]]
+        return self.reward_pool.score(reqs)
+
+    def dccot_format_valid(self, text: str) -> bool:
+        """The grammar check on a response (the prompt ends in ``<think>``, which the response continues)."""
+        from rl.dccot import THINK_OPEN, check_format
+
+        d = self.cfg.dccot
+        full = text if text.lstrip().startswith(THINK_OPEN) else THINK_OPEN + "\n" + text
+        return check_format(full, d.workers_per_block, d.max_spawn_blocks).valid
+
+    def dccot_batch(self, step: int):
+        """DC-CoT rollouts (with dynamic sampling when on), one reward and one advantage per trajectory,
+        broadcast to its director thread and every worker (``rollout.dccot.to_train_samples``)."""
+        import torch
+
+        from rollout.dccot import to_train_samples, trajectory_metrics
+
+        cfg = self.cfg
+        ds = cfg.rollout.dynamic_sampling
+        n = cfg.rollout.num_samples_per_prompt
+        target = cfg.rollout.prompts_per_step
+        per_round = (ds.prompts_per_round or target) if ds.enabled else target
+        kept: list[tuple[PromptItem, list, list[RewardResult], list[bool]]] = []
+        t_gen = t_reward = 0.0
+        rounds = dropped = generated = 0
+        for rnd in range(ds.max_rounds if ds.enabled else 1):
+            rounds += 1
+            items = self.sampler.next(per_round)
+            t0 = time.perf_counter()
+            trajs = self.dccot_trajectories(items, n, step, cfg.rollout.temperature, seed_offset=rnd * per_round * n)
+            t_gen += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            results = self.score_trajectories(items, trajs, n)
+            t_reward += time.perf_counter() - t0
+            generated += len(items)
+            for i, it in enumerate(items):
+                tg, rs = trajs[i * n : (i + 1) * n], results[i * n : (i + 1) * n]
+                fmt = [self.dccot_format_valid(t.response_text) for t in tg]
+                if ds.metric == "correct_and_format":
+                    keep = any(r.correct and f for r, f in zip(rs, fmt))
+                else:
+                    keep = keep_group([float(r.correct) for r in rs] if ds.metric == "accuracy" else [r.score for r in rs])
+                if not ds.enabled or keep:
+                    kept.append((it, tg, rs, fmt))
+                else:
+                    dropped += 1
+            if len(kept) >= target:
+                break
+        kept = kept[:target]
+        trajs = [t for k in kept for t in k[1]]
+        results = [r for k in kept for r in k[2]]
+        fmt = [f for k in kept for f in k[3]]
+        metrics: dict[str, float] = {"perf/rollout_s": t_gen, "perf/reward_s": t_reward}
+        if ds.enabled:
+            metrics.update({
+                "dapo/gen_rounds": float(rounds),
+                "dapo/prompts_generated": float(generated),
+                "dapo/filtered_group_frac": dropped / max(generated, 1),
+                "dapo/batch_fill_frac": len(kept) / target,
+            })
+        self._last_dccot = (kept, trajs, results)
+        if not trajs:
+            metrics["rollout/tokens"] = 0.0
+            return [], metrics
+        rewards = torch.tensor([r.score for r in results], dtype=torch.float64)
+        group_ids = [t.prompt_id for t in trajs]
+        adv = self.estimator(AdvantageInput(rewards=rewards, group_ids=group_ids), cfg.algorithm)
+        samples = to_train_samples(trajs, adv.tolist())
+        lengths = [t.path_lengths for t in trajs]
+        metrics.update({
+            **trajectory_metrics(trajs),
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std(unbiased=False)),
+            "reward/accuracy": float(np.mean([r.correct for r in results])),
+            "reward/format_valid_frac": float(np.mean(fmt)),
+            "reward/correct_and_format_frac": float(np.mean([r.correct and f for r, f in zip(results, fmt)])),
+            "rollout/num_samples": float(len(samples)),
+            "rollout/num_trajectories": float(len(trajs)),
+            "rollout/response_len_mean": float(np.mean([x.total_tokens for x in lengths])),
+            "rollout/advantage_abs_mean": float(adv.abs().mean()),
+            "rollout/tokens": float(sum(x.total_tokens for x in lengths)),
+        })
+        return samples, metrics
+
+    def evaluate_dccot(self, step: int) -> dict[str, float]:
+        """Held-out accuracy of DC-CoT trajectories, with their longest path and total tokens."""
+        from rl.metrics import pass_at_k
+
+        ec = self.cfg.eval
+        n = ec.num_samples
+        t0 = time.perf_counter()
+        trajs = self.dccot_trajectories(self.eval_items, n, step=-1 - step, temperature=ec.temperature)
+        results = self.score_trajectories(self.eval_items, trajs, n)
+        self.reward_pool.metrics(reset=True)
+        correct = np.array([r.correct for r in results], dtype=float).reshape(len(self.eval_items), n)
+        lengths = [t.path_lengths for t in trajs]
+        out = {
+            "eval/accuracy": float(correct.mean()),
+            "eval/num_problems": float(len(self.eval_items)),
+            "eval/format_valid_frac": float(np.mean([self.dccot_format_valid(t.response_text) for t in trajs])),
+            "eval/longest_path_mean": float(np.mean([x.longest_path_tokens for x in lengths])),
+            "eval/total_tokens_mean": float(np.mean([x.total_tokens for x in lengths])),
+            "eval/response_len_mean": float(np.mean([x.total_tokens for x in lengths])),
+            "perf/eval_s": time.perf_counter() - t0,
+        }
+        if n > 1:
+            out[f"eval/pass@{n}"] = float(np.mean([pass_at_k(n, int(c), n) for c in correct.sum(1)]))
+        return out
+
     def build_samples(self, items, groups, results) -> tuple[list[TrainSample], dict[str, float]]:
         """The learner's samples: rewards (minus the KL penalty with ``kl_in=reward``) -> advantage estimator ->
         advantage shaping -> Prompt-GDRO weights."""
@@ -495,6 +653,7 @@ class Trainer:
 
         tmp = self.ckpt.begin(step)
         ray.get(self.learner.save.remote(str(tmp)))
+        _copy_tokenizer_files(self.model_path, tmp / "model")  # so <checkpoint>/model is a complete model.path
         state = {"step": step, "sampler": self.sampler.state_dict(), "weight_version": step}
         if self.gdro is not None:
             state["gdro"] = self.gdro.state_dict()
@@ -575,6 +734,8 @@ class Trainer:
         t_step = time.perf_counter()
         if cfg.multiturn.env is not None:
             samples, metrics, items, groups, results = self.episode_batch(step)
+        elif cfg.dccot is not None:
+            samples, metrics = self.dccot_batch(step)
         else:
             items, groups, results, roll_stats = self.rollout_batch(step)
             samples, metrics = self.build_samples(items, groups, results)
@@ -597,7 +758,16 @@ class Trainer:
             "perf/step_s": time.perf_counter() - t_step,
         })
         k = cfg.run.log_samples_per_step
-        if k and cfg.multiturn.env is not None:
+        if k and cfg.dccot is not None:
+            kept, trajs, results = self._last_dccot
+            items_by_id = {it.id: it for it, *_ in kept}
+            self.logger.log_samples(step, [
+                {"prompt_id": t.prompt_id, "prompt": items_by_id[t.prompt_id].prompt, "response": t.response_text,
+                 "answer": items_by_id[t.prompt_id].answer, "reward": res.score, "correct": res.correct,
+                 "status": res.status, "end_reason": t.end_reason, **t.reward_metadata()}
+                for t, res in list(zip(trajs, results))[:k]
+            ])
+        elif k and cfg.multiturn.env is not None:
             turns = [(ep, st) for ep in self._last_episodes for st in ep.steps][:k]
             self.logger.log_samples(step, [
                 {"trajectory_id": ep.trajectory_id, "turn": st.step_index, "prompt": st.prompt,

@@ -35,7 +35,7 @@ SETTINGS_FILE = "eval_settings.json"
 GROUP_FIELDS = ("level", "difficulty", "subject", "type")
 # Settings that change what a generation is; a resumed run must match them.
 _RESUME_KEYS = ("model", "n", "temperature", "top_p", "max_tokens", "seed", "prompt_template", "system_prompt",
-                "chat_template")
+                "chat_template", "dccot")
 
 GenerateFn = Callable[[list[PromptItem], int], list[list[Rollout]]]
 ScoreFn = Callable[[list[PromptItem], list[list[Rollout]]], list[RewardResult]]
@@ -60,6 +60,10 @@ class SampleRecord:
     num_tokens: int
     finish_reason: str
     group: dict[str, str] = field(default_factory=dict)
+    # DC-CoT evaluations only: the latency measure (director + longest worker per block), all tokens, the grammar
+    longest_path_tokens: int | None = None
+    total_tokens: int | None = None
+    format_valid: bool | None = None
 
 
 def make_records(benchmark: str, items: list[PromptItem], groups: list[list[Rollout]],
@@ -122,6 +126,11 @@ def summarize_benchmarks(records: list[SampleRecord], ks: Sequence[int], *, num_
         entry["response_tokens_mean"] = sum(r.num_tokens for r in recs) / len(recs)
         entry["truncated_rate"] = sum(r.finish_reason == "length" for r in recs) / len(recs)
         entry["grading"] = {st: sum(r.status == st for r in recs) for st in sorted({r.status for r in recs})}
+        paths = [r for r in recs if r.longest_path_tokens is not None]
+        if paths:  # DC-CoT: latency next to accuracy
+            entry["longest_path_mean"] = sum(r.longest_path_tokens for r in paths) / len(paths)
+            entry["total_tokens_mean"] = sum(r.total_tokens or 0 for r in paths) / len(paths)
+            entry["format_valid_rate"] = sum(bool(r.format_valid) for r in paths) / len(paths)
         breakdown = {}
         for fld in sorted({f for r in recs for f in r.group}):
             parts: dict[str, list[SampleRecord]] = defaultdict(list)
@@ -167,6 +176,9 @@ def flat_metrics(summary: dict, ks: Sequence[int], prefix: str = "eval", with_ci
                 out[f"{base}/{name}_ci_high"] = est["ci_high"]
         out[f"{base}/num_problems"] = float(e["num_problems"])
         out[f"{base}/response_tokens_mean"] = float(e["response_tokens_mean"])
+        for key in ("longest_path_mean", "total_tokens_mean", "format_valid_rate"):
+            if key in e:
+                out[f"{base}/{key}"] = float(e[key])
     return out
 
 
@@ -336,6 +348,7 @@ class EvalSettings:
     num_resamples: int = 1000
     max_time_s: float | None = None
     ray_address: str | None = None
+    dccot: dict | None = None  # DC-CoT executor options (rl.dccot.DCCoTConfig fields); None: plain sampling
 
 
 def request_seed(seed: int, benchmark: str, problem_id: str) -> int:
@@ -471,6 +484,11 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
     if not (Path(settings.model) / "config.json").is_file():
         raise ValueError(f"--model {settings.model}: not a transformers checkpoint directory (no config.json); "
                          "a GGUF file converts with rl convert-gguf")
+    dccot = None
+    if settings.dccot is not None:
+        from rl.dccot import DCCoTConfig
+
+        dccot = DCCoTConfig(**{"max_path_tokens": settings.max_tokens, **settings.dccot})
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
@@ -501,17 +519,24 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
         longest = max(len(tokenizer(it.prompt, add_special_tokens=False)["input_ids"]) for _, it in todo)
         limit = getattr(tokenizer, "model_max_length", None) or 0
         max_model_len = longest + settings.max_tokens + 8
+        if dccot is not None:  # a director's context holds every worker's copy
+            max_model_len = longest + dccot_context_tokens(dccot) + 8
         if 0 < limit < 10**8:
             max_model_len = min(max_model_len, limit)
         t0 = time.perf_counter()
         _start_ray(settings.ray_address)
         engines = _start_engines(settings, max_model_len)
         start_s = time.perf_counter() - t0
-        with RewardPool([RewardSpec("math_verify")], num_workers=settings.reward_workers,
-                        timeout_s=settings.grading_timeout_s) as pool:
+        # DC-CoT: the dccot reward's verdict is math-verify on the text after </think>; no length penalty in eval
+        spec = (RewardSpec("dccot", kwargs={"overlong_buffer_tokens": 0, "workers_per_block": dccot.workers_per_block})
+                if dccot is not None else RewardSpec("math_verify"))
+        with RewardPool([spec], num_workers=settings.reward_workers, timeout_s=settings.grading_timeout_s) as pool:
             t0 = time.perf_counter()
-            complete = _generate_all(settings, engines, pool, todo, log, _EvalProgress(total, total - len(todo),
-                                                                                       progress), stats)
+            bar = _EvalProgress(total, total - len(todo), progress)
+            if dccot is not None:
+                complete = _generate_all_dccot(settings, dccot, tokenizer, engines, pool, todo, log, bar, stats)
+            else:
+                complete = _generate_all(settings, engines, pool, todo, log, bar, stats)
         gen_s = time.perf_counter() - t0
     records = [r for r in log.load(settings.n) if (r.benchmark, r.id) in wanted]
     complete = complete and len({(r.benchmark, r.id) for r in records}) == total
@@ -598,6 +623,72 @@ def _generate_all(settings: EvalSettings, engines: list, pool, todo: list[tuple[
     return True
 
 
+def dccot_context_tokens(cfg) -> int:
+    """Most response tokens a DC-CoT director context can hold: the total budget, or without one the path budget
+    plus the other workers' copies (each with an opener of a few tokens)."""
+    if cfg.max_total_tokens is not None:
+        return cfg.max_total_tokens
+    return cfg.max_path_tokens + cfg.max_spawn_blocks * (cfg.workers_per_block - 1) * (cfg.max_worker_tokens + 8)
+
+
+def _generate_all_dccot(settings: EvalSettings, cfg, tokenizer, engines: list, pool, todo: list[tuple[str, PromptItem]],
+                        log: GenerationLog, bar: _EvalProgress, stats: dict) -> bool:
+    """DC-CoT: each chunk of problems runs through the executor (``rollout.dccot.run_dccot``, its rounds spread
+    over all engines), is graded, and appended to the log with its path lengths. Returns False when
+    ``max_time_s`` stopped it early."""
+    import ray
+
+    from rewards import RewardRequest
+    from rl.dccot import THINK_OPEN, check_format
+    from rollout.dccot import TrajectoryRequest, run_dccot
+    from rollout.engine import SamplingSettings, engines_generate_fn
+
+    generate_fn = engines_generate_fn(engines, SamplingSettings(temperature=settings.temperature, top_p=settings.top_p))
+    chunks = [todo[i:i + settings.chunk_problems] for i in range(0, len(todo), settings.chunk_problems)]
+    deadline = time.perf_counter() + settings.max_time_s if settings.max_time_s else None
+    n = settings.n
+    done = 0
+    try:
+        for chunk in chunks:
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
+            reqs = [TrajectoryRequest(it.id, tokenizer(it.prompt, add_special_tokens=False)["input_ids"],
+                                      (request_seed(settings.seed, b, it.id) + j) & 0x7FFFFFFF)
+                    for b, it in chunk for j in range(n)]
+            trajs = run_dccot(generate_fn, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+                              lambda ids: tokenizer.decode(ids, skip_special_tokens=True), reqs, cfg)
+            results = pool.score([RewardRequest(it.prompt, t.response_text, it.answer,
+                                                {**it.metadata, **t.reward_metadata()})
+                                  for (_, it), k in zip(chunk, range(len(chunk))) for t in trajs[k * n:(k + 1) * n]])
+            records: list[SampleRecord] = []
+            for k, (b, it) in enumerate(chunk):
+                grp = {f: str(it.metadata[f]) for f in GROUP_FIELDS if it.metadata.get(f) not in (None, "")}
+                for j in range(n):
+                    t, res = trajs[k * n + j], results[k * n + j]
+                    text = t.response_text
+                    full = text if text.lstrip().startswith(THINK_OPEN) else THINK_OPEN + "\n" + text
+                    lengths = t.path_lengths
+                    records.append(SampleRecord(
+                        b, it.id, j, it.prompt, text, it.answer, res.extracted, bool(res.correct), float(res.score),
+                        res.status, lengths.total_tokens, "stop" if t.end_reason == "stop" else "length", grp,
+                        longest_path_tokens=lengths.longest_path_tokens, total_tokens=lengths.total_tokens,
+                        format_valid=check_format(full, cfg.workers_per_block, cfg.max_spawn_blocks).valid,
+                    ))
+            log.append(records)
+            stats["tokens"] += sum(r.num_tokens for r in records)
+            bar.update(chunk[-1][0], records, len(chunk))
+            done += 1
+    finally:
+        bar.close()
+        for e in engines:
+            ray.kill(e)
+    if done < len(chunks):
+        print(f"[eval] stopped after --max-time-s {settings.max_time_s:g}: {len(chunks) - done} chunk(s) not run",
+              flush=True)
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 def _pct(e: dict) -> str:
     return f"{100 * e['value']:.1f} [{100 * e['ci_low']:.1f}, {100 * e['ci_high']:.1f}]"
@@ -608,10 +699,16 @@ def markdown_table(results: dict, ks: Sequence[int]) -> str:
     if not results:
         return "(no finished problems)"
     head = ["benchmark", "problems", "n"] + [f"pass@{k}" for k in ks] + [f"maj@{ks[-1]}", "mean@n", "resp. tokens"]
+    dccot = any("longest_path_mean" in e for e in results.values())
+    if dccot:
+        head += ["longest path", "format ok"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for bench, e in results.items():
         cells = [bench, str(e["num_problems"]), str(e["n"])] + [_pct(e["pass@k"][str(k)]) for k in ks]
         cells += [_pct(e["maj@k"][str(ks[-1])]), _pct(e["mean@n"]), f"{e['response_tokens_mean']:.0f}"]
+        if dccot:
+            cells += [f"{e.get('longest_path_mean', float('nan')):.0f}",
+                      f"{100 * e.get('format_valid_rate', float('nan')):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for bench, e in results.items():
         for fld, parts in e.get("by", {}).items():
@@ -625,6 +722,10 @@ def markdown_table(results: dict, ks: Sequence[int]) -> str:
                              + " |")
     lines += ["", "Percent; [95% bootstrap CI over problems]. pass@k: unbiased estimator from n samples; maj@k: "
               "majority vote over the first k samples; mean@n: fraction of all samples correct."]
+    if dccot:
+        lines[-1] += (" DC-CoT: resp. tokens counts every token (director and all workers); longest path is the "
+                      "latency measure (director + the longest worker of each spawn block); format ok: % of samples "
+                      "in the director/worker grammar.")
     return "\n".join(lines)
 
 

@@ -121,6 +121,60 @@ class Engine:
             groups.append(group)
         return groups
 
+    def generate_tokens(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        max_tokens: list[int],
+        stops: list[list[str]],
+        settings: SamplingSettings,
+        prompt_ids: list[str] | None = None,
+    ) -> list[Rollout]:
+        """One sample per token-id prompt, each with its own seed, token limit and stop strings (kept in the
+        output): the DC-CoT executor's ``generate_fn`` (``rollout.dccot.GenerateFn``). ``settings.max_tokens`` is
+        not used. Prompts are not re-tokenized, so the sample continues exactly the given tokens."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        n = len(prompts)
+        if not (len(seeds) == len(max_tokens) == len(stops) == n) or (prompt_ids is not None and len(prompt_ids) != n):
+            raise ValueError(f"generate_tokens: {n} prompts but {len(seeds)} seeds, {len(max_tokens)} max_tokens, "
+                             f"{len(stops)} stop lists" + ("" if prompt_ids is None else f", {len(prompt_ids)} ids"))
+        if not prompts:
+            return []
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=-1 if settings.top_p >= 1.0 else 0,
+                max_tokens=int(limit),
+                seed=int(seed),
+                stop=list(stop) or None,
+                include_stop_str_in_output=True,
+                logprobs=0,
+            )
+            for seed, limit, stop in zip(seeds, max_tokens, stops)
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        rollouts = []
+        for k, out in enumerate(outputs):
+            comp = out.outputs[0]
+            ids = list(comp.token_ids)
+            lps = [float(step[tok].logprob) for step, tok in zip(comp.logprobs or [], ids)]
+            if len(lps) != len(ids):
+                raise RuntimeError(f"engine returned {len(lps)} log-probs for {len(ids)} tokens")
+            rollouts.append(Rollout(
+                prompt_id=prompt_ids[k] if prompt_ids is not None else f"req-{k}",
+                prompt_token_ids=list(prompts[k]),
+                response_token_ids=ids,
+                logprobs=lps,
+                finish_reason="length" if comp.finish_reason == "length" else "stop",
+                policy_version=self.weight_version,
+                response_text=comp.text,
+            ))
+        return rollouts
+
     def score_tokens(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Log-probs (temperature 1) the engine assigns to given responses: ``[(prompt_ids, response_ids)]``.
 
@@ -156,3 +210,23 @@ class Engine:
 
     def ping(self) -> int:
         return self.weight_version
+
+
+def engines_generate_fn(engines: list, settings: SamplingSettings):
+    """``rollout.dccot.GenerateFn`` over Engine actors: requests round-robin over ``engines`` (each shard one
+    ``generate_tokens`` call, all in flight at once), rollouts back in request order."""
+    import ray
+
+    def generate_fn(prompts, seeds, max_tokens, stops) -> list[Rollout]:
+        k = len(engines)
+        futures = [
+            engine.generate_tokens.remote(prompts[i::k], seeds[i::k], max_tokens[i::k], stops[i::k], settings)
+            for i, engine in enumerate(engines) if prompts[i::k]
+        ]
+        out: list[Rollout] = [None] * len(prompts)  # type: ignore[list-item]
+        for shard, rollouts in enumerate(ray.get(futures)):
+            for j, ro in enumerate(rollouts):
+                out[shard + j * k] = ro
+        return out
+
+    return generate_fn

@@ -43,3 +43,17 @@ def warm_tiny_model_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("warm_tiny_model")
     build_tiny_model(out, seed=0, eval_problems=0)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def dccot_model_dir(tmp_path_factory) -> str:
+    """The embedded DC-CoT model with a short warm start: it writes the director/worker format (its sums are
+    often wrong)."""
+    from trainers.tiny_dccot import build_tiny_dccot_model
+
+    out = tmp_path_factory.mktemp("dccot_model")
+    build_tiny_dccot_model(out, seed=0, sft_steps=DCCOT_FIXTURE_SFT_STEPS, sft_target_accuracy=None, eval_problems=0)
+    return str(out)
+
+
+DCCOT_FIXTURE_SFT_STEPS = 150

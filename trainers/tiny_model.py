@@ -23,6 +23,7 @@ import math
 import random
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,6 +146,8 @@ def supervised_warm_start(
     validation: list[PromptItem] | None = None,
     target_accuracy: float | None = None,
     check_every: int = 10,
+    rows: list[tuple[list[int], list[int]]] | None = None,
+    validate: Callable[[Qwen2ForCausalLM], float] | None = None,
 ) -> tuple[list[float], list[tuple[int, float]]]:
     """AdamW on response tokens: linear warm-up over ``warmup_steps``, then cosine decay to 10% of ``lr`` at ``steps``.
 
@@ -154,11 +157,15 @@ def supervised_warm_start(
     fixed step count lands anywhere from 5% to 70%; stopping on accuracy lands in a band. The schedule still
     spans ``steps``, the upper bound.
 
+    ``rows`` replaces the default demonstrations (``(input_ids, labels)`` pairs, labels -100 where no loss) and
+    ``validate(model) -> accuracy`` the default greedy check on ``validation`` (other tasks: ``trainers.tiny_dccot``).
+
     Returns (per-step losses, [(step, validation greedy accuracy)] of the checks).
     """
-    if target_accuracy is not None and not validation:
+    if target_accuracy is not None and not validation and validate is None:
         raise ValueError("target_accuracy needs validation problems")
-    rows = [encode_demonstration(tokenizer, it.prompt, reference_solution(it)) for it in items]
+    if rows is None:
+        rows = [encode_demonstration(tokenizer, it.prompt, reference_solution(it)) for it in items]
     rng = random.Random(seed)
     order: list[int] = []
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -182,7 +189,8 @@ def supervised_warm_start(
         losses.append(loss.item())
         if target_accuracy is not None and step % check_every == 0:
             model.eval()
-            acc = heldout_accuracy(model, tokenizer, validation, temperature=0.0)
+            acc = (validate(model) if validate is not None
+                   else heldout_accuracy(model, tokenizer, validation, temperature=0.0))
             checks.append((step, acc))
             if acc >= target_accuracy:
                 break

@@ -83,7 +83,7 @@ class AlgorithmConfig(StrictModel):
         "ppo_clip",
         description="Name in `POLICY_LOSSES`: `ppo_clip` (token ratio, decoupled clip, optional dual "
         "clip), `gspo` (GSPO-token: sequence-level geometric-mean ratio) or `sapo` (soft sigmoid gate on the "
-        "token ratio, no clip).",
+        "token ratio, no clip) or `cispo` (REINFORCE with a clipped, detached importance weight; DC-CoT stages 2+).",
     )
     clip_eps_low: float = Field(
         0.2, ge=0.0, lt=1.0, description="Lower clip: ratio is clipped at 1 - clip_eps_low. GSPO uses ~3e-4."
@@ -110,6 +110,12 @@ class AlgorithmConfig(StrictModel):
         gt=0.0,
         description="SAPO gate temperature for tokens with A <= 0; must be >= sapo_tau_pos (negative "
         "advantages are the larger source of instability). Used only by `sapo`.",
+    )
+    cispo_weight_max: float = Field(
+        5.0,
+        gt=0.0,
+        description="CISPO: the detached importance weight is clamp(r, 0, cispo_weight_max) (DC-CoT stages 2+: 5). "
+        "An absolute bound on the ratio, not 1 + eps. Used only by `cispo`.",
     )
     loss_agg_mode: LossAggMode = Field(
         "token-mean",

@@ -207,6 +207,32 @@ def sapo(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:
     return PolicyLossOutput(loss, metrics)
 
 
+@POLICY_LOSSES.register("cispo")
+def cispo(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:
+    """CISPO as the DC-CoT recipe runs it (``shared/reference/algorithms.md`` §7.5): REINFORCE on every token with
+    a clipped importance weight that carries no gradient,
+
+        loss = -A * sg(clamp(r, 0, cispo_weight_max)) * logp,   r = exp(clamp(logp - old_logp)).
+
+    Unlike a clipped surrogate, no token ever loses its gradient: a token far off-policy still gets
+    -A * w * grad(logp), with w capped. The gradient equals the vanilla policy gradient -A r grad(logp) while
+    r <= cispo_weight_max. The lower clip (``clip_eps_low``) is not used (the reference ignores it too).
+
+    Metrics: ``clip_frac_high`` = ``clip_frac`` is the fraction of tokens whose weight was capped; ``gate_mean`` is
+    w / r (1 when not capped); ``dual_clip_frac`` and ``clip_frac_low`` are 0.
+    """
+    mask = inp.mask.to(torch.bool)
+    adv = inp.advantages.detach()
+    log_ratio = (inp.logp.detach() - inp.old_logp.detach()).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(0.0, cfg.cispo_weight_max)
+    loss = -adv * weight * inp.logp
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    none = torch.zeros_like(mask)
+    metrics = _metrics(mask, ratio, -log_ratio, none, ratio > cfg.cispo_weight_max, none, weight / ratio)
+    return PolicyLossOutput(loss, metrics)
+
+
 def compute_policy_loss(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:
     """Per-token loss from the policy loss named by ``cfg.policy_loss``."""
     return POLICY_LOSSES.get(cfg.policy_loss)(inp, cfg)

@@ -124,6 +124,13 @@ def load_dataset(ds_cfg, data_dir: str | None = None, tokenizer=None) -> tuple[l
             raise ValueError("data.*.num_problems must be set for kind=arith")
         items = make_arith_problems(ds_cfg.num_problems, seed=ds_cfg.seed, split=ds_cfg.split)
         return items, LoadReport(f"arith:{ds_cfg.split}", num_loaded=len(items))
+    if ds_cfg.kind == "dccot_sum":
+        from rl.data.dccot_arith import make_sum_problems
+
+        if ds_cfg.num_problems is None:
+            raise ValueError("data.*.num_problems must be set for kind=dccot_sum")
+        items = make_sum_problems(ds_cfg.num_problems, seed=ds_cfg.seed, split=ds_cfg.split)
+        return items, LoadReport(f"dccot_sum:{ds_cfg.split}", num_loaded=len(items))
     if not ds_cfg.path:
         raise ValueError("data.*.path is required for kind=jsonl (a .jsonl path or a benchmark name like math500)")
     fmt = None

@@ -206,3 +206,25 @@ def test_input_shape_validation():
         PolicyLossInput(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(2), torch.zeros(3).long(), 1)
     with pytest.raises(ValueError, match="torch.long"):
         PolicyLossInput(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(3), torch.zeros(3), 1)
+
+
+def test_cispo_hand_computed():
+    # r = (0.5, 2, 8), A = (1, -1, 2), weight cap 5: w = (0.5, 2, 5); loss = -A w log r; grad = -A w
+    loss, grad, m = _loss_and_grad(_inp([0.5, 2.0, 8.0], [1.0, -1.0, 2.0]), policy_loss="cispo", cispo_weight_max=5.0)
+    torch.testing.assert_close(loss, torch.tensor([0.346574, 1.386294, -20.794415], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, torch.tensor([-0.5, 2.0, -10.0], dtype=torch.float64))
+    assert m["clip_frac_high"].item() == pytest.approx(1 / 3) and m["clip_frac_low"].item() == 0.0
+    assert m["gate_mean"].item() == pytest.approx((1 + 1 + 5 / 8) / 3)
+
+
+def test_cispo_never_zeroes_a_gradient_where_ppo_clip_does():
+    # r = 1.5, A = 1: ppo_clip takes the clipped branch (no gradient), CISPO keeps -A r
+    _, grad_clip, _ = _loss_and_grad(_inp([1.5], [1.0]))
+    _, grad_cispo, _ = _loss_and_grad(_inp([1.5], [1.0]), policy_loss="cispo")
+    assert grad_clip.item() == 0.0 and grad_cispo.item() == pytest.approx(-1.5)
+
+
+def test_cispo_masked_tokens_contribute_nothing():
+    loss, grad, _ = _loss_and_grad(_inp([1.2, 0.8], [1.0, 1.0], mask=[True, False]), policy_loss="cispo")
+    assert loss[1].item() == 0.0 and grad[1].item() == 0.0

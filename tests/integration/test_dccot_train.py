@@ -1,0 +1,70 @@
+"""DC-CoT end to end on the tiny model (real vLLM, Ray, learner, graders): `rl train` in DC-CoT mode and
+`rl eval --dccot`, with the latency measure reported next to accuracy."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_algorithms_train import ROOT, steps, train
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_dccot_train_with_cispo_and_dynamic_sampling(dccot_model_dir, tmp_path):
+    m = train("configs/dccot_tiny_cpu_latency.yaml", dccot_model_dir, tmp_path / "run", "run.num_steps=2",
+              "rollout.prompts_per_step=4", "rollout.num_samples_per_prompt=4",
+              "rollout.dynamic_sampling.prompts_per_round=6", "algorithm.policy_loss=cispo")
+    for step in (0, 2):
+        ev = m[step]
+        assert ev["eval/num_problems"] == 16.0
+        assert 0.0 <= ev["eval/accuracy"] <= 1.0 and 0.0 < ev["eval/format_valid_frac"] <= 1.0
+        assert 0 < ev["eval/longest_path_mean"] <= ev["eval/total_tokens_mean"]
+    for r in steps(m):
+        assert 1 <= r["dapo/gen_rounds"] <= 2
+        n_traj = r["rollout/num_trajectories"]
+        assert n_traj <= 4 * 4 and n_traj % 4 == 0  # whole groups of 4 trajectories
+        # one director sample per trajectory plus one per worker (3 per spawn block)
+        assert r["rollout/num_samples"] == pytest.approx(n_traj * (1 + 3 * r["rollout/dccot/spawn_blocks_mean"]))
+        assert 0 < r["rollout/dccot/longest_path_tokens_mean"] <= r["rollout/dccot/total_tokens_mean"]
+        assert r["rollout/dccot/parallelism_mean"] >= 1.0
+        assert r["reward/correct_and_format_frac"] <= r["reward/format_valid_frac"]
+        assert math.isfinite(r["loss/policy"]) and "loss/clip_frac_high" in r
+        assert r["sync/canary_max_abs_diff"] < 1e-3
+    logged = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert logged and {"longest_path_tokens", "end_reason", "num_spawn_blocks"} <= set(logged[0])
+
+
+def test_rl_eval_dccot_reports_longest_path_and_resumes(dccot_model_dir, tmp_path):
+    from rl.data.dccot_arith import make_sum_problems
+
+    data = tmp_path / "sums.jsonl"
+    items = make_sum_problems(6, 5, "test")
+    data.write_text("".join(json.dumps({"id": it.id, "problem": it.metadata["question"], "answer": it.answer}) + "\n"
+                            for it in items))
+    out = tmp_path / "eval"
+    args = [sys.executable, "-m", "rl.cli", "eval", "--model", dccot_model_dir, "--benchmarks", str(data), "--n", "2",
+            "--max-tokens", "96", "--temperature", "1.0", "--top-p", "1.0", "--chat-template", "off",
+            "--prompt-template", "Problem: {problem}\nSolution:\n<think>\n", "--chunk-problems", "4", "--dccot",
+            "--dccot-max-spawn-blocks", "2", "--dccot-max-worker-tokens", "24", "--dccot-max-total-tokens", "160",
+            "--out", str(out), "--no-progress", "--num-resamples", "50"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    recs = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(recs) == 12
+    for r in recs:
+        assert 0 < r["longest_path_tokens"] <= r["total_tokens"] == r["num_tokens"]
+        assert isinstance(r["format_valid"], bool)
+    summary = json.loads((out / "summary.json").read_text())
+    res = summary["results"]["sums"]
+    assert res["longest_path_mean"] == pytest.approx(sum(r["longest_path_tokens"] for r in recs) / 12)
+    assert res["format_valid_rate"] == pytest.approx(sum(r["format_valid"] for r in recs) / 12)
+    assert "longest path" in (out / "summary.md").read_text()
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "6 already done" in again.stdout
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 12
