@@ -332,6 +332,13 @@ def check_format(text: str, workers_per_block: int = 3, max_spawn_blocks: int | 
 # ----------------------------------------------------------------------------------------------- latency
 
 
+def response_format_valid(response: str, workers_per_block: int = 3, max_spawn_blocks: int | None = None) -> bool:
+    """Whether a sampled response (which continues a prompt ending in ``<think>``) follows the grammar: it is
+    checked as ``"<think>\\n" + response`` unless it opens its own ``<think>``."""
+    text = response if response.lstrip().startswith(THINK_OPEN) else THINK_OPEN + "\n" + response
+    return check_format(text, workers_per_block, max_spawn_blocks).valid
+
+
 @dataclass(frozen=True)
 class PathLengths:
     """Latency measure of one response (§7.3), in tokens.

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -479,12 +478,9 @@ class Trainer:
         return self.reward_pool.score(reqs)
 
     def dccot_format_valid(self, text: str) -> bool:
-        """The grammar check on a response (the prompt ends in ``<think>``, which the response continues)."""
-        from rl.dccot import THINK_OPEN, check_format
+        from rl.dccot import response_format_valid
 
-        d = self.cfg.dccot
-        full = text if text.lstrip().startswith(THINK_OPEN) else THINK_OPEN + "\n" + text
-        return check_format(full, d.workers_per_block, d.max_spawn_blocks).valid
+        return response_format_valid(text, self.cfg.dccot.workers_per_block, self.cfg.dccot.max_spawn_blocks)
 
     def dccot_batch(self, step: int):
         """DC-CoT rollouts (with dynamic sampling when on), one reward and one advantage per trajectory,

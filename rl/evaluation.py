@@ -639,7 +639,7 @@ def _generate_all_dccot(settings: EvalSettings, cfg, tokenizer, engines: list, p
     import ray
 
     from rewards import RewardRequest
-    from rl.dccot import THINK_OPEN, check_format
+    from rl.dccot import response_format_valid
     from rollout.dccot import TrajectoryRequest, run_dccot
     from rollout.engine import SamplingSettings, engines_generate_fn
 
@@ -666,13 +666,12 @@ def _generate_all_dccot(settings: EvalSettings, cfg, tokenizer, engines: list, p
                 for j in range(n):
                     t, res = trajs[k * n + j], results[k * n + j]
                     text = t.response_text
-                    full = text if text.lstrip().startswith(THINK_OPEN) else THINK_OPEN + "\n" + text
                     lengths = t.path_lengths
                     records.append(SampleRecord(
                         b, it.id, j, it.prompt, text, it.answer, res.extracted, bool(res.correct), float(res.score),
                         res.status, lengths.total_tokens, "stop" if t.end_reason == "stop" else "length", grp,
                         longest_path_tokens=lengths.longest_path_tokens, total_tokens=lengths.total_tokens,
-                        format_valid=check_format(full, cfg.workers_per_block, cfg.max_spawn_blocks).valid,
+                        format_valid=response_format_valid(text, cfg.workers_per_block, cfg.max_spawn_blocks),
                     ))
             log.append(records)
             stats["tokens"] += sum(r.num_tokens for r in records)

@@ -32,7 +32,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2ForCaus
 
 from rl.data.arith import is_correct
 from rl.data.dccot_arith import DCCOT_TAGS, STYLES, demonstration, make_sum_problems
-from rl.dccot import SPAWN_CLOSE, SPAWN_OPEN, DCCoTConfig, check_format, worker_close
+from rl.dccot import SPAWN_CLOSE, SPAWN_OPEN, DCCoTConfig, response_format_valid, worker_close
 from rl.types import PromptItem, Rollout
 from rollout.dccot import Trajectory, TrajectoryRequest, run_dccot, to_train_samples
 from trainers.tiny_model import build_tokenizer, supervised_warm_start, tiny_qwen2_config
@@ -164,7 +164,7 @@ def dccot_accuracy(model, tokenizer, items: list[PromptItem], *, temperature: fl
     n = max(len(items), 1)
     return {
         "accuracy": sum(is_correct(t.response_text, it.answer) for t, it in zip(trajs, items)) / n,
-        "format_valid": sum(check_format("<think>\n" + t.response_text, cfg.workers_per_block).valid for t in trajs) / n,
+        "format_valid": sum(response_format_valid(t.response_text, cfg.workers_per_block) for t in trajs) / n,
         "longest_path_mean": sum(t.path_lengths.longest_path_tokens for t in trajs) / n,
         "total_tokens_mean": sum(t.path_lengths.total_tokens for t in trajs) / n,
     }

@@ -14,7 +14,7 @@ def test_generate_tokens_stops_limits_and_seeds(ray_local, dccot_model_dir):
     from rl.data.dccot_arith import make_sum_problems
     from rollout.engine import Engine, SamplingSettings
 
-    engine = ray.remote(Engine).options(num_cpus=1).remote(dccot_model_dir, seed=0, max_model_len=320)
+    engine = ray.remote(Engine).options(num_cpus=1).remote(dccot_model_dir, seed=0, max_model_len=256)
     tok = AutoTokenizer.from_pretrained(dccot_model_dir)
     items = make_sum_problems(4, 7, "test")
     prompts = [tok(it.prompt, add_special_tokens=False)["input_ids"] for it in items]
@@ -43,7 +43,7 @@ def test_executor_on_engine_masks_paths_and_learner_context(ray_local, dccot_mod
     from rollout.engine import Engine, SamplingSettings
     from trainers.learner import Learner
 
-    engine = ray.remote(Engine).options(num_cpus=1).remote(dccot_model_dir, seed=0, max_model_len=320)
+    engine = ray.remote(Engine).options(num_cpus=1).remote(dccot_model_dir, seed=0, max_model_len=256)
     tok = AutoTokenizer.from_pretrained(dccot_model_dir)
     calls = []
 
