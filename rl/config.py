@@ -134,6 +134,27 @@ class RolloutConfig(_Section):
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
 
 
+class KernelsConfig(_Section):
+    """Learner kernels (docs/architecture.md, "Learner kernels"); the choice is logged at learner start-up."""
+
+    logprob: Literal["auto", "naive", "chunked", "triton"] = Field(
+        "auto",
+        description="Token log-probs/entropy: `naive` materializes the [tokens, vocab] logits with the model's own "
+        "head; `chunked` (torch, any device) and `triton` (CUDA) compute them from hidden states and the LM-head "
+        "weight without it. `auto`: triton on CUDA (chunked without triton); on CPU chunked when a micro-batch's "
+        "fp32 logits would exceed 256 MiB, else naive. Heads with a bias or logit soft-capping always use naive.",
+    )
+    attention: Literal["auto", "padded", "packed"] = Field(
+        "auto",
+        description="Micro-batch layout: `padded` rows, or `packed` (padding-free: sequences back to back, varlen "
+        "attention with flash-attn, else torch varlen_attn on CUDA, else per-sequence SDPA). `auto`: packed on "
+        "CUDA, padded on CPU. Sliding-window or non-attention layers fall back to padded.",
+    )
+    logprob_chunk_size: int | None = Field(
+        None, ge=1, description="Rows per chunk of the `chunked` kernel (None: about 128 MiB of fp32 logits per chunk).",
+    )
+
+
 class LearnerConfig(_Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -152,6 +173,7 @@ class LearnerConfig(_Section):
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the learner actor.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for the learner actor.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the learner (None: default).")
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
 
 
 class RewardEntry(_Section):
@@ -291,30 +313,6 @@ class Config(_Section):
             raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
         return self
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message says how to fix it."""
-
-
-def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
-    """Walk raw data against the schema; an unknown key fails with the nearest valid key."""
-    if not isinstance(data, dict):
-        return
-    fields = model.model_fields
-    for key, value in data.items():
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid keys here: {', '.join(fields)})")
-        ann = fields[key].annotation
-        sub = _section_type(ann)
-        if sub is not None:
-            if isinstance(value, list):
-                for i, item in enumerate(value):
-                    _check_keys(sub, item, f"{prefix}{key}[{i}].")
-            else:
-                _check_keys(sub, value, f"{prefix}{key}.")
-
     def _check_dccot(self) -> None:
         """DC-CoT mode trains on whole director/worker trajectories; what acts on single responses is rejected."""
         unsupported = {
@@ -346,6 +344,30 @@ def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
                 f"responses can reach {total} tokens (dccot.max_total_tokens, or max_path_tokens plus the "
                 "other workers' copies); raise max_model_len above prompt length + that, or set dccot.max_total_tokens"
             )
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says how to fix it."""
+
+
+def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
+    """Walk raw data against the schema; an unknown key fails with the nearest valid key."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid keys here: {', '.join(fields)})")
+        ann = fields[key].annotation
+        sub = _section_type(ann)
+        if sub is not None:
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    _check_keys(sub, item, f"{prefix}{key}[{i}].")
+            else:
+                _check_keys(sub, value, f"{prefix}{key}.")
 
 
 def _section_type(ann: Any) -> type[BaseModel] | None:

@@ -5,11 +5,17 @@ each mini-batch is cut into micro-batches by a token budget, and the loss of eve
 normalized by the token/sequence count of the whole mini-batch, so gradient accumulation gives the same
 gradient as one big batch. The algorithm math (advantages, policy loss, aggregation, KL) comes from
 ``rl.algorithms``; this module only moves tensors.
+
+Kernels (``learner.kernels``, chosen once at start-up by :func:`select_kernels` and logged): micro-batches are
+right-padded rows or packed rows (``trainers.packing``), and token log-probs come from the model's full logits
+(``naive``) or from its final hidden states and LM-head weight without the [tokens, vocab] logits
+(``chunked`` / ``triton``, ``trainers.fused_logprob``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 import random
@@ -29,32 +35,67 @@ from rl.algorithms import (
     kl_estimate,
     kl_reward_penalty,
 )
+from rl.config import KernelsConfig
 from rl.types import TrainSample
+from trainers.fused_logprob import (
+    IGNORE_INDEX,
+    LOGPROB_KERNELS,
+    logprob_kernel_unavailable,
+)
+from trainers.packing import (
+    pack_groups,
+    packed_forward_kwargs,
+    packed_positions,
+    packing_unsupported,
+    select_attention_backend,
+    use_packed_attention,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class MicroBatch:
-    """Right-padded micro-batch.
+    """B sequences, right-padded (R = B rows) or packed back to back (R = 1 row). Position t of a row predicts
+    token t+1 of that row.
 
-    input_ids:  [B, L]  prompt+response ids, padded with 0.
-    attn_mask:  [B, L]  1 on real tokens.
-    resp_mask:  [B, L-1] 1 where position t predicts a trained response token (shifted targets).
-    targets:    [B, L-1] next-token ids.
-    index:      which samples of the caller's list are in this micro-batch.
+    input_ids:    [R, L]   prompt+response ids (padded with 0).
+    attn_mask:    [R, L]   1 on real tokens (padded); None when packed.
+    position_ids: [R, L]   restarting at 0 for each sequence (packed); None when padded.
+    cu_seqlens:   [B+1]    int32 sequence offsets in the row (packed); None when padded.
+    max_seqlen:   longest sequence (packed; 0 when padded).
+    resp_mask:    [R, L-1] loss mask: 1 where position t predicts a trained response token.
+    resp_pos:     [R, L-1] bool: True where position t predicts any response token (log-probs are needed there).
+    seq_ids:      [R, L-1] long: the sequence (0..B-1 in this micro-batch) position t belongs to.
+    targets:      [R, L-1] next-token ids.
+    index:        which samples of the caller's list are in this micro-batch, in order.
+    starts:       (row, column) of each sequence's first token, in ``index`` order.
     """
 
     input_ids: torch.Tensor
-    attn_mask: torch.Tensor
+    attn_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    max_seqlen: int
     resp_mask: torch.Tensor
+    resp_pos: torch.Tensor
+    seq_ids: torch.Tensor
     targets: torch.Tensor
     index: list[int]
+    starts: list[tuple[int, int]]
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
 
 
-def make_micro_batches(samples: list[TrainSample], token_budget: int) -> list[MicroBatch]:
-    """Greedy packing of samples (in length order) into padded micro-batches of at most ``token_budget``
-    padded tokens (a longer single sample gets a micro-batch of its own)."""
+def make_micro_batches(samples: list[TrainSample], token_budget: int, packed: bool = False) -> list[MicroBatch]:
+    """Samples grouped into micro-batches of at most ``token_budget`` tokens (a longer single sample gets a
+    micro-batch of its own). Padded: greedy in length order, padded tokens count. Packed: first-fit decreasing
+    on real tokens (``trainers.packing.pack_groups``)."""
+    if packed:
+        groups = pack_groups([s.num_tokens for s in samples], token_budget)
+        return [_collate_packed([samples[i] for i in g], g) for g in groups]
     order = sorted(range(len(samples)), key=lambda i: samples[i].num_tokens)
     groups: list[list[int]] = []
     for i in order:
@@ -68,52 +109,222 @@ def make_micro_batches(samples: list[TrainSample], token_budget: int) -> list[Mi
     return [_collate([samples[i] for i in g], g) for g in groups]
 
 
+def _mark_response(resp: torch.Tensor, resp_pos: torch.Tensor, row: int, col0: int, s: TrainSample) -> None:
+    p, r = len(s.prompt_token_ids), len(s.response_token_ids)
+    mask = s.loss_mask if s.loss_mask is not None else [1] * r
+    # position t predicts token t+1: response token j sits at col0+p+j and is predicted at col0+p+j-1.
+    resp[row, col0 + p - 1 : col0 + p - 1 + r] = torch.tensor(mask, dtype=torch.float32)
+    resp_pos[row, col0 + p - 1 : col0 + p - 1 + r] = True
+
+
 def _collate(samples: list[TrainSample], index: list[int]) -> MicroBatch:
     length = max(s.num_tokens for s in samples)
     b = len(samples)
     ids = torch.zeros(b, length, dtype=torch.long)
     attn = torch.zeros(b, length, dtype=torch.long)
     resp = torch.zeros(b, length - 1, dtype=torch.float32)
+    resp_pos = torch.zeros(b, length - 1, dtype=torch.bool)
     for row, s in enumerate(samples):
         seq = s.prompt_token_ids + s.response_token_ids
         ids[row, : len(seq)] = torch.tensor(seq)
         attn[row, : len(seq)] = 1
-        p, r = len(s.prompt_token_ids), len(s.response_token_ids)
-        mask = s.loss_mask if s.loss_mask is not None else [1] * r
-        # position t predicts token t+1: response token j sits at p+j and is predicted at p+j-1.
-        resp[row, p - 1 : p - 1 + r] = torch.tensor(mask, dtype=torch.float32)
-    return MicroBatch(ids, attn, resp, ids[:, 1:].clone(), index)
+        _mark_response(resp, resp_pos, row, 0, s)
+    seq_ids = torch.arange(b).unsqueeze(1).expand(b, length - 1).clone()
+    return MicroBatch(ids, attn, None, None, 0, resp, resp_pos, seq_ids, ids[:, 1:].clone(), index,
+                      [(row, 0) for row in range(b)])
+
+
+def _collate_packed(samples: list[TrainSample], index: list[int]) -> MicroBatch:
+    lengths = [s.num_tokens for s in samples]
+    position_ids, cu = packed_positions(lengths)
+    ids = torch.tensor([t for s in samples for t in s.prompt_token_ids + s.response_token_ids]).unsqueeze(0)
+    width = ids.shape[1] - 1
+    resp = torch.zeros(1, width, dtype=torch.float32)
+    resp_pos = torch.zeros(1, width, dtype=torch.bool)
+    seq_ids = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(lengths))[:width].unsqueeze(0)
+    starts = []
+    for k, s in enumerate(samples):
+        col0 = int(cu[k])
+        _mark_response(resp, resp_pos, 0, col0, s)
+        starts.append((0, col0))
+    return MicroBatch(ids, None, position_ids, cu, max(lengths), resp, resp_pos, seq_ids, ids[:, 1:].clone(), index,
+                      starts)
 
 
 def _response_values(mb: MicroBatch, samples: list[TrainSample], values: list[list[float]]) -> torch.Tensor:
-    """Scatter per-response-token values into the [B, L-1] layout of ``mb``."""
+    """Scatter per-response-token values into the [R, L-1] layout of ``mb``."""
     out = torch.zeros_like(mb.resp_mask)
-    for row, i in enumerate(mb.index):
+    for (row, col0), i in zip(mb.starts, mb.index):
         p, r = len(samples[i].prompt_token_ids), len(samples[i].response_token_ids)
         if r:
-            out[row, p - 1 : p - 1 + r] = torch.tensor(values[i], dtype=torch.float32)
+            out[row, col0 + p - 1 : col0 + p - 1 + r] = torch.tensor(values[i], dtype=torch.float32)
     return out
 
 
 def _gather_response(mb: MicroBatch, samples: list[TrainSample], tensor: torch.Tensor) -> list[list[float]]:
     rows = []
-    for row, i in enumerate(mb.index):
+    for (row, col0), i in zip(mb.starts, mb.index):
         p, r = len(samples[i].prompt_token_ids), len(samples[i].response_token_ids)
-        rows.append(tensor[row, p - 1 : p - 1 + r].tolist())
+        rows.append(tensor[row, col0 + p - 1 : col0 + p - 1 + r].tolist())
     return rows
 
 
-def token_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool = False):
-    """Log-probs [B, L-1] of the next tokens after temperature (as vLLM's processed log-probs), and optionally
-    entropies [B, L-1]. Materializes [B, L, V] logits; the fused kernel path replaces this for large vocabularies."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attn_mask).logits[:, :-1].float()
-    logp_all = F.log_softmax(logits / temperature, dim=-1)
-    logp = logp_all.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
+@dataclass(frozen=True)
+class KernelChoice:
+    """What the learner runs: a ``LOGPROB_KERNELS`` name, ``padded`` or a packed attention backend
+    (``trainers.packing.ATTENTION_BACKENDS``), the chunked kernel's rows per chunk, and why auto/fallbacks chose so."""
+
+    logprob: str = "naive"
+    attention: str = "padded"
+    chunk_size: int | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def packed(self) -> bool:
+        return self.attention != "padded"
+
+    def describe(self) -> str:
+        why = f" ({'; '.join(self.notes)})" if self.notes else ""
+        return f"logprob={self.logprob} attention={self.attention}{why}"
+
+
+def _forward_kwargs(mb: MicroBatch) -> dict:
+    if mb.packed:
+        return dict(input_ids=mb.input_ids, **packed_forward_kwargs(mb.position_ids, mb.cu_seqlens, mb.max_seqlen))
+    return dict(input_ids=mb.input_ids, attention_mask=mb.attn_mask)
+
+
+def token_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool = False,
+                   kernels: KernelChoice | None = None):
+    """Log-probs [R, L-1] of the next tokens after temperature (as vLLM's processed log-probs), and optionally
+    entropies [R, L-1] (detached: a metric). Kernels whose capability ``full_logits`` is set run the model's own
+    head (all of [R, L, V] in memory); the others get the final hidden states and the LM-head weight and compute
+    only the response positions (``mb.resp_pos``; zeros elsewhere)."""
+    kernels = kernels or KernelChoice()
+    fwd = _forward_kwargs(mb)
+    if LOGPROB_KERNELS.capabilities(kernels.logprob)["full_logits"]:
+        logits = model(**fwd).logits[:, :-1].float()
+        logp_all = F.log_softmax(logits / temperature, dim=-1)
+        logp = logp_all.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
+        if not with_entropy:
+            return logp, None
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
+    hidden = model.get_decoder()(**fwd).last_hidden_state[:, :-1]  # [R, L-1, H]
+    sel = mb.resp_pos
+    weight = model.get_output_embeddings().weight  # [V, H]; the embedding itself when tied
+    lp, ent = LOGPROB_KERNELS.get(kernels.logprob)(hidden[sel], weight, mb.targets[sel], temperature,
+                                                   IGNORE_INDEX, kernels.chunk_size)
+    logp = lp.new_zeros(sel.shape).index_put((sel,), lp)
     if not with_entropy:
         return logp, None
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    return logp, ent.detach().new_zeros(sel.shape).index_put((sel,), ent.detach())
+
+
+_AUTO_LOGITS_BYTES = 256 << 20  # CPU auto: fused log-probs once a micro-batch's fp32 logits would exceed this
+
+
+def fused_head_unsupported(model) -> str | None:
+    """Why the fused kernels cannot reproduce ``model``'s logits from hidden states @ LM-head weight (None if
+    they can)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None or head.weight.dim() != 2:
+        return "the model has no linear output embedding"
+    if getattr(head, "bias", None) is not None:
+        return "the LM head has a bias"
+    cfg = model.config
+    for key in ("final_logit_softcapping", "logit_softcapping"):
+        if getattr(cfg, key, None):
+            return f"the model soft-caps its logits ({key}={getattr(cfg, key)})"
+    for key in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            return f"the model scales its logits ({key}={getattr(cfg, key)})"
+    if model.get_decoder() is model:
+        return "the model exposes no separate decoder for hidden states"
+    return None
+
+
+def select_kernels(cfg: KernelsConfig, model, device: torch.device, micro_batch_tokens: int) -> KernelChoice:
+    """Resolve ``learner.kernels`` for this model and device. An explicit choice that cannot run here is an error;
+    a model the fused head or packing cannot reproduce falls back (naive / padded) with the reason in ``notes``."""
+    notes: list[str] = []
+    logprob = cfg.logprob
+    if logprob == "auto":
+        if device.type == "cuda":
+            why = logprob_kernel_unavailable("triton", device)
+            logprob = "chunked" if why else "triton"
+            if why:
+                notes.append(f"auto logprob: {why}, so chunked")
+        else:
+            logits_bytes = micro_batch_tokens * model.get_output_embeddings().weight.shape[0] * 4
+            logprob = "chunked" if logits_bytes > _AUTO_LOGITS_BYTES else "naive"
+            notes.append(f"auto logprob on CPU: {logits_bytes / 2**20:.0f} MiB of fp32 logits per micro-batch")
+    else:
+        why = logprob_kernel_unavailable(logprob, device)
+        if why:
+            raise ValueError(f"learner.kernels.logprob={logprob!r} cannot run here: {why}. "
+                             f"Use auto or one of {', '.join(n for n in LOGPROB_KERNELS.names() if n != logprob)}")
+    if not LOGPROB_KERNELS.capabilities(logprob)["full_logits"]:
+        why = fused_head_unsupported(model)
+        if why:
+            notes.append(f"logprob {logprob} -> naive: {why}")
+            logprob = "naive"
+    attention = cfg.attention
+    if attention == "auto":
+        attention = "packed" if device.type == "cuda" else "padded"
+    if attention == "packed":
+        why = packing_unsupported(model)
+        if why:
+            notes.append(f"attention packed -> padded: {why}")
+            attention = "padded"
+        else:
+            attention, skipped = select_attention_backend(device, next(model.parameters()).dtype)
+            if device.type == "cuda":  # on CPU only the per-sequence path exists; nothing to explain
+                notes.extend(skipped)
+    return KernelChoice(logprob, attention, cfg.logprob_chunk_size, tuple(notes))
+
+
+def _mb_to(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    moved = {f.name: getattr(mb, f.name).to(device) for f in dataclasses.fields(mb)
+             if isinstance(getattr(mb, f.name), torch.Tensor)}
+    return dataclasses.replace(mb, **moved)
+
+
+def apply_kernels(model, kernels: KernelChoice, device: torch.device) -> KernelChoice:
+    """Set ``model`` up for ``kernels`` (packed attention) and check it on a two-sequence probe against padded +
+    naive. A mismatch (a head or attention that breaks the assumptions) restores the model's own attention and
+    returns padded + naive, with the reason in ``notes``."""
+    if kernels == KernelChoice(notes=kernels.notes):
+        return kernels
+    g = torch.Generator().manual_seed(1234)  # a local generator: the global RNG stream is left untouched
+    vocab = min(model.config.vocab_size, model.get_input_embeddings().weight.shape[0])
+    probe = [TrainSample(torch.randint(0, vocab, (n,), generator=g).tolist(),
+                         torch.randint(0, vocab, (m,), generator=g).tolist(), [0.0] * m, 0.0, "probe")
+             for n, m in ((3, 5), (4, 2))]
+
+    def run(choice: KernelChoice) -> list[float]:
+        mb = _mb_to(make_micro_batches(probe, 1 << 20, packed=choice.packed)[0], device)
+        with torch.no_grad():
+            logp, _ = token_logprobs(model, mb, 1.0, kernels=choice)
+        by_sample = dict(zip(mb.index, _gather_response(mb, probe, logp.float().cpu())))
+        return [x for i in range(len(probe)) for x in by_sample[i]]
+
+    was_training, own_attention = model.training, model.config._attn_implementation
+    model.eval()
+    want = run(KernelChoice())
+    if kernels.packed:
+        use_packed_attention(model, kernels.attention)
+    got = run(kernels)
+    model.train(was_training)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    err = max(abs(a - b) for a, b in zip(got, want))
+    if err <= tol:
+        return kernels
+    if kernels.packed:
+        model.set_attn_implementation(own_attention)
+    note = f"self-check: {kernels.describe()} differs from padded+naive by {err:.2e} > {tol}, so padded+naive"
+    return KernelChoice(notes=kernels.notes + (note,))
 
 
 class Learner:
@@ -140,6 +351,10 @@ class Learner:
         self.device = torch.device("cuda" if torch.cuda.is_available() and learner_cfg.get("num_gpus", 0) > 0 else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
         self.model.train()
+        kernel_cfg = KernelsConfig.model_validate(learner_cfg.get("kernels") or {})
+        chosen = select_kernels(kernel_cfg, self.model, self.device, learner_cfg["micro_batch_tokens"])
+        self.kernels = apply_kernels(self.model, chosen, self.device)
+        print(f"[learner] kernels: {self.kernels.describe()}", flush=True)
         self.ref_model = None
         if self.algo.kl_coef > 0:  # KL to the initial policy, as a loss term or a reward penalty (algorithm.kl_in)
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -159,17 +374,15 @@ class Learner:
         model = model or self.model
         temp = self.temperature if temperature is None else temperature
         out: list[list[float]] = [[] for _ in samples]
-        for mb in make_micro_batches(samples, self.cfg["micro_batch_tokens"]):
+        for mb in make_micro_batches(samples, self.cfg["micro_batch_tokens"], packed=self.kernels.packed):
             mb = self._to_device(mb)
-            logp, _ = token_logprobs(model, mb, temp)
+            logp, _ = token_logprobs(model, mb, temp, kernels=self.kernels)
             for i, row in zip(mb.index, _gather_response(mb, samples, logp.cpu())):
                 out[i] = row
         return out
 
     def _to_device(self, mb: MicroBatch) -> MicroBatch:
-        if self.device.type == "cpu":
-            return mb
-        return MicroBatch(*(t.to(self.device) for t in (mb.input_ids, mb.attn_mask, mb.resp_mask, mb.targets)), mb.index)
+        return mb if self.device.type == "cpu" else _mb_to(mb, self.device)
 
     def kl_reward_penalties(self, samples: list[TrainSample]) -> list[float]:
         """``kl_coef * sum_t KL_t`` per sample against the reference policy, for ``algorithm.kl_in=reward``.
@@ -245,17 +458,17 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0}
         weighted: dict[str, float] = {"loss/entropy": 0.0}
-        for mb in make_micro_batches(sub, self.cfg["micro_batch_tokens"]):
+        for mb in make_micro_batches(sub, self.cfg["micro_batch_tokens"], packed=self.kernels.packed):
             mb = self._to_device(mb)
-            logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True)
+            logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True, kernels=self.kernels)
             mask = mb.resp_mask
             old_t = _response_values(mb, sub, sub_old).to(logp.device)
-            adv_t = mask * torch.tensor([sub[i].advantage for i in mb.index], device=logp.device).unsqueeze(1)
-            rows = torch.arange(mask.shape[0], device=logp.device).unsqueeze(1).expand_as(mask)
+            adv_t = mask * torch.tensor([sub[i].advantage for i in mb.index], device=logp.device)[mb.seq_ids]
+            rows = mb.seq_ids
             sel = mask > 0
             inp = PolicyLossInput(
                 logp=logp[sel], old_logp=old_t[sel], advantages=adv_t[sel], mask=mask[sel],
-                seq_index=rows[sel], num_seqs=mask.shape[0],
+                seq_index=rows[sel], num_seqs=len(mb.index),
             )
             out = self.policy_loss(inp, self.algo)
             agg = dict(

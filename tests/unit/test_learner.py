@@ -61,8 +61,8 @@ def test_micro_batches_respect_budget_and_cover_all():
         assert int(mb.resp_mask.sum()) == sum(len(samples[i].response_token_ids) for i in mb.index)
 
 
-def _grads(model_dir, budget, mode="token-mean", loss="ppo_clip"):
-    cfg = {**LEARNER_CFG, "micro_batch_tokens": budget}
+def _grads(model_dir, budget, mode="token-mean", loss="ppo_clip", kernels=None):
+    cfg = {**LEARNER_CFG, "micro_batch_tokens": budget, "kernels": kernels or {}}
     algo = {**ALGO, "loss_agg_mode": mode, "loss_agg_const_len": 8, "policy_loss": loss}
     learner = Learner(model_dir, cfg, algo, temperature=1.0)
     samples = _samples(8)
@@ -87,6 +87,31 @@ def test_grad_accumulation_invariance(model_dir, mode, loss):
     for name in big:
         torch.testing.assert_close(big[name], small[name], rtol=1e-4, atol=1e-6)
     assert math.isclose(m_big["loss/policy"], m_small["loss/policy"], rel_tol=1e-5, abs_tol=1e-7)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one intra-op thread is faster, and immune to a busy second core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("logprob,attention", [("chunked", "padded"), ("naive", "packed"), ("chunked", "packed")])
+@pytest.mark.parametrize("loss", ["ppo_clip", "gspo"])
+def test_kernel_paths_match_padded_naive(model_dir, logprob, attention, loss):
+    """Fused log-probs and packed micro-batches give the padded + naive gradient, in one micro-batch and in many
+    (grad accumulation). GSPO's sequence-level ratio checks that packed tokens keep their sequence index."""
+    kernels = {"logprob": logprob, "attention": attention, "logprob_chunk_size": 3}
+    ref, m_ref = _grads(model_dir, 10_000, "seq-mean-token-mean", loss, {"logprob": "naive", "attention": "padded"})
+    for budget in (10_000, 1):
+        got, m_got = _grads(model_dir, budget, "seq-mean-token-mean", loss, kernels)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+        for key in ("loss/policy", "loss/entropy"):
+            assert math.isclose(m_got[key], m_ref[key], rel_tol=1e-5, abs_tol=1e-7), key
 
 
 def test_on_policy_loss_value_and_update(model_dir):
