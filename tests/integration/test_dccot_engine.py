@@ -87,7 +87,7 @@ def test_executor_on_engine_masks_paths_and_learner_context(ray_local, dccot_mod
                        mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
     learner = Learner(dccot_model_dir, learner_cfg, {"policy_loss": "ppo_clip"}, temperature=1.0)
     got = learner.compute_logprobs(samples)
-    worst = max(abs(g - b) for s, gs in zip(samples, got) for g, b, m in zip(gs, s.logprobs, s.loss_mask) if m)
+    worst = max(abs(g - b) for s, gs in zip(samples, got) for g, b, m in zip(gs, s.behaviour_logprobs, s.loss_mask) if m)
     assert worst < 1e-3
     assert all(isinstance(s, TrainSample) for s in samples)
     ray.kill(engine)
