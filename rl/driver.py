@@ -56,6 +56,16 @@ def _copy_tokenizer_files(model_path: str, dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
+def _dapo_metrics(rounds: int, generated: int, dropped: int, kept: int, target: int) -> dict[str, float]:
+    """Dynamic sampling's per-step counters: generation rounds, prompts generated, share filtered, batch fill."""
+    return {
+        "dapo/gen_rounds": float(rounds),
+        "dapo/prompts_generated": float(generated),
+        "dapo/filtered_group_frac": dropped / max(generated, 1),
+        "dapo/batch_fill_frac": kept / target,
+    }
+
+
 def request_seed(run_seed: int, step: int, index: int) -> int:
     """Per-request sampling seed: the same (run, step, prompt slot) always samples the same responses."""
     digest = hashlib.sha256(f"{run_seed}:{step}:{index}".encode()).digest()
@@ -370,12 +380,7 @@ class Trainer:
         kept = kept[:target]
         stats.update({key: float(np.mean(v)) for key, v in shaping.items()})
         if ds.enabled:
-            stats.update({
-                "dapo/gen_rounds": float(rounds),
-                "dapo/prompts_generated": float(generated),
-                "dapo/filtered_group_frac": dropped / max(generated, 1),
-                "dapo/batch_fill_frac": len(kept) / target,
-            })
+            stats.update(_dapo_metrics(rounds, generated, dropped, len(kept), target))
         items = [k[0] for k in kept]
         groups = [k[1] for k in kept]
         results = [r for k in kept for r in k[2]]
@@ -526,12 +531,7 @@ class Trainer:
         fmt = [f for k in kept for f in k[3]]
         metrics: dict[str, float] = {"perf/rollout_s": t_gen, "perf/reward_s": t_reward}
         if ds.enabled:
-            metrics.update({
-                "dapo/gen_rounds": float(rounds),
-                "dapo/prompts_generated": float(generated),
-                "dapo/filtered_group_frac": dropped / max(generated, 1),
-                "dapo/batch_fill_frac": len(kept) / target,
-            })
+            metrics.update(_dapo_metrics(rounds, generated, dropped, len(kept), target))
         self._last_dccot = (kept, trajs, results)
         if not trajs:
             metrics["rollout/tokens"] = 0.0

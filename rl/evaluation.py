@@ -616,9 +616,12 @@ def _generate_all(settings: EvalSettings, engines: list, pool, todo: list[tuple[
         bar.close()
         for e in engines:
             ray.kill(e)
-    if nxt < len(chunks):
-        print(f"[eval] stopped after --max-time-s {settings.max_time_s:g}: {len(chunks) - nxt} chunk(s) not run",
-              flush=True)
+    return _all_chunks_ran(nxt, len(chunks), settings)
+
+
+def _all_chunks_ran(ran: int, total: int, settings: EvalSettings) -> bool:
+    if ran < total:
+        print(f"[eval] stopped after --max-time-s {settings.max_time_s:g}: {total - ran} chunk(s) not run", flush=True)
         return False
     return True
 
@@ -681,11 +684,7 @@ def _generate_all_dccot(settings: EvalSettings, cfg, tokenizer, engines: list, p
         bar.close()
         for e in engines:
             ray.kill(e)
-    if done < len(chunks):
-        print(f"[eval] stopped after --max-time-s {settings.max_time_s:g}: {len(chunks) - done} chunk(s) not run",
-              flush=True)
-        return False
-    return True
+    return _all_chunks_ran(done, len(chunks), settings)
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
