@@ -334,10 +334,7 @@ class Config(_Section):
             raise ValueError(f"dccot is set, which does not support: {', '.join(bad)}; turn these off or remove "
                              "the dccot section")
         d = self.dccot
-        # Without a total budget a director context holds the path plus the other workers' copies (each with an
-        # opener of a few tokens; 8 is generous for real tokenizers' `<worker_i>`).
-        total = d.max_total_tokens if d.max_total_tokens is not None else (
-            d.max_path_tokens + d.max_spawn_blocks * (d.workers_per_block - 1) * (d.max_worker_tokens + 8))
+        total = d.context_tokens
         if total >= self.rollout.max_model_len:
             raise ValueError(
                 f"rollout.max_model_len={self.rollout.max_model_len} cannot hold a DC-CoT director context: its "

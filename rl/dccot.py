@@ -90,6 +90,14 @@ class DCCoTConfig(StrictModel):
         "`additional_total_length_limit`: none in stages 1-3, 21000 in stage 4 and HLP.",
     )
 
+    @property
+    def context_tokens(self) -> int:
+        """Most response tokens a director context can hold: the total budget, or without one the path budget plus
+        the other workers' copies (each with an opener of a few tokens; 8 is generous for real tokenizers)."""
+        if self.max_total_tokens is not None:
+            return self.max_total_tokens
+        return self.max_path_tokens + self.max_spawn_blocks * (self.workers_per_block - 1) * (self.max_worker_tokens + 8)
+
     @model_validator(mode="after")
     def _budgets_consistent(self) -> "DCCoTConfig":
         if self.max_total_tokens is not None and self.max_total_tokens < self.max_path_tokens:

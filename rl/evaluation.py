@@ -520,7 +520,7 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
         limit = getattr(tokenizer, "model_max_length", None) or 0
         max_model_len = longest + settings.max_tokens + 8
         if dccot is not None:  # a director's context holds every worker's copy
-            max_model_len = longest + dccot_context_tokens(dccot) + 8
+            max_model_len = longest + dccot.context_tokens + 8
         if 0 < limit < 10**8:
             max_model_len = min(max_model_len, limit)
         t0 = time.perf_counter()
@@ -624,14 +624,6 @@ def _all_chunks_ran(ran: int, total: int, settings: EvalSettings) -> bool:
         print(f"[eval] stopped after --max-time-s {settings.max_time_s:g}: {total - ran} chunk(s) not run", flush=True)
         return False
     return True
-
-
-def dccot_context_tokens(cfg) -> int:
-    """Most response tokens a DC-CoT director context can hold: the total budget, or without one the path budget
-    plus the other workers' copies (each with an opener of a few tokens)."""
-    if cfg.max_total_tokens is not None:
-        return cfg.max_total_tokens
-    return cfg.max_path_tokens + cfg.max_spawn_blocks * (cfg.workers_per_block - 1) * (cfg.max_worker_tokens + 8)
 
 
 def _generate_all_dccot(settings: EvalSettings, cfg, tokenizer, engines: list, pool, todo: list[tuple[str, PromptItem]],

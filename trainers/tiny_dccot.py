@@ -35,7 +35,7 @@ from rl.data.dccot_arith import DCCOT_TAGS, STYLES, demonstration, make_sum_prob
 from rl.dccot import SPAWN_CLOSE, SPAWN_OPEN, DCCoTConfig, response_format_valid, worker_close
 from rl.types import PromptItem, Rollout
 from rollout.dccot import Trajectory, TrajectoryRequest, run_dccot, to_train_samples
-from trainers.tiny_model import build_tokenizer, supervised_warm_start, tiny_qwen2_config
+from trainers.tiny_model import build_tokenizer, supervised_warm_start, tiny_qwen2_config, warm_start_metrics
 
 DEFAULT_SFT_MAX_STEPS = 600
 DEFAULT_SFT_TARGET_ACCURACY = 0.5
@@ -210,13 +210,8 @@ def build_tiny_dccot_model(
     metrics: dict[str, Any] = {
         "task": "dccot_sum",
         "seed": seed,
-        "sft/steps": len(losses),
         "sft/rows": len(rows),
-        "sft/val_acc_greedy": checks[-1][1] if checks else None,
-        "sft/loss_first": losses[0] if losses else float("nan"),
-        "sft/loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan"),
-        "model/num_params": sum(p.numel() for p in model.parameters()),
-        "model/vocab_size": len(tokenizer),
+        **warm_start_metrics(model, tokenizer, losses, checks),
     }
     metrics["build/time_s"] = time.perf_counter() - t0
     if eval_problems > 0:

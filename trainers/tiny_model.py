@@ -251,6 +251,18 @@ def heldout_accuracy(
     return sum(hits) / max(1, len(hits))
 
 
+def warm_start_metrics(model, tokenizer, losses: list[float], checks: list[tuple[int, float]]) -> dict[str, Any]:
+    """``sft/*`` and ``model/*`` metrics of a finished warm start (``supervised_warm_start``'s outputs)."""
+    return {
+        "sft/steps": len(losses),
+        "sft/val_acc_greedy": checks[-1][1] if checks else None,
+        "sft/loss_first": losses[0] if losses else float("nan"),
+        "sft/loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan"),
+        "model/num_params": sum(p.numel() for p in model.parameters()),
+        "model/vocab_size": len(tokenizer),
+    }
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
@@ -310,12 +322,7 @@ def build_tiny_model(
         "build/time_s": 0.0,
         "task/difficulty": difficulty,
         "seed": seed,
-        "sft/steps": len(losses),
-        "sft/val_acc_greedy": checks[-1][1] if checks else None,
-        "sft/loss_first": losses[0] if losses else float("nan"),
-        "sft/loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan"),
-        "model/num_params": sum(p.numel() for p in model.parameters()),
-        "model/vocab_size": len(tokenizer),
+        **warm_start_metrics(model, tokenizer, losses, checks),
     }
     metrics["build/time_s"] = time.perf_counter() - t0
     if eval_problems > 0:
