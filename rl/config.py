@@ -155,6 +155,23 @@ class KernelsConfig(_Section):
     )
 
 
+class FsdpConfig(_Section):
+    """FSDP2 settings (learner.strategy=fsdp2)."""
+
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Dtype the gathered parameters compute in (mixed precision); None: the model's dtype.",
+    )
+    reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of the gradient reduce-scatter (float32 keeps the sum exact enough).",
+    )
+    reshard_after_forward: bool = Field(
+        True, description="Free gathered parameters after each layer's forward (ZeRO-3 style; False: ZeRO-2 style).",
+    )
+    cpu_offload: bool = Field(
+        False, description="Keep sharded parameters, gradients and optimizer state in host memory (GPU runs).",
+    )
+
+
 class LearnerConfig(_Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -170,10 +187,23 @@ class LearnerConfig(_Section):
         description="Where pi_old comes from: `learner` recomputes log-probs before the update (exact); `engine` uses "
         "the vLLM behaviour log-probs (saves a forward pass; exact only when engine and learner agree).",
     )
-    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the learner actor.")
-    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for the learner actor.")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for each learner rank.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for each learner rank (0 on CPU, 1 on a GPU cluster).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the learner (None: default).")
     kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    strategy: Literal["single", "fsdp2", "deepspeed"] = Field(
+        "single",
+        description="How the policy is held: `single` (one unsharded copy, one rank), `fsdp2` (torch FSDP2 "
+        "`fully_shard` over `num_ranks` ranks: each decoder layer and the rest of the model sharded; gloo on CPU, "
+        "NCCL on GPU) or `deepspeed` (ZeRO-3, reserved: not built yet, rejected at start-up).",
+    )
+    num_ranks: int = Field(
+        1, ge=1, description="Learner ranks (Ray actors forming one torch process group); each gets num_gpus GPUs.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward (transformers gradient checkpointing).",
+    )
+    fsdp: FsdpConfig = Field(default_factory=lambda: FsdpConfig())
 
 
 class RewardEntry(_Section):
@@ -244,6 +274,44 @@ class MultiTurnConfig(_Section):
     gigpo: GigpoConfig = Field(default_factory=GigpoConfig)
 
 
+class PlacementConfig(_Section):
+    """Where engines and learner ranks run (docs/cluster.md)."""
+
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated",
+        description="`disaggregated`: engines and learner ranks on separate resources (their own placement-group "
+        "bundles). `colocated`: engine i shares bundle i with learner rank i (needs rollout.num_engines == "
+        "learner.num_ranks); on GPUs the engines sleep while the learner trains.",
+    )
+    engine_sleep_level: Literal[0, 1, 2] = Field(
+        2,
+        description="Colocated on GPUs: vLLM sleep level while the learner trains (1: offload weights and drop the KV "
+        "cache; 2: drop both, the weights come back by the sync; 0: do not sleep). vLLM's CPU build has no sleep "
+        "mode, so on CPU it is not applied (logged).",
+    )
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the bundles.",
+    )
+
+
+class AsyncConfig(_Section):
+    """Overlap of generation and training (docs/architecture.md, "Async mode")."""
+
+    enabled: bool = Field(
+        False, description="Generate step t+1's rollouts while the learner trains on step t's.",
+    )
+    max_off_policy_steps: int = Field(
+        1, ge=0,
+        description="Most policy versions a rollout may lag the policy it trains (0: wait for the sync before "
+        "generating, i.e. sync mode).",
+    )
+    tis_cap: float = Field(
+        2.0, gt=0,
+        description="Truncated importance sampling: per-token weight min(pi_old / pi_behaviour, tis_cap) on the policy "
+        "loss, where pi_old is the learner's recomputed policy and pi_behaviour the engine's (the stale one).",
+    )
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address (None: start a local Ray).")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: enough for the actors).")
@@ -272,6 +340,8 @@ class Config(_Section):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    async_mode: AsyncConfig = Field(default_factory=AsyncConfig)
 
     @model_validator(mode="after")
     def _check_batch(self) -> "Config":
@@ -311,7 +381,38 @@ class Config(_Section):
                              "use accuracy or score")
         if not self.rewards:
             raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
+        self._check_distributed()
         return self
+
+    def _check_distributed(self) -> None:
+        lc, pc = self.learner, self.placement
+        if lc.strategy == "single" and lc.num_ranks > 1:
+            raise ValueError(f"learner.num_ranks={lc.num_ranks} needs a sharded strategy: set learner.strategy=fsdp2 "
+                             "(learner.strategy=single holds one unsharded copy on one rank)")
+        if lc.strategy == "deepspeed":
+            raise ValueError("learner.strategy=deepspeed (ZeRO-3) is not built yet; use learner.strategy=fsdp2, which "
+                             "shards parameters, gradients and optimizer state the same way (ZeRO-3 style)")
+        if pc.mode == "colocated":
+            if self.rollout.num_engines != lc.num_ranks:
+                raise ValueError(
+                    f"placement.mode=colocated pairs engine i with learner rank i: rollout.num_engines="
+                    f"{self.rollout.num_engines} must equal learner.num_ranks={lc.num_ranks}")
+            if self.rollout.num_gpus_per_engine > 1 or lc.num_gpus > 1:
+                raise ValueError("placement.mode=colocated shares one GPU per bundle: rollout.num_gpus_per_engine and "
+                                 "learner.num_gpus must be at most 1 (use disaggregated for tensor-parallel engines)")
+        if self.async_mode.enabled:
+            unsupported = {
+                "multiturn.env": self.multiturn.env is not None,
+                "dccot": self.dccot is not None,
+                "gdro.prompt_gdro / gdro.rollout_gdro (the controller updates between steps)":
+                    self.gdro.prompt_gdro or self.gdro.rollout_gdro,
+                "placement.mode=colocated (engines and learner share the devices, so nothing overlaps)":
+                    pc.mode == "colocated",
+            }
+            bad = [name for name, on in unsupported.items() if on]
+            if bad:
+                raise ValueError(f"async_mode.enabled does not support: {', '.join(bad)}; turn these off or set "
+                                 "async_mode.enabled=false")
 
     def _check_dccot(self) -> None:
         """DC-CoT mode trains on whole director/worker trajectories; what acts on single responses is rejected."""
