@@ -292,6 +292,9 @@ class PlacementConfig(_Section):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the bundles.",
     )
+    ready_timeout_s: float = Field(
+        600.0, gt=0, description="How long to wait for Ray to reserve the bundles before failing with what is missing.",
+    )
 
 
 class AsyncConfig(_Section):

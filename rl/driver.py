@@ -66,10 +66,45 @@ def _dapo_metrics(rounds: int, generated: int, dropped: int, kept: int, target: 
     }
 
 
+def _cpu_binding(index: int, count: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for CPU engine ``index`` of ``count`` on this machine: a disjoint core range."""
+    cores = os.cpu_count() or 1
+    per = max(1, cores // count)
+    first = (index * per) % cores
+    return str(first) if per == 1 else f"{first}-{first + per - 1}"
+
+
 def request_seed(run_seed: int, step: int, index: int) -> int:
     """Per-request sampling seed: the same (run, step, prompt slot) always samples the same responses."""
     digest = hashlib.sha256(f"{run_seed}:{step}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class LearnerGroup:
+    """The learner ranks (Ray actors of ``trainers.learner.Learner`` in one process group). Every call goes to all
+    ranks with the same arguments (the model methods are collectives under FSDP2) and returns rank 0's answer."""
+
+    def __init__(self, actors: list) -> None:
+        self.actors = actors
+
+    def submit(self, method: str, *args, **kwargs) -> list:
+        """Start ``method`` on every rank; the per-rank object refs (rank 0 first). Arguments go into the object
+        store once, not once per rank."""
+        import ray
+
+        if len(self.actors) > 1:
+            args = tuple(ray.put(a) for a in args)
+            kwargs = {k: ray.put(v) for k, v in kwargs.items()}
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def call(self, method: str, *args, **kwargs):
+        import ray
+
+        return ray.get(self.submit(method, *args, **kwargs))[0]
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": max(float(cpus), 0.001), **({"GPU": float(gpus)} if gpus > 0 else {})}
 
 
 class Trainer:
@@ -82,6 +117,8 @@ class Trainer:
         self.resume = resume
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator)
         self._stop_requested = False
+        self.engine_version = 0  # the policy version the engines serve (set by every sync)
+        self._pending: dict[int, dict] = {}  # async mode: batches generated ahead, by the step that trains on them
         self.gdro = None
         if cfg.gdro.prompt_gdro or cfg.gdro.rollout_gdro:
             from rl.algorithms.gdro import GdroController
@@ -172,8 +209,8 @@ class Trainer:
         if self.cfg.ray.address:
             ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": env})
         else:
-            r = self.cfg.rollout
-            need = int(np.ceil(r.num_engines * r.num_cpus_per_engine + self.cfg.learner.num_cpus)) + 1
+            r, lc = self.cfg.rollout, self.cfg.learner
+            need = int(np.ceil(r.num_engines * r.num_cpus_per_engine + lc.num_ranks * lc.num_cpus)) + 1
             num_cpus = self.cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
             ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
                      log_to_driver=True, configure_logging=False)
@@ -187,32 +224,80 @@ class Trainer:
                           audit_fraction=pc.audit_fraction, audit_log_path=str(self.run_dir / "audit.jsonl"),
                           seed=self.cfg.run.seed)
 
+    def _placement_groups(self):
+        """(learner group, engine group) placement groups: one bundle per learner rank and per engine
+        (disaggregated), or one shared bundle per (rank i, engine i) pair (colocated)."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        lc, r, pc = self.cfg.learner, self.cfg.rollout, self.cfg.placement
+        if pc.mode == "colocated":
+            bundles = [_bundle(lc.num_cpus + r.num_cpus_per_engine, max(lc.num_gpus, r.num_gpus_per_engine))
+                       for _ in range(lc.num_ranks)]
+            groups = [placement_group(bundles, strategy=pc.strategy)]
+        else:
+            groups = [placement_group([_bundle(lc.num_cpus, lc.num_gpus)] * lc.num_ranks, strategy=pc.strategy),
+                      placement_group([_bundle(r.num_cpus_per_engine, r.num_gpus_per_engine)] * r.num_engines,
+                                      strategy=pc.strategy)]
+        try:
+            ray.get([g.ready() for g in groups], timeout=pc.ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"placement ({pc.mode}) could not reserve {[g.bundle_specs for g in groups]} within "
+                f"placement.ready_timeout_s={pc.ready_timeout_s}: the cluster has {ray.cluster_resources()}. "
+                "Lower learner.num_ranks / rollout.num_engines or their num_cpus/num_gpus, or add nodes "
+                "(`rl plan` checks this before a run)") from None
+        return groups[0], groups[-1]
+
     def _start_actors(self):
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from rollout.engine import Engine
+        from trainers.distributed import free_address
         from trainers.learner import Learner
 
         cfg = self.cfg
-        r = cfg.rollout
-        engine_cls = ray.remote(Engine).options(num_cpus=r.num_cpus_per_engine, num_gpus=r.num_gpus_per_engine)
-        engines = [
-            engine_cls.remote(
+        r, lc, pc = cfg.rollout, cfg.learner, cfg.placement
+        colocated = pc.mode == "colocated"
+        learner_pg, engine_pg = self._placement_groups()
+        # Colocated on GPUs: rank i and engine i share bundle i's GPU, half each as far as Ray counts.
+        shared_gpu = colocated and lc.num_gpus > 0 and r.num_gpus_per_engine > 0
+        engine_gpus = 0.5 if shared_gpu else r.num_gpus_per_engine
+        learner_gpus = 0.5 if shared_gpu else lc.num_gpus
+        local_cpu = not cfg.ray.address and r.num_gpus_per_engine == 0 and r.num_engines > 1
+        engines = []
+        for i in range(r.num_engines):
+            opts = dict(num_cpus=r.num_cpus_per_engine, num_gpus=engine_gpus,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(engine_pg, placement_group_bundle_index=i))
+            if local_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                # vLLM CPU engines bind their threads to the same core by default; give each its own core(s)
+                opts["runtime_env"] = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": _cpu_binding(i, r.num_engines)}}
+            engines.append(ray.remote(Engine).options(**opts).remote(
                 self.model_path, dtype=cfg.model.dtype, seed=cfg.run.seed + i, max_model_len=r.max_model_len,
                 gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
                 tensor_parallel_size=r.tensor_parallel_size,
-            )
-            for i in range(r.num_engines)
+                enable_sleep_mode=colocated and pc.engine_sleep_level > 0,
+            ))
+        rank0 = PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=0)
+        master = ray.get(ray.remote(free_address).options(num_cpus=0, scheduling_strategy=rank0).remote())
+        learner_cfg = {**lc.model_dump(), "tis_cap": cfg.async_mode.tis_cap if cfg.async_mode.enabled else None}
+        actors = [
+            ray.remote(Learner).options(
+                num_cpus=lc.num_cpus, num_gpus=learner_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=k),
+            ).remote(self.model_path, learner_cfg, cfg.algorithm.model_dump(), temperature=r.temperature,
+                     seed=cfg.run.seed, dtype=cfg.model.dtype, rank=k, world_size=lc.num_ranks, master=master)
+            for k in range(lc.num_ranks)
         ]
-        learner_cls = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)
-        learner = learner_cls.remote(
-            self.model_path, cfg.learner.model_dump(), cfg.algorithm.model_dump(),
-            temperature=r.temperature, seed=cfg.run.seed, dtype=cfg.model.dtype,
-        )
         t0 = time.perf_counter()
-        ray.get([e.ping.remote() for e in engines] + [learner.ping.remote()])
-        print(f"[rl] {len(engines)} engine(s) and the learner are up ({time.perf_counter() - t0:.0f} s)", flush=True)
-        return engines, learner
+        ray.get([e.ping.remote() for e in engines] + [a.ping.remote() for a in actors])
+        print(f"[rl] {len(engines)} engine(s) and {len(actors)} learner rank(s) ({lc.strategy}, {pc.mode}) are up "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if colocated and pc.engine_sleep_level > 0 and not ray.get(engines[0].sleep_supported.remote()):
+            print("[rl] placement colocated: this vLLM build has no sleep mode (CPU), so engines stay resident while "
+                  "the learner trains (placement.engine_sleep_level is not applied)", flush=True)
+        return engines, LearnerGroup(actors)
 
     # ------------------------------------------------------------------ pieces of a step
     def generate(self, items: list[PromptItem], n: int | list[int], step: int, temperature: float, max_tokens: int,
@@ -255,8 +340,10 @@ class Trainer:
         import ray
 
         t0 = time.perf_counter()
-        blob = self.learner.export_weights.remote()
-        infos = ray.get([e.load_weights.remote(blob, version) for e in self.engines])
+        refs = self.learner.submit("export_weights")  # rank 0's ref carries the bytes; the others gather with it
+        infos = ray.get([e.load_weights.remote(refs[0], version) for e in self.engines])
+        ray.get(refs[1:])
+        self.engine_version = version
         sync_s = time.perf_counter() - t0
         out = {"perf/weight_sync_s": sync_s, "sync/weight_version": float(version),
                "sync/bytes": float(infos[0]["bytes"])}
@@ -267,7 +354,7 @@ class Trainer:
     def check_canary(self, version: int) -> float:
         import ray
 
-        want = ray.get(self.learner.probe_logprobs.remote(self.probe))
+        want = self.learner.call("probe_logprobs", self.probe)
         worst = 0.0
         for i, engine in enumerate(self.engines):
             got = ray.get(engine.score_tokens.remote(self.probe))
@@ -601,7 +688,7 @@ class Trainer:
 
             pre = [TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, 0.0, gid, loss_mask=m)
                    for r, gid, m in zip(flat, group_ids, masks)]
-            penalties = np.array(ray.get(self.learner.kl_reward_penalties.remote(pre)))
+            penalties = np.array(self.learner.call("kl_reward_penalties", pre))
             stats["kl/reward_penalty_mean"] = float(penalties.mean())
         else:
             penalties = np.zeros_like(rewards)
@@ -648,7 +735,7 @@ class Trainer:
         import ray
 
         tmp = self.ckpt.begin(step)
-        ray.get(self.learner.save.remote(str(tmp)))
+        self.learner.call("save", str(tmp))
         _copy_tokenizer_files(self.model_path, tmp / "model")  # so <checkpoint>/model is a complete model.path
         state = {"step": step, "sampler": self.sampler.state_dict(), "weight_version": step}
         if self.gdro is not None:
@@ -664,7 +751,7 @@ class Trainer:
             print(f"[rl] --resume: no checkpoint in {self.ckpt.root}; starting from step 0", flush=True)
             return
         state = json.loads((latest / "driver_state.json").read_text())
-        ray.get(self.learner.load.remote(str(latest)))
+        self.learner.call("load", str(latest))
         self.sampler.load_state_dict(state["sampler"])
         if self.gdro is not None:
             if "gdro" not in state:
@@ -723,39 +810,89 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
 
-    def train_one_step(self, step: int) -> dict[str, float]:
-        import ray
-
+    def prepare_batch(self, step: int) -> dict:
+        """Step ``step``'s rollouts turned into learner samples, with their metrics (the reward pool's counters
+        included), the engine weight version that generated them, and what sample logging needs."""
         cfg = self.cfg
-        t_step = time.perf_counter()
         if cfg.multiturn.env is not None:
-            samples, metrics, items, groups, results = self.episode_batch(step)
+            samples, metrics, *_ = self.episode_batch(step)
+            log = ("multiturn", self._last_episodes)
         elif cfg.dccot is not None:
             samples, metrics = self.dccot_batch(step)
+            log = ("dccot", self._last_dccot)
         else:
             items, groups, results, roll_stats = self.rollout_batch(step)
             samples, metrics = self.build_samples(items, groups, results)
             metrics.update(roll_stats)
-        if samples:
-            metrics.update(ray.get(self.learner.train_step.remote(samples)))
-        else:
+            log = ("single", (items, groups, results))
+        # The pool's own counters (timeouts, parse failures...) never overwrite the step's metrics.
+        metrics = {**self.reward_pool.metrics(reset=True), **metrics}
+        return {"samples": samples, "metrics": metrics, "log": log, "engine_version": self.engine_version}
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every_steps
+        return step == self.cfg.run.num_steps or bool(every and step % every == 0)
+
+    def _engines_call(self, method: str, *args) -> float:
+        import ray
+
+        return float(max(ray.get([getattr(e, method).remote(*args) for e in self.engines]), default=0.0))
+
+    def train_one_step(self, step: int) -> dict[str, float]:
+        """Rollouts (or the batch generated during the previous step, in async mode) -> learner update -> weight
+        sync. Async mode generates step+1's batch while the learner trains, if its policy lag (the learner's
+        version it trains on minus the engines' version that generates it) stays within
+        ``async_mode.max_off_policy_steps``; the sync after a step is skipped while the next batch's lag allows."""
+        import ray
+
+        cfg = self.cfg
+        t_step = time.perf_counter()
+        batch = self._pending.pop(step, None) or self.prepare_batch(step)
+        samples, metrics = batch["samples"], batch["metrics"]
+        colocated = cfg.placement.mode == "colocated"
+        if colocated:
+            metrics["perf/engine_sleep_s"] = self._engines_call("sleep", cfg.placement.engine_sleep_level)
+        t_learn = time.perf_counter()
+        refs = self.learner.submit("train_step", samples) if samples else None
+        if not samples:
             print(f"[rl] step {step}: no group survived dynamic sampling; no update this step", flush=True)
-        metrics.update(self.sync_weights(version=step))
+        lag_bound = cfg.async_mode.max_off_policy_steps
+        if cfg.async_mode.enabled:
+            metrics["async/overlap_generate_s"] = 0.0
+            if step < cfg.run.num_steps and step - self.engine_version <= lag_bound:
+                t0 = time.perf_counter()
+                self._pending[step + 1] = self.prepare_batch(step + 1)
+                metrics["async/overlap_generate_s"] = time.perf_counter() - t0
+        if refs is not None:
+            metrics.update(ray.get(refs)[0])
+        metrics["perf/learner_wall_s"] = time.perf_counter() - t_learn
+        if colocated:
+            metrics["perf/engine_wake_s"] = self._engines_call("wake_up", ["weights"])
+        if not cfg.async_mode.enabled or self.engine_version < step + 1 - lag_bound or self._eval_due(step):
+            metrics.update(self.sync_weights(version=step))
+        if colocated:
+            metrics["perf/engine_wake_s"] += self._engines_call("wake_up", ["kv_cache"])
+        metrics["async/policy_lag"] = float(step - 1 - batch["engine_version"])
         if self.gdro is not None:
             ids = [pid for pid, _ in self._seen_groups]
             self.gdro.update(ids, [c for _, c in self._seen_groups],
                              advantages=[self._raw_advantages.get(pid, [0.0] * len(c)) for pid, c in self._seen_groups])
             metrics.update(self.gdro.metrics())
-        # The pool's own counters (timeouts, parse failures...) never overwrite the step's metrics.
-        metrics = {**self.reward_pool.metrics(reset=True), **metrics}
         n_tokens = metrics.pop("rollout/tokens")
         metrics.update({
             "perf/rollout_tokens_per_s": n_tokens / max(metrics["perf/rollout_s"], 1e-9),
             "perf/step_s": time.perf_counter() - t_step,
         })
-        k = cfg.run.log_samples_per_step
-        if k and cfg.dccot is not None:
-            kept, trajs, results = self._last_dccot
+        self._log_samples(step, batch["log"])
+        return metrics
+
+    def _log_samples(self, step: int, log) -> None:
+        k = self.cfg.run.log_samples_per_step
+        kind, data = log
+        if not k:
+            return
+        if kind == "dccot":
+            kept, trajs, results = data
             items_by_id = {it.id: it for it, *_ in kept}
             self.logger.log_samples(step, [
                 {"prompt_id": t.prompt_id, "prompt": items_by_id[t.prompt_id].prompt, "response": t.response_text,
@@ -763,14 +900,15 @@ class Trainer:
                  "status": res.status, "end_reason": t.end_reason, **t.reward_metadata()}
                 for t, res in list(zip(trajs, results))[:k]
             ])
-        elif k and cfg.multiturn.env is not None:
-            turns = [(ep, st) for ep in self._last_episodes for st in ep.steps][:k]
+        elif kind == "multiturn":
+            turns = [(ep, st) for ep in data for st in ep.steps][:k]
             self.logger.log_samples(step, [
                 {"trajectory_id": ep.trajectory_id, "turn": st.step_index, "prompt": st.prompt,
                  "response": st.action_text, "reward": st.reward, "state": st.state_key, "info": st.info}
                 for ep, st in turns
             ])
-        elif k:
+        else:
+            items, groups, results = data
             flat = [(it, r) for it, g in zip(items, groups) for r in g]
             picked = [(it, r, results[i]) for i, (it, r) in enumerate(flat[:k])]
             self.logger.log_samples(step, [
@@ -778,7 +916,6 @@ class Trainer:
                  "reward": res.score, "correct": res.correct, "extracted": res.extracted, "status": res.status}
                 for it, r, res in picked
             ])
-        return metrics
 
     def close(self) -> None:
         import ray

@@ -46,6 +46,7 @@ class Engine:
         enforce_eager: bool = False,
         tensor_parallel_size: int = 1,
         speculative_config: dict | None = None,
+        enable_sleep_mode: bool = False,
     ) -> None:
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.getcwd(), ".cache", "vllm"))
         from vllm import LLM
@@ -68,6 +69,10 @@ class Engine:
             kwargs["speculative_config"] = speculative_config
         import torch
 
+        # vLLM's CPU build has no sleep mode (it rejects enable_sleep_mode); colocated CPU runs never sleep.
+        self.can_sleep = bool(enable_sleep_mode and torch.cuda.is_available())
+        if self.can_sleep:
+            kwargs["enable_sleep_mode"] = True
         if not torch.cuda.is_available():
             # vLLM's CPU build fails ("CPU Generator does not use offset") when a request with its own seed has
             # its prompt prefilled in chunks, which happens once a batch's prompts exceed the token budget. We seed
@@ -204,6 +209,26 @@ class Engine:
         if versions != {int(version)}:
             raise RuntimeError(f"weight sync: workers report versions {versions}, expected {version}")
         return {"version": int(version), "sync_s": time.perf_counter() - t0, "bytes": len(blob)}
+
+    def sleep_supported(self) -> bool:
+        return self.can_sleep
+
+    def sleep(self, level: int) -> float:
+        """Free device memory while a colocated learner trains (level 1: offload weights, drop the KV cache;
+        level 2: drop both; the next sync brings the weights back). Returns seconds; 0 when not applicable."""
+        if not self.can_sleep or level == 0:
+            return 0.0
+        t0 = time.perf_counter()
+        self.llm.sleep(level=level)
+        return time.perf_counter() - t0
+
+    def wake_up(self, tags: list[str] | None = None) -> float:
+        """Re-allocate what ``sleep`` freed (``["weights"]`` before a sync, ``["kv_cache"]`` after it)."""
+        if not self.can_sleep:
+            return 0.0
+        t0 = time.perf_counter()
+        self.llm.wake_up(tags=tags)
+        return time.perf_counter() - t0
 
     def worker_weight_versions(self) -> list[int]:
         return list(self.llm.collective_rpc("rl_weight_version"))

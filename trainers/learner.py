@@ -37,6 +37,7 @@ from rl.algorithms import (
 )
 from rl.config import KernelsConfig
 from rl.types import TrainSample
+from trainers import distributed as D
 from trainers.fused_logprob import (
     IGNORE_INDEX,
     LOGPROB_KERNELS,
@@ -328,7 +329,11 @@ def apply_kernels(model, kernels: KernelChoice, device: torch.device) -> KernelC
 
 
 class Learner:
-    """Holds the policy (and optionally a frozen reference), the optimizer, and the update step."""
+    """Holds the policy (and optionally a frozen reference), the optimizer, and the update step.
+
+    One rank of the learner group (``trainers.distributed``): with ``learner.strategy=fsdp2`` every public method
+    that touches the model is a collective, so the driver calls it on all ranks with the same arguments and takes
+    rank 0's answer (``rl.driver.LearnerGroup``)."""
 
     def __init__(
         self,
@@ -339,28 +344,50 @@ class Learner:
         temperature: float,
         seed: int = 0,
         dtype: str = "float32",
+        rank: int = 0,
+        world_size: int = 1,
+        master: tuple[str, int] | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
         self.cfg = learner_cfg
         self.algo = AlgorithmConfig.model_validate(algo_cfg)
         self.temperature = float(temperature)
+        self.strategy = learner_cfg.get("strategy", "single")
+        if self.strategy not in ("single", "fsdp2"):
+            raise ValueError(f"learner.strategy={self.strategy!r} is not built; use single or fsdp2")
+        if self.strategy == "single" and world_size != 1:
+            raise ValueError(f"learner.strategy=single runs one rank, got world_size={world_size}; use fsdp2")
         if learner_cfg.get("torch_threads"):
             torch.set_num_threads(int(learner_cfg["torch_threads"]))
         torch.manual_seed(seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() and learner_cfg.get("num_gpus", 0) > 0 else "cpu")
+        self.rank, self.world_size = rank, world_size
+        if self.strategy == "fsdp2":
+            D.init_process_group(rank, world_size, master or ("127.0.0.1", 29500), self.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
         self.model.train()
+        if learner_cfg.get("activation_checkpointing"):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         kernel_cfg = KernelsConfig.model_validate(learner_cfg.get("kernels") or {})
         chosen = select_kernels(kernel_cfg, self.model, self.device, learner_cfg["micro_batch_tokens"])
-        self.kernels = apply_kernels(self.model, chosen, self.device)
-        print(f"[learner] kernels: {self.kernels.describe()}", flush=True)
+        self.kernels = apply_kernels(self.model, chosen, self.device)  # checked on the whole model, before sharding
+        if rank == 0:
+            print(f"[learner] kernels: {self.kernels.describe()}; strategy={self.strategy} ranks={world_size}",
+                  flush=True)
         self.ref_model = None
         if self.algo.kl_coef > 0:  # KL to the initial policy, as a loss term or a reward penalty (algorithm.kl_in)
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.policy = D.LogProbModule(self.model)
+        self.ref_policy = D.LogProbModule(self.ref_model) if self.ref_model is not None else None
+        if self.strategy == "fsdp2":
+            fsdp_cfg = learner_cfg.get("fsdp") or {}
+            D.shard_with_fsdp2(self.policy, fsdp_cfg, self.device)
+            if self.ref_policy is not None:
+                D.shard_with_fsdp2(self.ref_policy, fsdp_cfg, self.device, trainable=False)
         self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            self.policy.parameters(),
             lr=learner_cfg["lr"],
             betas=tuple(learner_cfg["betas"]),
             weight_decay=learner_cfg["weight_decay"],
@@ -370,16 +397,30 @@ class Learner:
     # ---------------------------------------------------------------- log-probs
     @torch.no_grad()
     def compute_logprobs(self, samples: list[TrainSample], model=None, temperature: float | None = None) -> list[list[float]]:
-        """Per-response-token log-probs under ``model`` (default: the policy), same order as ``samples``."""
-        model = model or self.model
+        """Per-response-token log-probs under ``model`` (the policy by default, or ``self.ref_model``), same order
+        as ``samples``. Each rank computes its share; every rank returns the whole list."""
+        module = self.ref_policy if model is not None and model is self.ref_model else self.policy
         temp = self.temperature if temperature is None else temperature
-        out: list[list[float]] = [[] for _ in samples]
-        for mb in make_micro_batches(samples, self.cfg["micro_batch_tokens"], packed=self.kernels.packed):
-            mb = self._to_device(mb)
-            logp, _ = token_logprobs(model, mb, temp, kernels=self.kernels)
-            for i, row in zip(mb.index, _gather_response(mb, samples, logp.cpu())):
-                out[i] = row
-        return out
+        mine = D.assign_to_ranks([s.num_tokens for s in samples], self.world_size)[self.rank]
+        local = [samples[i] for i in mine]
+        mbs = make_micro_batches(local, self.cfg["micro_batch_tokens"], packed=self.kernels.packed)
+        rows: dict[int, list[float]] = {}
+        for k in range(D.max_over_ranks(len(mbs))):
+            if k >= len(mbs):  # padding pass: the other ranks' collectives need this rank's forward
+                module(self._to_device(self._padding_batch()), temp, False, self.kernels)
+                continue
+            mb = self._to_device(mbs[k])
+            logp, _ = module(mb, temp, False, self.kernels)
+            for i, row in zip(mb.index, _gather_response(mb, local, logp.float().cpu())):
+                rows[mine[i]] = row
+        if self.world_size > 1:
+            for part in D.gather_objects(rows):
+                rows.update(part)
+        return [rows[i] for i in range(len(samples))]
+
+    def _padding_batch(self) -> MicroBatch:
+        return make_micro_batches([TrainSample([0], [0], [0.0], 0.0, "padding")], 1 << 20,
+                                  packed=self.kernels.packed)[0]
 
     def _to_device(self, mb: MicroBatch) -> MicroBatch:
         return mb if self.device.type == "cpu" else _mb_to(mb, self.device)
@@ -449,18 +490,28 @@ class Learner:
         return metrics
 
     def _update(self, samples, idx, old, ref) -> dict[str, float]:
-        sub = [samples[i] for i in idx]
-        sub_old = [old[i] for i in idx]
-        sub_ref = [ref[i] for i in idx] if ref is not None else None
-        masks = [s.loss_mask if s.loss_mask is not None else [1] * len(s.response_token_ids) for s in sub]
+        """One optimizer step on the mini-batch ``samples[idx]``. The loss is normalized by the whole mini-batch's
+        counts; each rank runs its share of the samples and the gradient reduction sums over ranks."""
+        masks = [samples[i].loss_mask if samples[i].loss_mask is not None else [1] * len(samples[i].response_token_ids)
+                 for i in idx]
         n_tokens = float(sum(sum(m) for m in masks))
-        n_seqs = float(len(sub))
+        n_seqs = float(len(idx))
+        mine = D.assign_to_ranks([samples[i].num_tokens for i in idx], self.world_size)[self.rank]
+        sub = [samples[idx[j]] for j in mine]
+        sub_old = [old[idx[j]] for j in mine]
+        sub_ref = [ref[idx[j]] for j in mine] if ref is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0}
         weighted: dict[str, float] = {"loss/entropy": 0.0}
-        for mb in make_micro_batches(sub, self.cfg["micro_batch_tokens"], packed=self.kernels.packed):
-            mb = self._to_device(mb)
-            logp, entropy = token_logprobs(self.model, mb, self.temperature, with_entropy=True, kernels=self.kernels)
+        mbs = make_micro_batches(sub, self.cfg["micro_batch_tokens"], packed=self.kernels.packed)
+        n_passes = D.max_over_ranks(len(mbs))
+        for k in range(n_passes):
+            if k >= len(mbs):  # padding pass with zero loss: keeps this rank in the other ranks' collectives
+                logp, _ = self.policy(self._to_device(self._padding_batch()), self.temperature, False, self.kernels)
+                (logp.sum() * 0.0).backward()
+                continue
+            mb = self._to_device(mbs[k])
+            logp, entropy = self.policy(mb, self.temperature, True, self.kernels)
             mask = mb.resp_mask
             old_t = _response_values(mb, sub, sub_old).to(logp.device)
             adv_t = mask * torch.tensor([sub[i].advantage for i in mb.index], device=logp.device)[mb.seq_ids]
@@ -475,7 +526,14 @@ class Learner:
                 mode=self.algo.loss_agg_mode, global_num_tokens=n_tokens, global_num_seqs=n_seqs,
                 const_len=self.algo.loss_agg_const_len,
             )
-            pg = aggregate_loss(out.per_token_loss, inp.mask, inp.seq_index, **agg)
+            per_token_loss = out.per_token_loss
+            tis = None
+            if self.cfg.get("tis_cap"):  # async mode: truncated importance weight pi_old / pi_behaviour per token
+                beh_t = _response_values(mb, sub, [s.behaviour_logprobs for s in sub]).to(logp.device)
+                ratio = torch.exp(old_t[sel] - beh_t[sel])
+                tis = ratio.clamp(max=float(self.cfg["tis_cap"]))
+                per_token_loss = per_token_loss * tis
+            pg = aggregate_loss(per_token_loss, inp.mask, inp.seq_index, **agg)
             loss = pg
             if sub_ref is not None:
                 ref_t = _response_values(mb, sub, sub_ref).to(logp.device)
@@ -488,20 +546,31 @@ class Learner:
             totals["loss/total"] += float(loss.detach())
             share = float(mask.sum()) / max(n_tokens, 1.0)
             weighted["loss/entropy"] += share * float((entropy * mask).sum() / mask.sum().clamp(min=1))
+            if tis is not None:
+                for key, value in (("tis_weight_mean", tis.mean()), ("tis_clip_frac", (ratio > tis).float().mean())):
+                    weighted[f"async/{key}"] = weighted.get(f"async/{key}", 0.0) + share * float(value)
             for key, value in out.metrics.items():  # every loss metric, token-share weighted over the mini-batch
                 weighted[f"loss/{key}"] = weighted.get(f"loss/{key}", 0.0) + share * float(value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg["grad_clip"]))
         self.optimizer.step()
         self.num_updates += 1
+        if self.world_size > 1:  # every term is this rank's share of a mini-batch-normalized sum
+            totals, weighted = D.sum_over_ranks({**totals, **weighted}), {}
         return {**totals, **weighted, "loss/grad_norm": float(grad_norm), "tokens": n_tokens}
 
     # ---------------------------------------------------------------- weights and checkpoints
-    def export_weights(self) -> bytes:
-        """Full state dict as safetensors bytes (HF names; tied tensors cloned so safetensors accepts them)."""
+    def export_weights(self) -> bytes | None:
+        """Full state dict as safetensors bytes (HF names; tied tensors cloned so safetensors accepts them), on
+        rank 0 (None on the others). Sharded parameters are gathered one tensor at a time, so no rank holds more
+        than its shard plus one whole tensor on the device."""
         from safetensors.torch import save as st_save
 
-        sd = {k: v.detach().to("cpu").clone().contiguous() for k, v in self.model.state_dict().items()}
-        return st_save(sd)
+        sd = {}
+        for k, v in self.model.state_dict().items():
+            full = D.full_tensor(v.detach())  # a collective under FSDP2: every rank walks the same keys
+            if self.rank == 0:
+                sd[k] = full.to("cpu").clone().contiguous()
+        return st_save(sd) if self.rank == 0 else None
 
     def probe_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Temperature-1 log-probs of given responses (the canary's learner side)."""
@@ -509,31 +578,57 @@ class Learner:
         return self.compute_logprobs(samples, temperature=1.0)
 
     def save(self, directory: str) -> None:
-        """Model (safetensors), optimizer and RNG states into ``directory`` (the caller makes it atomic)."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path / "model")
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "num_updates": self.num_updates,
-            "rng": _rng_state(),
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        (path / "learner_state.pt").write_bytes(buf.getvalue())
+        """Model (safetensors, HF names), optimizer and RNG states into ``directory`` (the caller makes it atomic).
+        The optimizer state is saved whole, keyed by parameter name, so a checkpoint resumes under any strategy
+        and rank count. A collective under FSDP2; rank 0 writes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.policy, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            path = Path(directory)
+            path.mkdir(parents=True, exist_ok=True)
+            weights = {k.removeprefix("lm."): v for k, v in model_sd.items()}
+            self.model.save_pretrained(path / "model", state_dict=weights)
+            state = {
+                "format": "fqn",
+                "optimizer": optim_sd,
+                "num_updates": self.num_updates,
+                "rng": _rng_state(),
+            }
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            (path / "learner_state.pt").write_bytes(buf.getvalue())
+        D.barrier()
 
     def load(self, directory: str) -> None:
+        """Every rank reads the checkpoint (so ``directory`` must be on storage all learner nodes see)."""
         from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         path = Path(directory)
         weights = load_file(str(path / "model" / "model.safetensors"))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        expected = set(self.model.state_dict())
+        if self.model.config.tie_word_embeddings and "lm_head.weight" in expected and "lm_head.weight" not in weights:
+            emb = self.model.get_input_embeddings().weight
+            name = next(k for k, v in self.model.state_dict(keep_vars=True).items()
+                        if v is emb and k != "lm_head.weight")
+            weights["lm_head.weight"] = weights[name]
         # Tied LM heads are saved once; anything else missing is a real mismatch.
-        missing = [k for k in missing if not (k == "lm_head.weight" and self.model.config.tie_word_embeddings)]
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
         state = torch.load(path / "learner_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("format") != "fqn":
+            if self.strategy != "single":
+                raise RuntimeError(f"checkpoint {path} has an optimizer state keyed by parameter order (an older "
+                                   "format); resume it with learner.strategy=single")
+            self.model.load_state_dict(weights, strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            set_state_dict(self.policy, self.optimizer,
+                           model_state_dict={f"lm.{k}": v for k, v in weights.items()},
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.num_updates = state["num_updates"]
         _set_rng_state(state["rng"])
 

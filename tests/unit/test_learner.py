@@ -160,3 +160,19 @@ def test_kl_reward_penalty_per_sample(model_dir):
     assert got == pytest.approx(want, abs=1e-6)
     # With kl_in=reward the loss has no KL term.
     assert learner.train_step(samples)["loss/kl"] == 0.0
+
+
+def test_truncated_importance_weights_scale_the_token_loss(model_dir):
+    """Async mode: per-token loss x min(pi_old / pi_behaviour, tis_cap). At the first mini-batch pi = pi_old, so the
+    PPO term is -A per token; with weights [1, 1.5, 2 (capped from 4)] token-mean gives -(1 + 1.5 + 2) / 3 = -1.5."""
+    cfg = {**LEARNER_CFG, "tis_cap": 2.0}
+    learner = Learner(model_dir, cfg, ALGO, temperature=1.0)
+    s = TrainSample([3, 4, 5], [6, 7, 8], [0.0] * 3, advantage=1.0, group_id="g0")
+    old = learner.compute_logprobs([s])[0]
+    s.behaviour_logprobs = [old[0], old[1] - math.log(1.5), old[2] - math.log(4.0)]
+    m = learner.train_step([s])
+    assert m["loss/policy"] == pytest.approx(-1.5, abs=1e-5)
+    assert m["async/tis_weight_mean"] == pytest.approx(1.5, abs=1e-5)
+    assert m["async/tis_clip_frac"] == pytest.approx(1 / 3, abs=1e-6)
+    plain = Learner(model_dir, LEARNER_CFG, ALGO, temperature=1.0).train_step([s])
+    assert plain["loss/policy"] == pytest.approx(-1.0, abs=1e-5) and "async/tis_weight_mean" not in plain

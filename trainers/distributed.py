@@ -1,0 +1,173 @@
+"""The learner's process group: rank bookkeeping, FSDP2 sharding, data split and reductions.
+
+One code path for 1 and N ranks. ``learner.strategy=single`` runs one rank without a process group; ``fsdp2``
+forms a torch process group over ``learner.num_ranks`` ranks (gloo on CPU, NCCL on CUDA; each rank is a Ray actor
+holding a :class:`trainers.learner.Learner`) and shards the policy with ``fully_shard``: every decoder layer is its
+own FSDP unit and the root unit holds the rest (embeddings, final norm, LM head). The root is the log-prob module
+(:class:`LogProbModule`), so the fused log-prob kernels run inside its forward and see the gathered LM-head weight.
+
+Data parallelism: every rank receives the whole step's samples and takes its share of each mini-batch
+(:func:`assign_to_ranks`, balanced by tokens). Losses are normalized by the token/sequence counts of the whole
+mini-batch and the gradient reduce-scatter sums (divide factor 1), so the update equals the one-rank update.
+FSDP's collectives need every rank to run the same number of forward/backward passes: ranks with fewer
+micro-batches run zero-weight padding passes (:func:`max_over_ranks`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LogProbModule(torch.nn.Module):
+    """Wraps the causal LM so the whole log-prob computation (decoder, LM head or fused kernel) is one forward:
+    under FSDP2 this module is the root unit, so the LM-head weight is gathered while the kernels read it."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, mb, temperature: float, with_entropy: bool, kernels):
+        from trainers.learner import token_logprobs
+
+        logp, entropy = token_logprobs(self.lm, mb, temperature, with_entropy=with_entropy, kernels=kernels)
+        # FSDP hooks the root's outputs for backward; return fresh tensors, not views of the logits
+        return logp.clone(), entropy
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port (for rank 0's rendezvous)."""
+    try:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray
+        ip = "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ip, port
+
+
+def init_process_group(rank: int, world_size: int, master: tuple[str, int], device: torch.device,
+                       timeout_s: float = 1800.0) -> None:
+    """Join the learners' process group (gloo on CPU, NCCL on CUDA)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.setdefault("MASTER_ADDR", master[0])
+    os.environ.setdefault("MASTER_PORT", str(master[1]))
+    dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def shard_with_fsdp2(root: LogProbModule, fsdp_cfg: dict, device: torch.device, trainable: bool = True) -> None:
+    """``fully_shard`` each decoder layer, then the root. Gradient reduction sums (divide factor 1): losses are
+    already normalized by global counts."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    param_dtype = _DTYPES[fsdp_cfg["param_dtype"]] if fsdp_cfg.get("param_dtype") else None
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[fsdp_cfg.get("reduce_dtype", "float32")])
+    kwargs: dict[str, Any] = dict(mp_policy=mp, reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)))
+    if fsdp_cfg.get("cpu_offload") and device.type == "cuda":
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    layers = getattr(root.lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"learner.strategy=fsdp2: {type(root.lm).__name__} has no decoder `layers` to shard")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(root, **kwargs)
+    if trainable:
+        for m in root.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
+
+
+def assign_to_ranks(lengths: list[int], n_ranks: int) -> list[list[int]]:
+    """Indices split over ranks, balanced by length (longest first to the least loaded rank); each rank's list
+    is in index order. Deterministic."""
+    loads = [0] * n_ranks
+    out: list[list[int]] = [[] for _ in range(n_ranks)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(n_ranks), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += lengths[i]
+    return [sorted(x) for x in out]
+
+
+def max_over_ranks(value: int) -> int:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return int(t.item())
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Sum of a metrics dict over ranks; a key a rank lacks counts 0 there (a rank that ran only padding passes
+    reports no loss metrics)."""
+    if not is_distributed():
+        return dict(values)
+    keys = sorted({k for part in gather_objects(sorted(values)) for k in part})
+    t = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=_cpu_group())
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a one-element list without a process group)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_cpu_group())
+    return out
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group for small CPU-side reductions (NCCL groups need CUDA tensors)."""
+    global _CPU_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter; a collective when sharded: all ranks must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier(group=_cpu_group())
+
+
+def destroy() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
