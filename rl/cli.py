@@ -1,4 +1,4 @@
-"""The ``rl`` command: ``rl train``, ``rl eval``, ``rl verify``, ``rl convert-gguf``, ``rl build-tiny``."""
+"""The ``rl`` command: ``rl train``, ``rl plan``, ``rl eval``, ``rl verify``, ``rl convert-gguf``, ``rl build-tiny``."""
 
 from __future__ import annotations
 
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
     p.add_argument("--ray-address", default=None, help="attach to a running Ray cluster (e.g. auto or ray://host:10001)")
     p.set_defaults(func=_train)
+
+    from rl.plan import add_plan_parser
+
+    add_plan_parser(sub)
 
     sub.add_parser("verify", help="grade responses against gold answers (rl verify --help)")
 

@@ -1,0 +1,218 @@
+"""``rl plan``: every recipe plans, the memory arithmetic matches a hand computation, broken configs name the fix."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rl.cli import main
+from rl.config import load_config
+from rl.plan import KNOWN_SHAPES, PlanError, parse_shape_spec, plan
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+GIB = 2**30
+MIB = 2**20
+EIGHT_GPU = str(ROOT / "configs" / "cluster_8gpu_qwen2.5_math_7b.yaml")
+
+
+def run_plan(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_plans(recipe, capsys):
+    rc, out, _ = run_plan(capsys, str(recipe), "--json")
+    result = json.loads(out)
+    assert rc == 0 and result["ok"], result["errors"]
+    assert "Each step:" in result["batch"]["summary"]
+    cfg = load_config(recipe)
+    if cfg.learner.num_gpus == 0 and cfg.rollout.num_gpus_per_engine == 0:
+        # the CPU recipes: no GPU estimate, host-RAM numbers instead
+        assert result["placement"]["device"] == "cpu"
+        assert result["memory"]["device"] == "cpu" and result["memory"]["host"]["per_learner_rank"] > 0
+        assert any("per-GPU estimate does not apply" in n for n in result["notes"])
+
+
+@pytest.mark.parametrize("name,gpus,extra", [
+    ("cluster_1gpu_qwen2.5_math_1.5b.yaml", "1", []),
+    ("cluster_8gpu_qwen2.5_math_7b.yaml", "8", []),
+    ("cluster_4x8gpu_qwen2.5_math_7b.yaml", "32", ["--nodes", "4"]),
+])
+def test_cluster_recipes_fit_their_cluster(name, gpus, extra, capsys):
+    """The cluster recipes use their cluster exactly, with no error, no warning, and peaks under 80 GiB."""
+    rc, out, _ = run_plan(capsys, str(ROOT / "configs" / name), "--cluster-gpus", gpus, *extra, "--json",
+                          "--strict")
+    result = json.loads(out)
+    assert rc == 0 and not result["errors"] and not result["warnings"], (result["errors"], result["warnings"])
+    assert result["placement"]["total_gpus"] == int(gpus)
+    assert result["memory"]["peak"] < 80 * GIB
+
+
+def test_eight_gpu_recipe_by_hand(capsys):
+    """configs/cluster_8gpu_qwen2.5_math_7b.yaml: Qwen2.5-Math-7B (H=3584, L=28, 28 heads, 4 KV heads, d=128,
+    I=18944, V=152064, untied), bf16, colocated 8 FSDP2 ranks + 8 engines, micro-batches of 16384 tokens with
+    activation checkpointing, gpu_memory_utilization 0.7 of 80 GiB, 128 prompts x 8 samples."""
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "--cluster-gpus", "8", "--json")
+    assert rc == 0
+    r = json.loads(out)
+
+    # Parameters. Per layer:
+    #   q proj 3584*3584 + 3584 bias           = 12,848,640
+    #   k, v proj 2 * (3584*512 + 512 bias)    =  3,671,040   (kv dim = 4 heads * 128)
+    #   o proj 3584*3584                       = 12,845,056
+    #   MLP 3 * 3584 * 18944                   = 203,685,888
+    #   two RMSNorms 2 * 3584                  =      7,168
+    #                                    total = 233,057,792
+    per_layer = 12_848_640 + 3_671_040 + 12_845_056 + 203_685_888 + 7_168
+    assert per_layer == 233_057_792
+    # Outside the layers: embedding + untied LM head 2 * 152064*3584 = 1,089,994,752, final norm 3584.
+    non_layer = 1_089_994_752 + 3_584
+    # P = 28 * 233,057,792 + 1,089,998,336 = 7,615,616,512 (Qwen2.5-7B's published 7.61B)
+    params = 28 * per_layer + non_layer
+    assert params == 7_615_616_512
+    assert r["model"]["params"] == params
+    assert r["model"]["params_per_layer"] == per_layer and r["model"]["params_non_layer"] == non_layer
+
+    # Sharded over 8 ranks, bf16 (2 bytes): 7,615,616,512 * 2 / 8 = 1,903,904,128 bytes (1.77 GiB) of parameters,
+    # the same of gradients, twice that of AdamW state (exp_avg, exp_avg_sq in bf16); kl_coef 0: no reference.
+    learner = r["memory"]["learner"]
+    assert learner["parameters"] == 1_903_904_128
+    assert learner["gradients"] == 1_903_904_128
+    assert learner["optimizer"] == 3_807_808_256
+    assert learner["reference"] == 0
+
+    # Gathered: root unit (non-layer params) + its gradient, two layers + one layer's gradient, in bf16:
+    # 2 * (2 * 1,089,998,336 + 3 * 233,057,792) = 5,758,340,096
+    assert learner["gathered"] == 5_758_340_096
+
+    # Activations with checkpointing, T = 16384 tokens:
+    #   A = 2*(2*3584 + 2*512 + 4*18944) + 2*3584*(2*2 + 4) = 167,936 + 57,344 = 225,280 bytes per token and layer
+    #   T * (28 * 3584 * 2 + A) = 16384 * (200,704 + 225,280) = 6,979,321,856
+    assert learner["activation_bytes_per_token_per_layer"] == 225_280
+    assert learner["activations"] == 6_979_321_856
+
+    # Log-prob peak, triton on CUDA (auto): 256 MiB of buffers + fp32 LM-head gradient 152064*3584*4
+    #   = 268,435,456 + 2,179,989,504 = 2,448,424,960
+    assert learner["logprob_kernel"] == "triton"
+    assert learner["logprob"] == 2_448_424_960
+
+    # vLLM engine, TP 1: weights 7,615,616,512 * 2 = 15,231,233,024; budget 0.7 * 80 GiB = 56 GiB
+    # = 60,129,542,144; KV = 60,129,542,144 - 15,231,233,024 - 2 GiB (2,147,483,648) = 42,750,825,472.
+    # KV per token: 2 (K and V) * 28 layers * 4 KV heads * 128 * 2 bytes = 57,344 -> 745,515 tokens (floor).
+    engine = r["memory"]["engine"]
+    assert engine["weights"] == 15_231_233_024
+    assert engine["budget"] == 60_129_542_144
+    assert engine["kv_cache"] == 42_750_825_472
+    assert engine["kv_bytes_per_token"] == 57_344
+    assert engine["kv_tokens"] == 42_750_825_472 // 57_344 == 745_515
+    # A round: 128 prompts * 8 samples / 8 engines = 128 sequences * 4096 tokens = 524,288 tokens per engine.
+    assert engine["concurrent_need_tokens"] == 524_288
+
+    # Colocated, sleep level 2: max(train peak + 0.5 GiB asleep engine, resident + 56 GiB).
+    train = 1_903_904_128 * 4 + 5_758_340_096 + 6_979_321_856 + 2_448_424_960 + GIB // 2
+    resident = 1_903_904_128 * 4 + GIB // 2
+    assert learner["train_peak"] == train and learner["resident"] == resident
+    assert r["memory"]["peak"] == max(train + GIB // 2, resident + 60_129_542_144)
+
+    # Batch: 1024 responses, 4 mini-batches of 256 (32 groups), 32 responses per rank.
+    b = r["batch"]
+    assert (b["samples_per_step"], b["samples_per_mini_batch"], b["groups_per_mini_batch"]) == (1024, 256, 32)
+    assert b["samples_per_rank_per_mini_batch"] == 32
+    assert "128 prompts x 8 samples = 1024 responses" in b["summary"]
+    assert "each of 8 learner ranks gets 32 responses per mini-batch" in b["summary"]
+
+
+def test_naive_logits_peak(capsys):
+    # naive: 16384 tokens * 152064 vocab * (2 bytes bf16 logits + 4 fp32 copy + 4 fp32 log-softmax) = 24,914,165,760
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "learner.kernels.logprob=naive", "--json")
+    assert rc == 0
+    learner = json.loads(out)["memory"]["learner"]
+    assert learner["logprob_kernel"] == "naive" and learner["logprob"] == 24_914_165_760
+
+
+def test_colocated_needs_equal_engines_and_ranks(capsys):
+    rc, _, err = run_plan(capsys, EIGHT_GPU, "rollout.num_engines=4")
+    assert rc == 1
+    assert "rollout.num_engines=4 must equal learner.num_ranks=8" in err
+
+
+def test_more_gpus_than_the_cluster(capsys):
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "--cluster-gpus", "4")
+    assert rc == 1
+    assert "needs 8 GPUs" in out and "--cluster-gpus=4" in out and "lower learner.num_ranks" in out
+    # disaggregated 16 + 16 on 24 GPUs: the colocated alternative is named
+    rc, out, _ = run_plan(capsys, str(ROOT / "configs" / "cluster_4x8gpu_qwen2.5_math_7b.yaml"), "--cluster-gpus", "24",
+                          "--json")
+    errors = json.loads(out)["errors"]
+    assert rc == 1 and any("placement.mode=colocated (needs 16)" in e["message"] for e in errors)
+
+
+def test_mini_batch_smaller_than_ranks(capsys):
+    # 128 prompts x 4 samples / 128 mini-batches = 4 responses per mini-batch for 8 ranks
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "rollout.num_samples_per_prompt=4", "learner.mini_batches_per_step=128",
+                          "--json")
+    r = json.loads(out)
+    assert rc == 1 and not r["ok"]
+    (e,) = r["errors"]
+    assert e["key"] == "learner.num_ranks"
+    assert "cannot be split over learner.num_ranks=8" in e["message"]
+    assert "Lower learner.num_ranks to <= 4" in e["message"]
+
+
+def test_uneven_split_warns_and_strict_fails(capsys):
+    # 128 x 5 / 64 = 10 responses per mini-batch over 8 ranks: 1 or 2 each
+    args = (EIGHT_GPU, "rollout.num_samples_per_prompt=5", "learner.mini_batches_per_step=64")
+    rc, out, _ = run_plan(capsys, *args)
+    assert rc == 0 and "splits unevenly over 8 ranks" in out
+    rc, _, _ = run_plan(capsys, *args, "--strict")
+    assert rc == 1
+
+
+def test_tensor_parallel_must_match_engine_gpus(capsys):
+    rc, out, _ = run_plan(capsys, str(ROOT / "configs" / "cluster_4x8gpu_qwen2.5_math_7b.yaml"),
+                          "rollout.tensor_parallel_size=2", "--json")
+    (e,) = json.loads(out)["errors"]
+    assert rc == 1 and e["key"] == "rollout.tensor_parallel_size"
+    assert "set rollout.tensor_parallel_size=1" in e["message"]
+
+
+def test_memory_over_the_gpu_names_the_knobs(capsys):
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "learner.activation_checkpointing=false", "--json")
+    r = json.loads(out)
+    (w,) = [w for w in r["warnings"] if w["key"] == "memory"]
+    assert rc == 0  # a warning, not an error
+    assert "exceeds --gpu-memory-gib=80" in w["message"]
+    assert "learner.activation_checkpointing=true" in w["message"] and "learner.micro_batch_tokens" in w["message"]
+
+
+def test_text_output_and_config_errors(capsys):
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "--cluster-gpus", "8")
+    assert rc == 0 and "memory estimate" in out and "PEAK, colocated GPU" in out and out.rstrip().endswith("plan: OK")
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "rollout.temperatur=1", "--json")
+    r = json.loads(out)
+    assert rc == 1 and "did you mean 'rollout.temperature'" in r["errors"][0]["message"]
+
+
+def test_model_shapes(tmp_path):
+    assert parse_shape_spec("qwen2.5-math-1.5b") is KNOWN_SHAPES["qwen2.5-math-1.5b"]
+    # Qwen2.5-1.5B: 28 * 46,797,824 + 151936*1536 (tied) + 1536 = 1,543,714,304 (published: 1.54B)
+    assert KNOWN_SHAPES["qwen2.5-1.5b"].num_params() == 1_543_714_304
+    spec = parse_shape_spec("hidden=1536,layers=28,heads=12,kv_heads=2,intermediate=8960,vocab=151936,tie=true")
+    assert spec.num_params() == 1_543_714_304
+    with pytest.raises(PlanError, match="not a known model"):
+        parse_shape_spec("llama-9000")
+    # a local checkpoint directory: its config.json is read
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": False}))
+    cfg = load_config(EIGHT_GPU, [f"model.path={tmp_path}"])
+    r = plan(cfg, cluster_gpus=8)
+    assert r["model"]["source"].endswith("config.json") and r["model"]["params"] == 1_543_714_304 + 151936 * 1536
+    # an unknown model off this machine: a warning and no memory estimate, unless --model-shape is given
+    cfg = load_config(EIGHT_GPU, ["model.path=/nonexistent/my-model"])
+    r = plan(cfg)
+    assert r["ok"] and r["memory"] is None and r["warnings"][0]["key"] == "model.path"
+    assert plan(cfg, model_shape="Qwen2.5-Math-7B")["memory"] is not None
