@@ -172,6 +172,19 @@ class FsdpConfig(_Section):
     )
 
 
+class DeepSpeedConfig(_Section):
+    """DeepSpeed ZeRO-3 settings (learner.strategy=deepspeed); the DeepSpeed config is generated from these and
+    the learner section (optimizer, clipping, precision)."""
+
+    offload_optimizer: bool = Field(False, description="Keep the optimizer state (and its step) in host memory.")
+    offload_params: bool = Field(False, description="Keep the partitioned parameters in host memory.")
+    reduce_bucket_size: int = Field(50_000_000, ge=1, description="Elements per gradient reduce-scatter bucket.")
+    prefetch_bucket_size: int = Field(50_000_000, ge=1, description="Elements of parameters prefetched ahead of use.")
+    param_persistence_threshold: int = Field(
+        100_000, ge=0, description="Parameters smaller than this many elements stay whole on every rank.",
+    )
+
+
 class LearnerConfig(_Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -204,6 +217,7 @@ class LearnerConfig(_Section):
         False, description="Recompute each decoder layer's activations in backward (transformers gradient checkpointing).",
     )
     fsdp: FsdpConfig = Field(default_factory=lambda: FsdpConfig())
+    deepspeed: DeepSpeedConfig = Field(default_factory=lambda: DeepSpeedConfig())
 
 
 class RewardEntry(_Section):

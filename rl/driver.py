@@ -255,7 +255,7 @@ class Trainer:
 
         from rollout.engine import Engine
         from trainers.distributed import free_address
-        from trainers.learner import Learner
+        from trainers.learner import learner_class
 
         cfg = self.cfg
         r, lc, pc = cfg.rollout, cfg.learner, cfg.placement
@@ -283,7 +283,7 @@ class Trainer:
         master = ray.get(ray.remote(free_address).options(num_cpus=0, scheduling_strategy=rank0).remote())
         learner_cfg = {**lc.model_dump(), "tis_cap": cfg.async_mode.tis_cap if cfg.async_mode.enabled else None}
         actors = [
-            ray.remote(Learner).options(
+            ray.remote(learner_class(lc.strategy)).options(
                 num_cpus=lc.num_cpus, num_gpus=learner_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=k),
             ).remote(self.model_path, learner_cfg, cfg.algorithm.model_dump(), temperature=r.temperature,

@@ -335,6 +335,8 @@ class Learner:
     that touches the model is a collective, so the driver calls it on all ranks with the same arguments and takes
     rank 0's answer (``rl.driver.LearnerGroup``)."""
 
+    STRATEGIES: tuple[str, ...] = ("single", "fsdp2")
+
     def __init__(
         self,
         model_path: str,
@@ -354,8 +356,9 @@ class Learner:
         self.algo = AlgorithmConfig.model_validate(algo_cfg)
         self.temperature = float(temperature)
         self.strategy = learner_cfg.get("strategy", "single")
-        if self.strategy not in ("single", "fsdp2"):
-            raise ValueError(f"learner.strategy={self.strategy!r} is not built; use single or fsdp2")
+        if self.strategy not in self.STRATEGIES:
+            raise ValueError(f"learner.strategy={self.strategy!r}: {type(self).__name__} runs "
+                             f"{' or '.join(self.STRATEGIES)} (trainers.learner.learner_class picks the class)")
         if self.strategy == "single" and world_size != 1:
             raise ValueError(f"learner.strategy=single runs one rank, got world_size={world_size}; use fsdp2")
         if learner_cfg.get("torch_threads"):
@@ -363,7 +366,7 @@ class Learner:
         torch.manual_seed(seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() and learner_cfg.get("num_gpus", 0) > 0 else "cpu")
         self.rank, self.world_size = rank, world_size
-        if self.strategy == "fsdp2":
+        if self.strategy != "single":
             D.init_process_group(rank, world_size, master or ("127.0.0.1", 29500), self.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
         self.model.train()
@@ -378,21 +381,47 @@ class Learner:
         self.ref_model = None
         if self.algo.kl_coef > 0:  # KL to the initial policy, as a loss term or a reward penalty (algorithm.kl_in)
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
+        self._setup_policy()
+        self.num_updates = 0
+
+    # ---------------------------------------------------------------- strategy hooks
+    # The strategy-specific parts: how the policy is wrapped, backward, the optimizer step, the whole weights.
+    # Everything else (micro-batches, losses, metrics, data split over ranks) is shared by every strategy.
+    def _setup_policy(self) -> None:
+        """``self.policy`` / ``self.ref_policy`` (callables: micro-batch -> log-probs) and ``self.optimizer``."""
         self.policy = D.LogProbModule(self.model)
         self.ref_policy = D.LogProbModule(self.ref_model) if self.ref_model is not None else None
         if self.strategy == "fsdp2":
-            fsdp_cfg = learner_cfg.get("fsdp") or {}
+            fsdp_cfg = self.cfg.get("fsdp") or {}
             D.shard_with_fsdp2(self.policy, fsdp_cfg, self.device)
             if self.ref_policy is not None:
                 D.shard_with_fsdp2(self.ref_policy, fsdp_cfg, self.device, trainable=False)
-        self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(),
-            lr=learner_cfg["lr"],
-            betas=tuple(learner_cfg["betas"]),
-            weight_decay=learner_cfg["weight_decay"],
+            lr=self.cfg["lr"],
+            betas=tuple(self.cfg["betas"]),
+            weight_decay=self.cfg["weight_decay"],
         )
-        self.num_updates = 0
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _optimizer_step(self) -> float:
+        """Clip the global gradient norm to ``grad_clip``, step; the norm before clipping."""
+        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg["grad_clip"]))
+        self.optimizer.step()
+        return float(grad_norm)
+
+    def _full_weights(self):
+        """(HF name, whole tensor on the CPU) for every entry of the model's state dict, on rank 0; (name, None)
+        on the others. A collective when sharded: every rank iterates to the end."""
+        for k, v in self.model.state_dict().items():
+            full = D.full_tensor(v.detach())  # gathers one tensor at a time
+            yield k, (full.to("cpu").clone().contiguous() if self.rank == 0 else None)
 
     # ---------------------------------------------------------------- log-probs
     @torch.no_grad()
@@ -500,7 +529,7 @@ class Learner:
         sub = [samples[idx[j]] for j in mine]
         sub_old = [old[idx[j]] for j in mine]
         sub_ref = [ref[idx[j]] for j in mine] if ref is not None else None
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0}
         weighted: dict[str, float] = {"loss/entropy": 0.0}
         mbs = make_micro_batches(sub, self.cfg["micro_batch_tokens"], packed=self.kernels.packed)
@@ -508,7 +537,7 @@ class Learner:
         for k in range(n_passes):
             if k >= len(mbs):  # padding pass with zero loss: keeps this rank in the other ranks' collectives
                 logp, _ = self.policy(self._to_device(self._padding_batch()), self.temperature, False, self.kernels)
-                (logp.sum() * 0.0).backward()
+                self._backward(logp.sum() * 0.0)
                 continue
             mb = self._to_device(mbs[k])
             logp, entropy = self.policy(mb, self.temperature, True, self.kernels)
@@ -541,7 +570,7 @@ class Learner:
                 kl_loss = aggregate_loss(kl, inp.mask, inp.seq_index, **agg)
                 loss = loss + self.algo.kl_coef * kl_loss
                 totals["loss/kl"] += float(kl_loss.detach())
-            loss.backward()
+            self._backward(loss)
             totals["loss/policy"] += float(pg.detach())
             totals["loss/total"] += float(loss.detach())
             share = float(mask.sum()) / max(n_tokens, 1.0)
@@ -551,8 +580,7 @@ class Learner:
                     weighted[f"async/{key}"] = weighted.get(f"async/{key}", 0.0) + share * float(value)
             for key, value in out.metrics.items():  # every loss metric, token-share weighted over the mini-batch
                 weighted[f"loss/{key}"] = weighted.get(f"loss/{key}", 0.0) + share * float(value)
-        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg["grad_clip"]))
-        self.optimizer.step()
+        grad_norm = self._optimizer_step()
         self.num_updates += 1
         if self.world_size > 1:  # every term is this rank's share of a mini-batch-normalized sum
             totals, weighted = D.sum_over_ranks({**totals, **weighted}), {}
@@ -565,11 +593,7 @@ class Learner:
         than its shard plus one whole tensor on the device."""
         from safetensors.torch import save as st_save
 
-        sd = {}
-        for k, v in self.model.state_dict().items():
-            full = D.full_tensor(v.detach())  # a collective under FSDP2: every rank walks the same keys
-            if self.rank == 0:
-                sd[k] = full.to("cpu").clone().contiguous()
+        sd = dict(self._full_weights())
         return st_save(sd) if self.rank == 0 else None
 
     def probe_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
@@ -644,3 +668,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+
+
+def learner_class(strategy: str) -> type[Learner]:
+    """The learner class that runs ``learner.strategy``."""
+    if strategy in Learner.STRATEGIES:
+        return Learner
+    raise ValueError(f"learner.strategy={strategy!r} is not built; use one of {', '.join(Learner.STRATEGIES)}")
