@@ -66,6 +66,24 @@ def _dapo_metrics(rounds: int, generated: int, dropped: int, kept: int, target: 
     }
 
 
+def actor_env_vars() -> dict[str, str]:
+    """Environment variables the driver passes to every actor. Inside a ``ray job submit`` job, keys the job's
+    runtime env already sets are left out (Ray refuses a key set both by the job and by ``ray.init``; the job's
+    value reaches the actors anyway)."""
+    env = {
+        "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(Path.cwd() / ".cache" / "vllm")),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "RL_DATA_DIR", "PYTHONPATH"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job:
+        job_env = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
+    return env
+
+
 def _cpu_binding(index: int, count: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for CPU engine ``index`` of ``count`` on this machine: a disjoint core range."""
     cores = os.cpu_count() or 1
@@ -199,13 +217,7 @@ class Trainer:
 
         if ray.is_initialized():
             return
-        env = {
-            "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(Path.cwd() / ".cache" / "vllm")),
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "RL_DATA_DIR", "PYTHONPATH"):
-            if key in os.environ:
-                env[key] = os.environ[key]
+        env = actor_env_vars()
         if self.cfg.ray.address:
             ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": env})
         else:
