@@ -696,7 +696,6 @@ class Trainer:
         masks = [[0] * len(r.response_token_ids) if mask_truncated and r.finish_reason == "length" else None
                  for r in flat]
         if algo.kl_coef > 0 and algo.kl_in == "reward":
-            import ray
 
             pre = [TrainSample(r.prompt_token_ids, r.response_token_ids, r.logprobs, 0.0, gid, loss_mask=m)
                    for r, gid, m in zip(flat, group_ids, masks)]
@@ -744,7 +743,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:
-        import ray
 
         tmp = self.ckpt.begin(step)
         self.learner.call("save", str(tmp))
@@ -756,7 +754,6 @@ class Trainer:
         return path
 
     def _load_latest(self) -> None:
-        import ray
 
         latest = self.ckpt.latest()
         if latest is None:

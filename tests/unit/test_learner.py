@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rl.types import TrainSample
-from trainers.learner import Learner, make_micro_batches, token_logprobs
+from trainers.learner import Learner, make_micro_batches
 
 LEARNER_CFG = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1e9, micro_batch_tokens=10_000,
                    mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
