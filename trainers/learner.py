@@ -292,10 +292,12 @@ def _mb_to(mb: MicroBatch, device: torch.device) -> MicroBatch:
     return dataclasses.replace(mb, **moved)
 
 
-def apply_kernels(model, kernels: KernelChoice, device: torch.device) -> KernelChoice:
+def apply_kernels(model, kernels: KernelChoice, device: torch.device, logprobs_fn=None) -> KernelChoice:
     """Set ``model`` up for ``kernels`` (packed attention) and check it on a two-sequence probe against padded +
     naive. A mismatch (a head or attention that breaks the assumptions) restores the model's own attention and
-    returns padded + naive, with the reason in ``notes``."""
+    returns padded + naive, with the reason in ``notes``. ``logprobs_fn(mb, choice) -> logp`` runs the probe
+    (default: ``token_logprobs`` on ``model``; a sharded learner passes its wrapped policy, and then every rank
+    must call this)."""
     if kernels == KernelChoice(notes=kernels.notes):
         return kernels
     g = torch.Generator().manual_seed(1234)  # a local generator: the global RNG stream is left untouched
@@ -307,7 +309,8 @@ def apply_kernels(model, kernels: KernelChoice, device: torch.device) -> KernelC
     def run(choice: KernelChoice) -> list[float]:
         mb = _mb_to(make_micro_batches(probe, 1 << 20, packed=choice.packed)[0], device)
         with torch.no_grad():
-            logp, _ = token_logprobs(model, mb, 1.0, kernels=choice)
+            logp = (logprobs_fn(mb, choice) if logprobs_fn is not None
+                    else token_logprobs(model, mb, 1.0, kernels=choice)[0])
         by_sample = dict(zip(mb.index, _gather_response(mb, probe, logp.float().cpu())))
         return [x for i in range(len(probe)) for x in by_sample[i]]
 
@@ -368,21 +371,28 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         if self.strategy != "single":
             D.init_process_group(rank, world_size, master or ("127.0.0.1", 29500), self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
+        # Sharded strategies load the whole model into host memory and move only their shard to the device.
+        load_device = self.device if self.strategy == "single" else torch.device("cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(load_device)
         self.model.train()
         if learner_cfg.get("activation_checkpointing"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        kernel_cfg = KernelsConfig.model_validate(learner_cfg.get("kernels") or {})
-        chosen = select_kernels(kernel_cfg, self.model, self.device, learner_cfg["micro_batch_tokens"])
-        self.kernels = apply_kernels(self.model, chosen, self.device)  # checked on the whole model, before sharding
-        if rank == 0:
-            print(f"[learner] kernels: {self.kernels.describe()}; strategy={self.strategy} ranks={world_size}",
-                  flush=True)
         self.ref_model = None
         if self.algo.kl_coef > 0:  # KL to the initial policy, as a loss term or a reward penalty (algorithm.kl_in)
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
+        self.kernels = KernelChoice()  # until checked below
         self._setup_policy()
+        kernel_cfg = KernelsConfig.model_validate(learner_cfg.get("kernels") or {})
+        chosen = select_kernels(kernel_cfg, self.model, self.device, learner_cfg["micro_batch_tokens"])
+        # checked through the wrapped (possibly sharded) policy: a collective, every rank runs the same probe
+        self.kernels = apply_kernels(self.model, chosen, self.device,
+                                     logprobs_fn=lambda mb, choice: self.policy(mb, 1.0, False, choice)[0])
+        if self.ref_model is not None and self.kernels.packed:
+            use_packed_attention(self.ref_model, self.kernels.attention)
+        if rank == 0:
+            print(f"[learner] kernels: {self.kernels.describe()}; strategy={self.strategy} ranks={world_size}",
+                  flush=True)
         self.num_updates = 0
 
     # ---------------------------------------------------------------- strategy hooks
