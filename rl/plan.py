@@ -52,8 +52,9 @@ under fsdp2 when set, else b; N = learner.num_ranks under fsdp2, 1 under single)
   unsharded gradients of the root and of one layer exist before their reduce-scatter:
   ``c * (2*P_root + 3*P_layer)``. With ``reshard_after_forward: false`` every parameter stays gathered after the
   forward: ``c * (P + P_root + P_layer)``. Zero under ``single``.
-- loading: each rank loads the whole model onto its device before sharding it, and deep-copies it for the
-  reference: ``P*b*(1 + [kl_coef > 0])`` for a moment at start-up.
+- loading: ``single`` loads the whole model onto its device (and deep-copies it for the reference):
+  ``P*b*(1 + [kl_coef > 0])``; ``fsdp2`` loads it into host memory and moves only its shard to the device, so its
+  device load is the resident state (the whole model passes through each rank's host RAM once).
 - activations of one micro-batch of T tokens, T = max(learner.micro_batch_tokens, rollout.max_model_len) (a
   sample longer than the budget gets a micro-batch of its own). Saved for backward per token and layer
   (flash/memory-efficient attention, no T^2 term)::
@@ -591,9 +592,10 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
     kernel = _resolve_logprob_kernel(cfg, shape, on_gpu, tokens)
     logprob = tokens * v * (c + 8) if kernel == "naive" else FUSED_BUFFER_BYTES + v * h * 4
     context = CUDA_CONTEXT_BYTES if on_gpu else 0
-    load = p * b * (2 if ref else 1)
+    whole = p * b * (2 if ref else 1)
     train = sum(on_device.values()) + gathered + activations + logprob + context
     resident = sum(on_device.values()) + context
+    load = whole + context if not fsdp else resident  # fsdp2 loads into host RAM and moves only its shard
     return {
         "strategy": lc.strategy,
         "shards": n,
@@ -614,8 +616,9 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
         "context": context,
         "train_peak": train,
         "resident": resident,
-        "load": load + context,
-        "peak": max(train, load + context),
+        "load": load,
+        "host_load": whole if fsdp else 0,
+        "peak": max(train, load),
     }
 
 
@@ -869,7 +872,8 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
     if lr["context"]:
         rows.append(("  CUDA context", _size(lr["context"])))
     rows.append(("  train peak", _size(lr["train_peak"])))
-    rows.append(("  at load (whole model, before sharding)", _size(lr["load"])))
+    if lr["load"] > lr["resident"]:
+        rows.append(("  at load (whole model on the device)", _size(lr["load"])))
     rows.append(("  resident between updates", _size(lr["resident"])))
     tp = f", TP {en['tensor_parallel_size']}" if en["tensor_parallel_size"] > 1 else ""
     rows.append((f"engine{tp}, {'per GPU' if en.get('awake') is not None else 'host RAM'}", ""))
