@@ -169,5 +169,7 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    global _CPU_GROUP
     if is_distributed():
         dist.destroy_process_group()
+    _CPU_GROUP = None
