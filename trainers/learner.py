@@ -684,4 +684,9 @@ def learner_class(strategy: str) -> type[Learner]:
     """The learner class that runs ``learner.strategy``."""
     if strategy in Learner.STRATEGIES:
         return Learner
-    raise ValueError(f"learner.strategy={strategy!r} is not built; use one of {', '.join(Learner.STRATEGIES)}")
+    if strategy == "deepspeed":
+        from trainers.deepspeed_learner import DeepSpeedLearner  # imports DeepSpeed only when chosen
+
+        return DeepSpeedLearner
+    raise ValueError(f"learner.strategy={strategy!r} is not built; use one of "
+                     f"{', '.join(Learner.STRATEGIES + ('deepspeed',))}")

@@ -1,0 +1,174 @@
+"""DeepSpeed ZeRO-3 learner on gloo (CPU): 1 rank vs 2 ranks vs the unsharded learner give the same log-probs, loss
+and update, with the naive head and with a fused log-prob kernel (the LM-head weight read outside its module);
+a checkpoint resumes with the same next step, across rank counts and into the single strategy.
+
+Ranks run in spawned processes with DeepSpeed's CPU accelerator (which falls back to gloo without oneCCL). Every
+parameter is partitioned (param_persistence_threshold=0), so the tiny model really is sharded.
+"""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+
+import torch.multiprocessing as mp
+from safetensors.torch import load as st_load
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from rl.types import TrainSample
+from trainers.learner import KernelChoice, Learner, learner_class
+
+LEARNER_CFG = dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
+                   mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
+                   strategy="deepspeed", deepspeed={"param_persistence_threshold": 0})
+ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean",
+            kl_coef=0.1, kl_in="loss", kl_estimator="k3")
+METRICS = ("loss/policy", "loss/kl", "loss/total", "loss/entropy", "loss/grad_norm")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ds_model")
+    cfg = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def _samples(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(1, 50, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(1, 50, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        out.append(TrainSample(p, r, [-3.0] * len(r), advantage=float(i % 3) - 1.0, group_id=f"g{i // 5}"))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _new_learner(rank, world, port, model_dir, logprob=None):
+    learner = learner_class("deepspeed")(model_dir, LEARNER_CFG, ALGO, temperature=0.8, rank=rank, world_size=world,
+                                         master=("127.0.0.1", port))
+    if logprob:  # a fused kernel, set directly: it reads the LM-head weight outside the head module's forward
+        learner.kernels = KernelChoice(logprob=logprob)
+    return learner
+
+
+def _rank_main(rank, world, port, model_dir, out_dir, resume_from):
+    torch.set_num_threads(1)
+    learner = _new_learner(rank, world, port, model_dir)
+    res = {"before": learner.compute_logprobs(_samples()), "metrics": learner.train_step(_samples())}
+    blobs = {"weights": learner.export_weights()}
+    learner.save(os.path.join(out_dir, "ck"))
+    res["next_metrics"] = learner.train_step(_samples(seed=1))  # continuing after the save
+    blobs["next_weights"] = learner.export_weights()
+    res["num_updates"] = learner.num_updates
+    if resume_from:  # a fresh learner in the same ranks (with the fused chunked kernel) resumes another checkpoint
+        resumed = _new_learner(rank, world, port, model_dir, logprob="chunked")
+        resumed.load(resume_from)
+        res["resumed_metrics"] = resumed.train_step(_samples(seed=1))
+        blobs["resumed_weights"] = resumed.export_weights()
+        res["resumed_num_updates"] = resumed.num_updates
+    if rank == 0:
+        for key, blob in blobs.items():
+            with open(os.path.join(out_dir, f"{key}.safetensors"), "wb") as f:
+                f.write(blob)
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(res, f)
+
+
+def _run(world, model_dir, out_dir, resume_from=None):
+    os.makedirs(out_dir, exist_ok=True)
+    mp.spawn(_rank_main, args=(world, _free_port(), model_dir, str(out_dir), resume_from), nprocs=world, join=True)
+    with open(os.path.join(out_dir, "result.json")) as f:
+        res = json.load(f)
+    for key in ("weights", "next_weights", "resumed_weights"):
+        path = os.path.join(out_dir, f"{key}.safetensors")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                res[key] = st_load(f.read())
+    return res
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, tmp_path_factory):
+    """The single strategy, then deepspeed on 1 rank, then on 2 ranks (which also resume the 1-rank checkpoint)."""
+    root = tmp_path_factory.mktemp("ds_runs")
+    single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
+    ref = {"before": single.compute_logprobs(_samples()), "metrics": single.train_step(_samples()),
+           "weights": st_load(single.export_weights())}
+    ref["next_metrics"] = single.train_step(_samples(seed=1))
+    ref["next_weights"] = st_load(single.export_weights())
+    w1 = _run(1, model_dir, root / "w1")
+    w2 = _run(2, model_dir, root / "w2", resume_from=str(root / "w1" / "ck"))
+    return {"single": ref, "w1": w1, "w2": w2, "root": root}
+
+
+def _max_abs(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in b)
+
+
+def _flat(rows):
+    return [x for r in rows for x in r]
+
+
+def test_world_size_invariance(runs, model_dir):
+    single = runs["single"]
+    for name in ("w1", "w2"):
+        res = runs[name]
+        diffs = (max(abs(a - b) for a, b in zip(_flat(res["before"]), _flat(single["before"]))),
+                 max(abs(res[s][k] - single[s][k]) for s in ("metrics", "next_metrics") for k in METRICS),
+                 _max_abs(res["weights"], single["weights"]), _max_abs(res["next_weights"], single["next_weights"]))
+        print("%s vs single, max abs diff: log-probs %.2e, metrics %.2e, weights %.2e (step 1) %.2e (step 2)"
+              % (name, *diffs))
+        assert max(abs(a - b) for a, b in zip(_flat(res["before"]), _flat(single["before"]))) < 1e-5
+        for step in ("metrics", "next_metrics"):
+            for key in METRICS:
+                assert res[step][key] == pytest.approx(single[step][key], rel=1e-4, abs=1e-7), (name, step, key)
+        # the update itself (lr 1e-3 moves weights by ~1e-3): the same within fp32 reduction-order noise
+        assert _max_abs(res["weights"], single["weights"]) < 1e-5, name
+        assert _max_abs(res["next_weights"], single["next_weights"]) < 1e-5, name
+    with open(os.path.join(model_dir, "model.safetensors"), "rb") as f:
+        initial = st_load(f.read())
+    moved = max(float((runs["w2"]["weights"][k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-4  # the step changed the weights, so the comparisons above are not vacuous
+
+
+def test_checkpoint_resume(runs, model_dir):
+    """Save after one step, load, one more step == the step that continued without the checkpoint: the 1-rank
+    checkpoint resumed on 2 ranks (with the fused chunked kernel), and the 2-rank one resumed by the single strategy
+    (the optimizer state is saved whole and keyed by name, as Learner.save does)."""
+    w1, w2 = runs["w1"], runs["w2"]
+    assert w2["resumed_num_updates"] == w1["num_updates"] == 4
+    resumed = {"next_metrics": w2["resumed_metrics"], "next_weights": w2["resumed_weights"]}
+    single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
+    single.load(str(runs["root"] / "w2" / "ck"))
+    from_ds = {"next_metrics": single.train_step(_samples(seed=1)), "next_weights": st_load(single.export_weights())}
+    for name, got, want in (("2 ranks from a 1-rank checkpoint", resumed, w1), ("single from 2 ranks", from_ds, w2)):
+        print("resumed, %s vs continuing, max abs diff: metrics %.2e, weights %.2e"
+              % (name, max(abs(got["next_metrics"][k] - want["next_metrics"][k]) for k in METRICS),
+                 _max_abs(got["next_weights"], want["next_weights"])))
+        for key in METRICS:
+            assert got["next_metrics"][key] == pytest.approx(want["next_metrics"][key], rel=1e-4, abs=1e-7), key
+        assert _max_abs(got["next_weights"], want["next_weights"]) < 1e-5
+    # not the first step again: the weights and the optimizer state were restored
+    assert w2["resumed_metrics"]["loss/total"] != pytest.approx(w1["metrics"]["loss/total"], rel=1e-3)
+
+
+def test_learner_class_picks_deepspeed():
+    from trainers.deepspeed_learner import DeepSpeedLearner
+
+    assert learner_class("deepspeed") is DeepSpeedLearner
+    assert learner_class("fsdp2") is Learner
