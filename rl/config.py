@@ -176,8 +176,12 @@ class DeepSpeedConfig(_Section):
     """DeepSpeed ZeRO-3 settings (learner.strategy=deepspeed); the DeepSpeed config is generated from these and
     the learner section (optimizer, clipping, precision)."""
 
-    offload_optimizer: bool = Field(False, description="Keep the optimizer state (and its step) in host memory.")
-    offload_params: bool = Field(False, description="Keep the partitioned parameters in host memory.")
+    offload_optimizer: bool = Field(
+        False, description="Keep the optimizer state (and its step) in host memory (GPU runs; ignored on a CPU learner).",
+    )
+    offload_params: bool = Field(
+        False, description="Keep the partitioned parameters in host memory (GPU runs; ignored on a CPU learner).",
+    )
     reduce_bucket_size: int = Field(50_000_000, ge=1, description="Elements per gradient reduce-scatter bucket.")
     prefetch_bucket_size: int = Field(50_000_000, ge=1, description="Elements of parameters prefetched ahead of use.")
     param_persistence_threshold: int = Field(
@@ -208,7 +212,8 @@ class LearnerConfig(_Section):
         "single",
         description="How the policy is held: `single` (one unsharded copy, one rank), `fsdp2` (torch FSDP2 "
         "`fully_shard` over `num_ranks` ranks: each decoder layer and the rest of the model sharded; gloo on CPU, "
-        "NCCL on GPU) or `deepspeed` (ZeRO-3, reserved: not built yet, rejected at start-up).",
+        "NCCL on GPU) or `deepspeed` (DeepSpeed ZeRO-3 over `num_ranks` ranks, config generated from this section "
+        "and `learner.deepspeed`; gloo on CPU, NCCL on GPU).",
     )
     num_ranks: int = Field(
         1, ge=1, description="Learner ranks (Ray actors forming one torch process group); each gets num_gpus GPUs.",
@@ -404,11 +409,8 @@ class Config(_Section):
     def _check_distributed(self) -> None:
         lc, pc = self.learner, self.placement
         if lc.strategy == "single" and lc.num_ranks > 1:
-            raise ValueError(f"learner.num_ranks={lc.num_ranks} needs a sharded strategy: set learner.strategy=fsdp2 "
+            raise ValueError(f"learner.num_ranks={lc.num_ranks} needs a sharded strategy: set learner.strategy=fsdp2 or deepspeed "
                              "(learner.strategy=single holds one unsharded copy on one rank)")
-        if lc.strategy == "deepspeed":
-            raise ValueError("learner.strategy=deepspeed (ZeRO-3) is not built yet; use learner.strategy=fsdp2, which "
-                             "shards parameters, gradients and optimizer state the same way (ZeRO-3 style)")
         if pc.mode == "colocated":
             if self.rollout.num_engines != lc.num_ranks:
                 raise ValueError(

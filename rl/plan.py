@@ -41,11 +41,13 @@ With H hidden, L layers, V vocab, I intermediate, d head dim, q = heads*d, k = k
     P          = L * per layer + non-layer
 
 Learner, per rank (bytes; b = bytes of model.dtype, c = bytes of the compute dtype: learner.fsdp.param_dtype
-under fsdp2 when set, else b; N = learner.num_ranks under fsdp2, 1 under single)
+under fsdp2 when set, else b; N = learner.num_ranks under fsdp2 and deepspeed, 1 under single)
 --------------------------------------------------------------------------------------------------------------
 - parameters ``P*b/N``; gradients ``P*b/N`` (FSDP2 keeps the sharded gradient in the parameter's dtype);
   AdamW state ``2*P*b/N``: torch's AdamW keeps exp_avg and exp_avg_sq in the parameter dtype, and there is no
-  separate fp32 master copy; the frozen reference policy (``algorithm.kl_coef > 0``) ``P*b/N``. With
+  separate fp32 master copy (DeepSpeed ZeRO-3 in bf16/fp16 keeps one, and fp32 gradient partitions: gradients
+  ``4P/N``, optimizer ``12P/N``; its offload options move parameters, or gradients and optimizer state, to host
+  RAM; its gathered parameters are counted like FSDP2's with resharding); the frozen reference policy (``algorithm.kl_coef > 0``) ``P*b/N``. With
   ``learner.fsdp.cpu_offload`` on a GPU run these four live in host memory instead.
 - FSDP2 gathered parameters: the root unit (embedding, LM head, final norm) stays gathered from forward through
   backward, two decoder layers are gathered at a time (the current one and the prefetched next), and the
@@ -444,7 +446,7 @@ def _check_placement(cfg, shape: ModelShape | None, cluster_gpus: int | None, no
         if pc.strategy == "STRICT_SPREAD" and bundles > nodes:
             f.error("placement.strategy", f"placement.strategy=STRICT_SPREAD puts each of the {bundles} bundles on "
                     f"its own node, but there are {nodes}; use PACK or SPREAD")
-        if lc.num_ranks * lc.num_gpus > per_node and lc.strategy == "fsdp2":
+        if lc.num_ranks * lc.num_gpus > per_node and lc.strategy != "single":
             f.notes.append(f"the {lc.num_ranks} learner ranks span more than one node: FSDP2's all-gather and "
                            "reduce-scatter cross the inter-node network every layer")
     return counts
@@ -561,8 +563,9 @@ def _resolve_logprob_kernel(cfg, shape: ModelShape, learner_on_gpu: bool, tokens
 def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[str, Any]:
     lc = cfg.learner
     b = DTYPE_BYTES[cfg.model.dtype]
-    fsdp = lc.strategy == "fsdp2"
-    c = DTYPE_BYTES[lc.fsdp.param_dtype] if fsdp and lc.fsdp.param_dtype else b
+    ds = lc.strategy == "deepspeed"
+    fsdp = lc.strategy == "fsdp2" or ds  # both shard parameters, gradients and optimizer state over the ranks
+    c = DTYPE_BYTES[lc.fsdp.param_dtype] if lc.strategy == "fsdp2" and lc.fsdp.param_dtype else b
     n = lc.num_ranks if fsdp else 1
     p = shape.num_params()
     p_layer, p_root = shape.layer_params(), shape.root_params()
@@ -575,11 +578,20 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
         "optimizer": 2 * params,
         "reference": params if ref else 0,
     }
-    offload = fsdp and lc.fsdp.cpu_offload and on_gpu
-    on_device = {k: (0 if offload else v) for k, v in states.items()}
+    if ds and b < 4:  # ZeRO-3 in bf16/fp16 keeps fp32 gradient partitions and fp32 master weights beside AdamW
+        states["gradients"] = _ceil_div(p * 4, n)
+        states["optimizer"] = _ceil_div(3 * p * 4, n)
+    if ds:
+        host = {"parameters": lc.deepspeed.offload_params, "reference": lc.deepspeed.offload_params,
+                "gradients": lc.deepspeed.offload_optimizer, "optimizer": lc.deepspeed.offload_optimizer}
+    else:
+        host = dict.fromkeys(states, fsdp and lc.fsdp.cpu_offload)
+    host = {k: bool(v and on_gpu) for k, v in host.items()}
+    offload = any(host.values())
+    on_device = {k: (0 if host[k] else v) for k, v in states.items()}
     if not fsdp:
         gathered = 0
-    elif lc.fsdp.reshard_after_forward:
+    elif ds or lc.fsdp.reshard_after_forward:  # ZeRO-3 gathers module by module, like FSDP2 with resharding
         gathered = c * (2 * p_root + 3 * p_layer)
     else:
         gathered = c * (p + p_root + p_layer)
@@ -609,7 +621,7 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
         "gradients": on_device["gradients"],
         "optimizer": on_device["optimizer"],
         "reference": on_device["reference"],
-        "offloaded_to_host": sum(states.values()) if offload else 0,
+        "offloaded_to_host": sum(v for k, v in states.items() if host[k]),
         "gathered": gathered,
         "activations": activations,
         "logprob": logprob,
@@ -780,6 +792,8 @@ def _learner_fixes(cfg, learner: dict[str, Any]) -> list[str]:
         fixes.append("learner.activation_checkpointing=true")
     if lc.strategy == "fsdp2" and not lc.fsdp.cpu_offload:
         fixes.append("learner.fsdp.cpu_offload=true")
+    if lc.strategy == "deepspeed" and not lc.deepspeed.offload_optimizer:
+        fixes.append("learner.deepspeed.offload_optimizer=true")
     if learner["logprob_kernel"] == "naive":
         fixes.append("learner.kernels.logprob=chunked (no [tokens x vocab] logits)")
     return fixes
@@ -862,10 +876,10 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
                        ("reference", "reference policy")):
         if key == "reference" and not lr["reference_policy"]:
             continue
-        rows.append((f"  {label}{shard}", "in host RAM" if lr["cpu_offload"] else _size(lr[key])))
+        rows.append((f"  {label}{shard}", "in host RAM" if lr["cpu_offload"] and not lr[key] else _size(lr[key])))
     if lr["offloaded_to_host"]:
-        rows.append(("  (host RAM, cpu_offload)", _size(lr["offloaded_to_host"])))
-    if lr["strategy"] == "fsdp2":
+        rows.append(("  (host RAM, offloaded)", _size(lr["offloaded_to_host"])))
+    if lr["strategy"] in ("fsdp2", "deepspeed"):
         rows.append(("  gathered units + their gradients", _size(lr["gathered"])))
     rows.append(("  activations of one micro-batch", _size(lr["activations"])))
     rows.append(("  log-prob peak", _size(lr["logprob"])))

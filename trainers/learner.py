@@ -226,11 +226,17 @@ def token_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool
 _AUTO_LOGITS_BYTES = 256 << 20  # CPU auto: fused log-probs once a micro-batch's fp32 logits would exceed this
 
 
+def _whole_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape (a DeepSpeed ZeRO-3 partitioned parameter holds an empty tensor and keeps its
+    shape in ``ds_shape``; an FSDP2 DTensor reports its global shape)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def fused_head_unsupported(model) -> str | None:
     """Why the fused kernels cannot reproduce ``model``'s logits from hidden states @ LM-head weight (None if
     they can)."""
     head = model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None or head.weight.dim() != 2:
+    if head is None or getattr(head, "weight", None) is None or len(_whole_shape(head.weight)) != 2:
         return "the model has no linear output embedding"
     if getattr(head, "bias", None) is not None:
         return "the LM head has a bias"
@@ -258,7 +264,7 @@ def select_kernels(cfg: KernelsConfig, model, device: torch.device, micro_batch_
             if why:
                 notes.append(f"auto logprob: {why}, so chunked")
         else:
-            logits_bytes = micro_batch_tokens * model.get_output_embeddings().weight.shape[0] * 4
+            logits_bytes = micro_batch_tokens * _whole_shape(model.get_output_embeddings().weight)[0] * 4
             logprob = "chunked" if logits_bytes > _AUTO_LOGITS_BYTES else "naive"
             notes.append(f"auto logprob on CPU: {logits_bytes / 2**20:.0f} MiB of fp32 logits per micro-batch")
     else:
@@ -301,7 +307,7 @@ def apply_kernels(model, kernels: KernelChoice, device: torch.device, logprobs_f
     if kernels == KernelChoice(notes=kernels.notes):
         return kernels
     g = torch.Generator().manual_seed(1234)  # a local generator: the global RNG stream is left untouched
-    vocab = min(model.config.vocab_size, model.get_input_embeddings().weight.shape[0])
+    vocab = min(model.config.vocab_size, _whole_shape(model.get_input_embeddings().weight)[0])
     probe = [TrainSample(torch.randint(0, vocab, (n,), generator=g).tolist(),
                          torch.randint(0, vocab, (m,), generator=g).tolist(), [0.0] * m, 0.0, "probe")
              for n, m in ((3, 5), (4, 2))]

@@ -1,5 +1,5 @@
-"""Distributed learner and placement on CPU with the real vLLM and Ray: 2 FSDP2 learner ranks (gloo) + 2 engine
-actors, colocated and disaggregated, a few steps each, the canary passing after every sync; async mode at lag 0
+"""Distributed learner and placement on CPU with the real vLLM and Ray: 2 learner ranks (gloo; FSDP2, and
+DeepSpeed ZeRO-3) + 2 engine actors, colocated and disaggregated, a few steps each, the canary passing after every sync; async mode at lag 0
 reproduces sync mode, and at lag 1 overlaps generation with training."""
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SMALL = ["run.num_steps=2", "rollout.prompts_per_step=4", "rollout.num_samples_per_prompt=4",
          "rollout.max_response_tokens=24", "data.eval.num_problems=8", "learner.micro_batch_tokens=256"]
-TWO_BY_TWO = ["learner.strategy=fsdp2", "learner.num_ranks=2", "rollout.num_engines=2", "learner.torch_threads=1"]
+TWO_BY_TWO = ["learner.num_ranks=2", "rollout.num_engines=2", "learner.torch_threads=1"]
 
 
-@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
-def test_two_learner_ranks_two_engines(warm_tiny_model_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode,strategy", [("disaggregated", "fsdp2"), ("colocated", "fsdp2"),
+                                           ("disaggregated", "deepspeed")])
+def test_two_learner_ranks_two_engines(warm_tiny_model_dir, tmp_path, mode, strategy):
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
     m = train("configs/tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", *SMALL, *TWO_BY_TWO,
-              f"placement.mode={mode}", "run.save_every_steps=2")
+              f"learner.strategy={strategy}", f"placement.mode={mode}", "run.save_every_steps=2")
     rows = steps(m)
     assert len(rows) == 2
     for step, r in zip((1, 2), rows):

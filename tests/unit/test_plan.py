@@ -216,3 +216,18 @@ def test_model_shapes(tmp_path):
     r = plan(cfg)
     assert r["ok"] and r["memory"] is None and r["warnings"][0]["key"] == "model.path"
     assert plan(cfg, model_shape="Qwen2.5-Math-7B")["memory"] is not None
+
+
+def test_deepspeed_zero3_keeps_fp32_master_and_gradients(capsys):
+    # P = 7,615,616,512 (see above), bf16 model, 8 ranks: parameters 2P/8 = 1,903,904,128; ZeRO-3 in bf16 keeps fp32
+    # gradient partitions 4P/8 = 3,807,808,256 and fp32 master + two fp32 Adam moments 12P/8 = 11,423,424,768.
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "learner.strategy=deepspeed", "--json")
+    assert rc == 0
+    learner = json.loads(out)["memory"]["learner"]
+    assert (learner["parameters"], learner["gradients"], learner["optimizer"]) == (
+        1_903_904_128, 3_807_808_256, 11_423_424_768)
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "learner.strategy=deepspeed", "learner.deepspeed.offload_optimizer=true",
+                          "--json")
+    learner = json.loads(out)["memory"]["learner"]
+    assert learner["gradients"] == 0 and learner["optimizer"] == 0 and learner["parameters"] == 1_903_904_128
+    assert learner["offloaded_to_host"] == 3_807_808_256 + 11_423_424_768
