@@ -3,7 +3,6 @@ and with a fused log-prob kernel, and with the optimizer state offloaded to host
 from host memory (the whole model never sits on the GPU). The CPU/gloo checks with 2 ranks and checkpoints are in
 tests/unit/test_deepspeed.py. Skipped without CUDA; run on the GPU machine: ``pytest tests/gpu -q``."""
 
-import socket
 
 import pytest
 import torch
@@ -11,9 +10,8 @@ import torch
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
 
 from safetensors.torch import load as st_load
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rl.types import TrainSample
+from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers import distributed as D
 from trainers.learner import KernelChoice, Learner, learner_class
 
@@ -22,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-# padded + naive at start-up (see the report on select_kernels under ZeRO-3); the fused kernel is set afterwards
+# padded + naive at start-up; the tests set the fused kernel afterwards
 CFG = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=256,
            mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=1,
            kernels={"logprob": "naive", "attention": "padded"})
@@ -32,23 +30,12 @@ ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="t
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ds_gpu_model")
-    cfg = Qwen2Config(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return save_tiny_qwen2(tmp_path_factory.mktemp("ds_gpu_model"), vocab=1000, hidden=256, intermediate=512, heads=4,
+                           kv_heads=2, max_len=512, tie=True)
 
 
 def _samples(n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(1, 1000, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
-        r = torch.randint(1, 1000, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
-        out.append(TrainSample(p, r, [-5.0] * len(r), advantage=float(i % 3) - 1.0, group_id=f"g{i // 6}"))
-    return out
+    return random_samples(n, seed, vocab=1000, prompt_len=(4, 40), response_len=(1, 60), behaviour=-5.0, group_size=6)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +52,7 @@ def single(model_dir):
 def master():
     """One process group for the module: DeepSpeed keeps handles to the group it first saw, so the group is not
     torn down between learners (as in a learner rank, which holds one group for its life)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     yield ("127.0.0.1", port)
     D.destroy()
 

@@ -2,14 +2,12 @@
 packing chosen by auto, in fp32 and with bf16 mixed precision; the shard lives on the GPU, the whole model does not.
 Skipped without CUDA; run on the GPU machine: ``pytest tests/gpu -q``."""
 
-import socket
 
 import pytest
 import torch
 from safetensors.torch import load as st_load
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rl.types import TrainSample
+from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers import distributed as D
 from trainers.learner import Learner
 
@@ -25,22 +23,12 @@ ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="t
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fsdp_gpu_model")
-    cfg = Qwen2Config(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return save_tiny_qwen2(tmp_path_factory.mktemp("fsdp_gpu_model"), vocab=1000, hidden=256, intermediate=512, heads=4,
+                           kv_heads=2, max_len=512, tie=False)
 
 
 def _samples(n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(1, 1000, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
-        r = torch.randint(1, 1000, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
-        out.append(TrainSample(p, r, [-5.0] * len(r), advantage=float(i % 3) - 1.0, group_id=f"g{i // 6}"))
-    return out
+    return random_samples(n, seed, vocab=1000, prompt_len=(4, 40), response_len=(1, 60), behaviour=-5.0, group_size=6)
 
 
 @pytest.mark.parametrize("param_dtype,tol", [(None, 2e-5), ("bfloat16", 2e-2)])
@@ -50,9 +38,7 @@ def test_fsdp2_one_rank_matches_single_on_cuda(model_dir, param_dtype, tol):
     want_w = st_load(single.export_weights())
     del single
     torch.cuda.empty_cache()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     sharded = Learner(model_dir, {**CFG, "strategy": "fsdp2", "fsdp": {"param_dtype": param_dtype}}, ALGO,
                       temperature=1.0, rank=0, world_size=1, master=("127.0.0.1", port))
     try:

@@ -8,7 +8,6 @@ parameter is partitioned (param_persistence_threshold=0), so the tiny model real
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 
 import torch.multiprocessing as mp
 from safetensors.torch import load as st_load
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rl.types import TrainSample
+from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers.learner import KernelChoice, Learner, learner_class
 
 LEARNER_CFG = dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
@@ -32,29 +30,7 @@ METRICS = ("loss/policy", "loss/kl", "loss/total", "loss/entropy", "loss/grad_no
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ds_model")
-    cfg = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return str(path)
-
-
-def _samples(n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(1, 50, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-        r = torch.randint(1, 50, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
-        out.append(TrainSample(p, r, [-3.0] * len(r), advantage=float(i % 3) - 1.0, group_id=f"g{i // 5}"))
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return save_tiny_qwen2(tmp_path_factory.mktemp("ds_model"))
 
 
 def _new_learner(rank, world, port, model_dir, logprob=None):
@@ -68,16 +44,16 @@ def _new_learner(rank, world, port, model_dir, logprob=None):
 def _rank_main(rank, world, port, model_dir, out_dir, resume_from):
     torch.set_num_threads(1)
     learner = _new_learner(rank, world, port, model_dir)
-    res = {"before": learner.compute_logprobs(_samples()), "metrics": learner.train_step(_samples())}
+    res = {"before": learner.compute_logprobs(random_samples()), "metrics": learner.train_step(random_samples())}
     blobs = {"weights": learner.export_weights()}
     learner.save(os.path.join(out_dir, "ck"))
-    res["next_metrics"] = learner.train_step(_samples(seed=1))  # continuing after the save
+    res["next_metrics"] = learner.train_step(random_samples(seed=1))  # continuing after the save
     blobs["next_weights"] = learner.export_weights()
     res["num_updates"] = learner.num_updates
     if resume_from:  # a fresh learner in the same ranks (with the fused chunked kernel) resumes another checkpoint
         resumed = _new_learner(rank, world, port, model_dir, logprob="chunked")
         resumed.load(resume_from)
-        res["resumed_metrics"] = resumed.train_step(_samples(seed=1))
+        res["resumed_metrics"] = resumed.train_step(random_samples(seed=1))
         blobs["resumed_weights"] = resumed.export_weights()
         res["resumed_num_updates"] = resumed.num_updates
     if rank == 0:
@@ -90,7 +66,7 @@ def _rank_main(rank, world, port, model_dir, out_dir, resume_from):
 
 def _run(world, model_dir, out_dir, resume_from=None):
     os.makedirs(out_dir, exist_ok=True)
-    mp.spawn(_rank_main, args=(world, _free_port(), model_dir, str(out_dir), resume_from), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), model_dir, str(out_dir), resume_from), nprocs=world, join=True)
     with open(os.path.join(out_dir, "result.json")) as f:
         res = json.load(f)
     for key in ("weights", "next_weights", "resumed_weights"):
@@ -106,9 +82,9 @@ def runs(model_dir, tmp_path_factory):
     """The single strategy, then deepspeed on 1 rank, then on 2 ranks (which also resume the 1-rank checkpoint)."""
     root = tmp_path_factory.mktemp("ds_runs")
     single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
-    ref = {"before": single.compute_logprobs(_samples()), "metrics": single.train_step(_samples()),
+    ref = {"before": single.compute_logprobs(random_samples()), "metrics": single.train_step(random_samples()),
            "weights": st_load(single.export_weights())}
-    ref["next_metrics"] = single.train_step(_samples(seed=1))
+    ref["next_metrics"] = single.train_step(random_samples(seed=1))
     ref["next_weights"] = st_load(single.export_weights())
     w1 = _run(1, model_dir, root / "w1")
     w2 = _run(2, model_dir, root / "w2", resume_from=str(root / "w1" / "ck"))
@@ -155,7 +131,7 @@ def test_checkpoint_resume(runs, model_dir):
     resumed = {"next_metrics": w2["resumed_metrics"], "next_weights": w2["resumed_weights"]}
     single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
     single.load(str(runs["root"] / "w2" / "ck"))
-    from_ds = {"next_metrics": single.train_step(_samples(seed=1)), "next_weights": st_load(single.export_weights())}
+    from_ds = {"next_metrics": single.train_step(random_samples(seed=1)), "next_weights": st_load(single.export_weights())}
     for name, got, want in (("2 ranks from a 1-rank checkpoint", resumed, w1), ("single from 2 ranks", from_ds, w2)):
         print("resumed, %s vs continuing, max abs diff: metrics %.2e, weights %.2e"
               % (name, max(abs(got["next_metrics"][k] - want["next_metrics"][k]) for k in METRICS),

@@ -6,15 +6,13 @@ here the numerics of sharding, the per-rank data split, padding passes and the s
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load as st_load
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rl.types import TrainSample
+from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers.distributed import assign_to_ranks
 from trainers.learner import Learner
 
@@ -27,29 +25,7 @@ ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="t
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fsdp_model")
-    cfg = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return str(path)
-
-
-def _samples(n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(1, 50, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-        r = torch.randint(1, 50, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
-        out.append(TrainSample(p, r, [-3.0] * len(r), advantage=float(i % 3) - 1.0, group_id=f"g{i // 5}"))
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return save_tiny_qwen2(tmp_path_factory.mktemp("fsdp_model"))
 
 
 def _rank_main(rank, world, port, model_dir, out_dir, cfg, resume_from):
@@ -57,8 +33,8 @@ def _rank_main(rank, world, port, model_dir, out_dir, cfg, resume_from):
     learner = Learner(model_dir, cfg, ALGO, temperature=0.8, rank=rank, world_size=world, master=("127.0.0.1", port))
     if resume_from:
         learner.load(resume_from)
-    before = learner.compute_logprobs(_samples())
-    metrics = learner.train_step(_samples())
+    before = learner.compute_logprobs(random_samples())
+    metrics = learner.train_step(random_samples())
     blob = learner.export_weights()
     learner.save(os.path.join(out_dir, "ck"))
     if rank == 0:
@@ -70,7 +46,7 @@ def _rank_main(rank, world, port, model_dir, out_dir, cfg, resume_from):
 
 def _run(world, model_dir, out_dir, cfg=None, resume_from=None):
     os.makedirs(out_dir, exist_ok=True)
-    mp.spawn(_rank_main, args=(world, _free_port(), model_dir, str(out_dir), cfg or LEARNER_CFG, resume_from),
+    mp.spawn(_rank_main, args=(world, free_port(), model_dir, str(out_dir), cfg or LEARNER_CFG, resume_from),
              nprocs=world, join=True)
     with open(os.path.join(out_dir, "result.json")) as f:
         res = json.load(f)
@@ -83,8 +59,8 @@ def _run(world, model_dir, out_dir, cfg=None, resume_from=None):
 def runs(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_runs")
     single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
-    before = single.compute_logprobs(_samples())
-    metrics = single.train_step(_samples())
+    before = single.compute_logprobs(random_samples())
+    metrics = single.train_step(random_samples())
     ref = {"before": before, "metrics": metrics, "weights": st_load(single.export_weights())}
     return ref, _run(1, model_dir, root / "w1"), _run(2, model_dir, root / "w2"), root
 
@@ -125,7 +101,7 @@ def test_checkpoint_across_world_sizes(runs, model_dir, tmp_path):
     again1 = _run(1, model_dir, tmp_path / "r1", resume_from=ck)
     single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
     single.load(ck)
-    m = single.train_step(_samples())
+    m = single.train_step(random_samples())
     for res in (again1, {"metrics": m}):
         assert res["metrics"]["loss/total"] == pytest.approx(again2["metrics"]["loss/total"], rel=1e-4)
     assert again2["metrics"]["loss/total"] != pytest.approx(w2["metrics"]["loss/total"], rel=1e-3)
