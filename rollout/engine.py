@@ -210,6 +210,31 @@ class Engine:
             raise RuntimeError(f"weight sync: workers report versions {versions}, expected {version}")
         return {"version": int(version), "sync_s": time.perf_counter() - t0, "bytes": len(blob)}
 
+    def load_drafter_weights(self, blob: bytes) -> dict:
+        """Replace the speculative drafter's weights in place (``rollout.drafter.checkpoint.weights_for_reload``
+        bytes); clears the prefix cache, whose blocks hold the old drafter's keys and values."""
+        t0 = time.perf_counter()
+        results = self.llm.collective_rpc("rl_load_drafter_weights", args=(blob,))
+        self.llm.reset_prefix_cache()
+        return {"sync_s": time.perf_counter() - t0, "bytes": len(blob),
+                "num_tensors": int(results[0]["num_tensors"])}
+
+    def spec_decode_counters(self):
+        """Cumulative speculative-decoding counters (``rollout.drafter.metrics.SpecDecodeCounters``); all zero for an
+        engine without speculative decoding."""
+        from rollout.drafter.metrics import SpecDecodeCounters
+
+        return SpecDecodeCounters.from_metrics(self.llm.get_metrics() if self.llm.llm_engine.log_stats else [])
+
+    def spec_decode_delta(self):
+        """Counters since the previous ``spec_decode_delta`` call (since start-up on the first call)."""
+        from rollout.drafter.metrics import SpecDecodeCounters
+
+        now = self.spec_decode_counters()
+        delta = now.minus(getattr(self, "_spec_decode_seen", SpecDecodeCounters()))
+        self._spec_decode_seen = now
+        return delta
+
     def sleep_supported(self) -> bool:
         return self.can_sleep
 

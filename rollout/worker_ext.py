@@ -11,6 +11,8 @@ rebuilt as tensors on the CPU build. Two ways to load them, chosen by the device
   fails; vLLM's in-place reload (``model_runner.reload_weights``) takes HF-named checkpoint tensors and
   re-runs the repacking.
 - CUDA: the model's ``load_weights`` works on live CUDA parameters (tensors copied to the device first).
+
+``rl_load_drafter_weights`` does the same for the speculative drafter module (``model_runner.drafter.model``).
 """
 
 from __future__ import annotations
@@ -50,3 +52,28 @@ class WeightSyncExtension:
 
     def rl_weight_version(self) -> int:
         return int(getattr(self, "_rl_weight_version", 0))
+
+    def rl_load_drafter_weights(self, blob: bytes) -> dict:
+        """Load the speculative drafter's own weights (safetensors bytes, EAGLE checkpoint names such as
+        ``fc.weight``, ``layers.0.*``; the shared embedding and LM head stay the target's)."""
+        from safetensors.torch import load as st_load
+
+        drafter = getattr(self.model_runner, "drafter", None)
+        model = getattr(drafter, "model", None)
+        if model is None:
+            raise RuntimeError("this engine has no model-based speculative drafter (start it with a "
+                               "speculative_config of method 'eagle')")
+        t0 = time.perf_counter()
+        items = list(st_load(bytes(blob)).items())
+        device = next((p.device for p in model.parameters() if p.numel() > 0), torch.device("cpu"))
+        if device.type == "cpu":
+            # As for the target: the live CPU model's load_weights fails on repacked weights; vLLM's in-place
+            # reload re-runs the loading and repacking for the drafter module.
+            from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+            reload_weights(self.model_runner.vllm_config, model, weights_iterator=iter(items), weights_path=None,
+                           is_checkpoint_format=True)
+        else:
+            model.load_weights([(n, t.to(device, non_blocking=True)) for n, t in items])
+            torch.cuda.synchronize(device)
+        return {"load_s": time.perf_counter() - t0, "num_tensors": len(items)}

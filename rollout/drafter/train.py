@@ -1,0 +1,199 @@
+"""The EAGLE training objective and a time-budgeted drafter trainer.
+
+For a sequence ``x[0..T-1]`` with the target's last hidden states ``h[0..T-1]`` (after the final norm), the drafter
+at position ``t`` reads ``(x[t+1], h[t])`` and outputs ``f[t]``, its guess of ``h[t+1]`` (``t = 0..T-2``):
+
+    feature loss  = SmoothL1(f[t], h[t+1])                               (mean over positions and hidden units)
+    token loss    = -sum_v p[t+1](v) * log softmax(lm_head(f[t]))(v)      (mean over positions)
+    loss          = feature_weight * feature loss + token_weight * token loss
+
+``p[t+1]`` is the target's distribution over ``x[t+2]``: ``softmax(target_logits[t+1])``, which equals
+``softmax(lm_head(h[t+1]))`` when the logits are not stored (``token_labels="soft"``), or one-hot on the sampled
+``x[t+2]`` (``token_labels="sampled"``, for data where only the tokens are trusted). Positions count where
+``t + 1`` is a real, loss-masked position (and ``t + 2`` is real for sampled labels). This is teacher forcing on
+the target's features, as EAGLE trains; ``hidden_noise`` adds EAGLE's uniform input noise so that the drafter
+tolerates its own, imperfect features when it drafts further than one token.
+
+Top-1 agreement (``drafter/top1_agreement``) is the share of counted positions where ``argmax lm_head(f[t])``
+equals the target's argmax: what a greedy verifier accepts for the first drafted token.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from rollout.drafter.buffer import DrafterBatch, DrafterBuffer
+from rollout.drafter.model import Drafter
+
+TOKEN_LABELS = ("soft", "sampled")
+
+
+@dataclass(frozen=True)
+class DrafterLossConfig:
+    feature_weight: float = 1.0
+    """Weight of the smooth-L1 feature regression (EAGLE: 1.0)."""
+    token_weight: float = 0.1
+    """Weight of the token cross-entropy (EAGLE: 0.1)."""
+    token_labels: Literal["soft", "sampled"] = "soft"
+    """``soft``: the target's distribution; ``sampled``: the next token of the sequence."""
+    smooth_l1_beta: float = 1.0
+    """Where smooth L1 turns from quadratic to linear."""
+    hidden_noise: float = 0.0
+    """Half-width of uniform noise added to the input hidden states in training (EAGLE: 0.1 on its data scale)."""
+
+    def __post_init__(self) -> None:
+        if self.token_labels not in TOKEN_LABELS:
+            raise ValueError(f"unknown token_labels {self.token_labels!r}: valid are {list(TOKEN_LABELS)}")
+        if self.feature_weight < 0 or self.token_weight < 0 or self.feature_weight + self.token_weight == 0:
+            raise ValueError("feature_weight and token_weight must be >= 0 and not both 0")
+
+
+def drafter_loss(
+    drafter: Drafter,
+    batch: DrafterBatch,
+    cfg: DrafterLossConfig,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The objective above on one batch: (loss with grad, ``drafter/*`` metrics)."""
+    ids, hidden = batch.input_ids, batch.hidden_states.float()
+    b, t = ids.shape
+    if t < 2:
+        raise ValueError("drafter training needs sequences of at least 2 tokens")
+    pos = torch.arange(t - 1)
+    counted = (pos[None] + 1 < batch.lengths[:, None]) & batch.loss_mask[:, 1:]
+    if not counted.any():
+        raise ValueError("no position in the batch counts for the loss (all masked or too short)")
+
+    inputs = hidden[:, :-1]
+    if cfg.hidden_noise > 0 and drafter.training:
+        noise = torch.rand(inputs.shape, generator=generator, dtype=inputs.dtype)
+        inputs = inputs + (2 * noise - 1) * cfg.hidden_noise
+    pred = drafter(ids[:, 1:], inputs)  # [B, T-1, H]: guesses of h[t+1]
+
+    f, target = pred[counted], hidden[:, 1:][counted]  # [N, H]
+    feature_loss = F.smooth_l1_loss(f, target, beta=cfg.smooth_l1_beta)
+    logp = F.log_softmax(drafter.logits(f).float(), dim=-1)  # [N, V]
+    with torch.no_grad():
+        target_logits = (batch.target_logits[:, 1:][counted].float() if batch.target_logits is not None
+                         else drafter.logits(target).float())
+        target_top1 = target_logits.argmax(-1)
+    if cfg.token_labels == "soft":
+        token_loss = -(F.softmax(target_logits, dim=-1) * logp).sum(-1).mean()
+    else:
+        labels = torch.cat([ids[:, 2:], ids.new_zeros(b, 1)], dim=1)[counted]
+        has_next = (pos[None] + 2 < batch.lengths[:, None])[counted]
+        if not has_next.any():
+            raise ValueError("sampled token labels need sequences with at least 3 tokens")
+        token_loss = F.nll_loss(logp[has_next], labels[has_next])
+    loss = cfg.feature_weight * feature_loss + cfg.token_weight * token_loss
+    metrics = {
+        "drafter/loss": loss.item(),
+        "drafter/feature_loss": feature_loss.item(),
+        "drafter/token_loss": token_loss.item(),
+        "drafter/top1_agreement": (logp.argmax(-1) == target_top1).float().mean().item(),
+        "drafter/positions": float(counted.sum().item()),
+    }
+    return loss, metrics
+
+
+@dataclass(frozen=True)
+class DrafterTrainerConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    """Max global gradient norm (<= 0: no clipping)."""
+    batch_size: int = 16
+    """Sequences per training step when sampling from a buffer."""
+    loss: DrafterLossConfig = field(default_factory=DrafterLossConfig)
+
+
+class DrafterTrainer:
+    """AdamW on the drafter's own weights (never the shared embedding or LM head)."""
+
+    def __init__(self, drafter: Drafter, config: DrafterTrainerConfig = DrafterTrainerConfig(), *, seed: int = 0):
+        self.drafter = drafter
+        self.config = config
+        params = drafter.trainable_parameters()
+        assert all(p.requires_grad for p in params)
+        assert not (drafter.embed_tokens.weight.requires_grad or drafter.lm_head.weight.requires_grad)
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.num_steps = 0
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def step(self, batch: DrafterBatch) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns its ``drafter/*`` metrics (before the update)."""
+        self.drafter.train()
+        loss, metrics = drafter_loss(self.drafter, batch, self.config.loss, generator=self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.drafter.trainable_parameters(), self.config.grad_clip)
+            metrics["drafter/grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.num_steps += 1
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, batch: DrafterBatch) -> dict[str, float]:
+        """The loss metrics on ``batch`` without an update (no input noise)."""
+        self.drafter.eval()
+        return drafter_loss(self.drafter, batch, self.config.loss)[1]
+
+    def train(
+        self,
+        next_batch: Callable[[], DrafterBatch],
+        *,
+        time_budget_s: float,
+        max_steps: int | None = None,
+    ) -> dict[str, float]:
+        """Steps on ``next_batch()`` until ``time_budget_s`` is spent (a step started before the deadline finishes)
+        or ``max_steps`` are done.
+
+        Returns the mean of the steps' metrics, ``drafter/loss_last`` (the last step's loss), ``drafter/steps``,
+        ``drafter/train_s`` and ``drafter/tokens`` (tokens in the batches).
+        """
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = tokens = 0
+        last = float("nan")
+        while (max_steps is None or steps < max_steps) and time.perf_counter() - t0 < time_budget_s:
+            batch = next_batch()
+            metrics = self.step(batch)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            tokens += batch.num_tokens
+            last = metrics["drafter/loss"]
+        out = {k: v / steps for k, v in sums.items()}
+        out.update({"drafter/loss_last": last, "drafter/steps": float(steps),
+                    "drafter/train_s": time.perf_counter() - t0, "drafter/tokens": float(tokens)})
+        return out
+
+    def train_on_buffer(self, buffer: DrafterBuffer, *, time_budget_s: float,
+                        max_steps: int | None = None) -> dict[str, float]:
+        """``train`` on batches of ``config.batch_size`` sequences sampled from ``buffer``."""
+        return self.train(lambda: buffer.sample_batch(self.config.batch_size, self.rng),
+                          time_budget_s=time_budget_s, max_steps=max_steps)
+
+    def state_dict(self) -> dict:
+        """Drafter weights (own only), optimizer state and step count, for ``torch.save`` (the tensors are the live
+        ones, not copies)."""
+        return {"drafter": self.drafter.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
+                "num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        result = self.drafter.load_state_dict(state["drafter"], strict=False)
+        assert not result.unexpected_keys and all(k.startswith(Drafter.SHARED_PREFIXES) for k in result.missing_keys)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_steps = int(state["num_steps"])

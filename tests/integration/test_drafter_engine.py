@@ -1,0 +1,106 @@
+"""The EAGLE drafter in the real vLLM engine (CPU build): our checkpoint loads, greedy output with speculative
+decoding equals greedy output without it, a drafter trained on the target's own generations, pushed into the
+running engine in place, raises the mean acceptance length, and the offline replay of greedy speculative decoding
+predicts the engine's acceptance (which checks that training and vLLM agree on the drafter's inputs).
+
+Both engines run eagerly (``enforce_eager``): torch.compile of the target and the drafter is the slowest part of a
+start-up on a busy 2-core machine and plays no part in what is tested here."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NUM_SPECULATIVE_TOKENS = 3
+TRAIN_BUDGET_S = 30.0
+
+
+def _greedy(ray, engine, prompts: list[str]):
+    from rollout.engine import GenerationRequest, SamplingSettings
+
+    reqs = [GenerationRequest(f"p{i}", p, 1) for i, p in enumerate(prompts)]
+    groups = ray.get(engine.generate.remote(reqs, SamplingSettings(temperature=0.0, max_tokens=40)))
+    return [g[0] for g in groups]
+
+
+def test_trained_drafter_raises_acceptance_in_the_running_engine(ray_local, warm_tiny_model_dir, tmp_path):
+    ray = ray_local
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rl.data.arith import make_arith_problems
+    from rollout.drafter.buffer import DrafterBuffer
+    from rollout.drafter.capture import capture_hidden_states
+    from rollout.drafter.checkpoint import save_drafter, weights_for_reload
+    from rollout.drafter.evaluate import extend_greedy, replay_greedy_acceptance
+    from rollout.drafter.model import Drafter
+    from rollout.drafter.train import DrafterLossConfig, DrafterTrainer, DrafterTrainerConfig
+    from rollout.engine import Engine
+
+    eval_prompts = [it.prompt for it in make_arith_problems(16, 0, "test", "easy")]
+    train_prompts = [it.prompt for it in make_arith_problems(192, 1, "train", "easy")]
+
+    # Reference greedy outputs and training data (the target's own greedy generations), without speculation.
+    plain = ray.remote(Engine).options(num_cpus=1).remote(warm_tiny_model_dir, seed=0, max_model_len=256,
+                                                            enforce_eager=True)
+    reference = _greedy(ray, plain, eval_prompts)
+    train_rollouts = _greedy(ray, plain, train_prompts)
+    ray.kill(plain)
+
+    target = AutoModelForCausalLM.from_pretrained(warm_tiny_model_dir, dtype=torch.float32).eval()
+    drafter = Drafter.from_target(target, seed=0)
+    drafter_dir = save_drafter(drafter, tmp_path / "drafter")
+    untrained = Drafter.from_target(target, seed=0)
+
+    spec = ray.remote(Engine).options(num_cpus=1).remote(
+        warm_tiny_model_dir, seed=0, max_model_len=256, enforce_eager=True,
+        speculative_config={"method": "eagle", "model": str(drafter_dir),
+                            "num_speculative_tokens": NUM_SPECULATIVE_TOKENS})
+    ray.get(spec.spec_decode_delta.remote())  # start counting here
+    untrained_out = _greedy(ray, spec, eval_prompts)
+    before = ray.get(spec.spec_decode_delta.remote())
+    assert [r.response_token_ids for r in untrained_out] == [r.response_token_ids for r in reference]
+    assert before.num_drafts > 0 and before.num_draft_tokens == NUM_SPECULATIVE_TOKENS * before.num_drafts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only wait for each other on a busy machine
+    try:
+        sequences = capture_hidden_states(
+            target, [r.prompt_token_ids + r.response_token_ids for r in train_rollouts],
+            prompt_lengths=[len(r.prompt_token_ids) for r in train_rollouts], batch_size=32)
+        buffer = DrafterBuffer(max_steps=4, max_tokens=100_000)
+        buffer.add_step(0, sequences)
+        trainer = DrafterTrainer(drafter, DrafterTrainerConfig(
+            lr=2e-3, batch_size=32, loss=DrafterLossConfig(token_weight=1.0, hidden_noise=0.05)))
+        train_metrics = trainer.train_on_buffer(buffer, time_budget_s=TRAIN_BUDGET_S)
+        # The engine's greedy outputs, followed by the target's continuation past their end (vLLM counts drafts
+        # there), for the offline replay.
+        k = NUM_SPECULATIVE_TOKENS
+        eval_seqs = [r.prompt_token_ids + r.response_token_ids for r in reference]
+        eval_captured = capture_hidden_states(target, extend_greedy(target, eval_seqs, k))
+        prompt_lens, ends = [len(r.prompt_token_ids) for r in reference], [len(s) for s in eval_seqs]
+        replay_after = replay_greedy_acceptance(drafter, eval_captured, prompt_lens, k, sequence_ends=ends)
+        replay_before = replay_greedy_acceptance(untrained, eval_captured, prompt_lens, k, sequence_ends=ends)
+    finally:
+        torch.set_num_threads(threads)
+
+    info = ray.get(spec.load_drafter_weights.remote(weights_for_reload(drafter)))
+    assert info["num_tensors"] == 9
+    trained_out = _greedy(ray, spec, eval_prompts)
+    after = ray.get(spec.spec_decode_delta.remote())
+    assert [r.response_token_ids for r in trained_out] == [r.response_token_ids for r in reference]
+    print(f"\nmean acceptance length (K={NUM_SPECULATIVE_TOKENS}): untrained {before.mean_acceptance_length:.3f} "
+          f"-> trained {after.mean_acceptance_length:.3f} (offline replay: {replay_before.mean_acceptance_length:.3f} "
+          f"-> {replay_after.mean_acceptance_length:.3f}); engine counters {before} -> {after}; "
+          f"per-position acceptance {[round(x, 3) for x in before.acceptance_rate_per_position]} -> "
+          f"{[round(x, 3) for x in after.acceptance_rate_per_position]}; drafter: "
+          f"{int(train_metrics['drafter/steps'])} steps in {train_metrics['drafter/train_s']:.0f} s, "
+          f"top-1 agreement {train_metrics['drafter/top1_agreement']:.3f} (mean over steps), "
+          f"{len(sequences)} sequences")
+    assert after.mean_acceptance_length > before.mean_acceptance_length
+    # The replay runs our drafter module on transformers' hidden states; vLLM runs its own EAGLE module on its own.
+    for engine, replay in ((before, replay_before), (after, replay_after)):
+        assert replay.num_drafts == pytest.approx(engine.num_drafts, rel=0.1)
+        assert replay.mean_acceptance_length == pytest.approx(engine.mean_acceptance_length, abs=0.15)
+    ray.kill(spec)
