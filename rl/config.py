@@ -334,6 +334,88 @@ class AsyncConfig(_Section):
     )
 
 
+class DrafterSection(_Section):
+    """Speculative decoding with an EAGLE drafter trained online on the policy's hidden states (docs/drafter.md)."""
+
+    mode: Literal["off", "fixed", "adaptive"] = Field(
+        "off",
+        description="`off`: no speculative decoding. `fixed`: draft num_speculative_tokens tokens at running batch "
+        "sizes up to long_tail_threshold, none above. `adaptive`: up to the threshold a bandit picks K per "
+        "batch-size bucket from `arms` (0 = no drafting), rewarded with the engines' measured tokens/s; none above.",
+    )
+    num_speculative_tokens: int = Field(
+        3, ge=1, description="The engines' K: fixed mode's K and the most any adaptive arm may draft.",
+    )
+    long_tail_threshold: int | None = Field(
+        16, ge=1,
+        description="Running batch size at or below which the engines may speculate (the long tail of a rollout "
+        "phase); None: every batch size. In adaptive mode it must be one of batch_size_bounds.",
+    )
+    arms: list[int] = Field(
+        [0, 1, 2, 3], description="Adaptive mode: the numbers of speculative tokens the bandit chooses from.",
+    )
+    batch_size_bounds: list[int] = Field(
+        [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        description="Adaptive mode: inclusive upper bounds of the bandit's batch-size buckets.",
+    )
+    bandit: Literal["ucb1", "epsilon_greedy"] = Field("ucb1", description="Adaptive mode: the bandit policy.")
+    epsilon: float = Field(0.1, ge=0, le=1, description="epsilon_greedy: exploration probability.")
+    ucb_c: float = Field(1.0, ge=0, description="ucb1: exploration weight.")
+    bandit_step_size: float | None = Field(
+        0.3, gt=0, le=1,
+        description="Recency weight of new rewards (the policy, and so acceptance, drifts); None: plain means.",
+    )
+    min_bucket_seconds: float = Field(
+        0.05, ge=0, description="A bucket's decode time in one generation below this is not fed to the bandit "
+        "(too noisy).",
+    )
+    init_path: str | None = Field(
+        None, description="A drafter checkpoint (vLLM's EAGLE format, e.g. a run's checkpoints/step_N/drafter) to "
+        "start from; None: a freshly initialized drafter.",
+    )
+    train: bool = Field(True, description="Train the drafter online (off: serve init_path as it is).")
+    train_budget_s: float = Field(
+        10.0, ge=0, description="Most seconds of drafter training per RL step.",
+    )
+    train_max_steps: int | None = Field(None, ge=1, description="Most drafter optimizer steps per RL step.")
+    budget_from_generation: bool = Field(
+        True, description="Cap each step's training time at the previous step's generation time, so that it fits "
+        "in the learner's wait for rollouts.",
+    )
+    publish_every: int = Field(
+        1, ge=1, description="Push the drafter's weights to the engines with the target weights every N steps.",
+    )
+    buffer_steps: int = Field(4, ge=1, description="RL steps of hidden states kept for training (most recent).")
+    buffer_tokens: int = Field(200_000, ge=1, description="Most tokens kept in the buffer.")
+    buffer_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Storage dtype of hidden states.")
+    batch_size: int = Field(16, ge=1, description="Sequences per drafter training step.")
+    lr: float = Field(1e-3, gt=0, description="Drafter AdamW learning rate.")
+    feature_weight: float = Field(1.0, ge=0, description="Weight of the hidden-state regression (EAGLE: 1.0).")
+    token_weight: float = Field(0.1, ge=0, description="Weight of the token cross-entropy (EAGLE: 0.1).")
+    hidden_noise: float = Field(0.0, ge=0, description="Uniform noise half-width on input hidden states in training.")
+    grad_clip: float = Field(0.5, description="Drafter gradient-norm clip (<= 0: none).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DrafterSection":
+        if self.mode == "adaptive":
+            from rollout.drafter.bandit import SpecTokensBanditConfig
+
+            try:
+                SpecTokensBanditConfig(arms=tuple(self.arms), batch_size_bounds=tuple(self.batch_size_bounds))
+            except ValueError as e:
+                raise ValueError(f"drafter.arms / drafter.batch_size_bounds: {e}") from None
+            if max(self.arms) > self.num_speculative_tokens:
+                raise ValueError(f"drafter.arms {self.arms} exceed drafter.num_speculative_tokens="
+                                 f"{self.num_speculative_tokens}, the most the engines draft; raise it or drop arms")
+            if self.long_tail_threshold is not None and self.long_tail_threshold not in self.batch_size_bounds:
+                raise ValueError(f"drafter.long_tail_threshold={self.long_tail_threshold} must be one of "
+                                 f"drafter.batch_size_bounds {self.batch_size_bounds}, so no bucket straddles it")
+        if self.mode != "off" and not self.train and self.init_path is None:
+            raise ValueError("drafter.train=false serves drafter.init_path as it is: set init_path (an untrained "
+                             "drafter only costs time)")
+        return self
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address (None: start a local Ray).")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: enough for the actors).")
@@ -364,6 +446,7 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     async_mode: AsyncConfig = Field(default_factory=AsyncConfig)
+    drafter: DrafterSection = Field(default_factory=DrafterSection)
 
     @model_validator(mode="after")
     def _check_batch(self) -> "Config":
@@ -404,6 +487,9 @@ class Config(_Section):
         if not self.rewards:
             raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
         self._check_distributed()
+        if self.drafter.mode != "off" and self.drafter.train and self.learner.old_logprob_source != "learner":
+            raise ValueError("drafter.train learns from the learner's old-log-prob pass over the rollouts: set "
+                             "learner.old_logprob_source=learner (or drafter.train=false)")
         return self
 
     def _check_distributed(self) -> None:

@@ -137,6 +137,7 @@ class Trainer:
         self._stop_requested = False
         self.engine_version = 0  # the policy version the engines serve (set by every sync)
         self._pending: dict[int, dict] = {}  # async mode: batches generated ahead, by the step that trains on them
+        self.spec = None  # rl.spec_decode.DrafterController when drafter.mode is not off
         self.gdro = None
         if cfg.gdro.prompt_gdro or cfg.gdro.rollout_gdro:
             from rl.algorithms.gdro import GdroController
@@ -278,6 +279,13 @@ class Trainer:
         engine_gpus = 0.5 if shared_gpu else r.num_gpus_per_engine
         learner_gpus = 0.5 if shared_gpu else lc.num_gpus
         local_cpu = not cfg.ray.address and r.num_gpus_per_engine == 0 and r.num_engines > 1
+        speculative_config = None
+        if cfg.drafter.mode != "off":
+            from rl.spec_decode import DrafterController
+
+            resume_from = CheckpointManager(self.run_dir, cfg.run.keep_last_checkpoints).latest() if self.resume else None
+            self.spec = DrafterController(cfg.drafter, self.run_dir, self.model_path, cfg.run.seed, resume_from)
+            speculative_config = self.spec.speculative_config()
         engines = []
         for i in range(r.num_engines):
             opts = dict(num_cpus=r.num_cpus_per_engine, num_gpus=engine_gpus,
@@ -289,7 +297,7 @@ class Trainer:
                 self.model_path, dtype=cfg.model.dtype, seed=cfg.run.seed + i, max_model_len=r.max_model_len,
                 gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
                 tensor_parallel_size=r.tensor_parallel_size,
-                enable_sleep_mode=colocated and pc.engine_sleep_level > 0,
+                enable_sleep_mode=colocated and pc.engine_sleep_level > 0, speculative_config=speculative_config,
             ))
         rank0 = PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=0)
         master = ray.get(ray.remote(free_address).options(num_cpus=0, scheduling_strategy=rank0).remote())
@@ -309,7 +317,10 @@ class Trainer:
         if colocated and pc.engine_sleep_level > 0 and not ray.get(engines[0].sleep_supported.remote()):
             print("[rl] placement colocated: this vLLM build has no sleep mode (CPU), so engines stay resident while "
                   "the learner trains (placement.engine_sleep_level is not applied)", flush=True)
-        return engines, LearnerGroup(actors)
+        group = LearnerGroup(actors)
+        if self.spec is not None:
+            self._drafter_start_metrics = self.spec.attach(engines, group)
+        return engines, group
 
     # ------------------------------------------------------------------ pieces of a step
     def generate(self, items: list[PromptItem], n: int | list[int], step: int, temperature: float, max_tokens: int,
@@ -748,6 +759,8 @@ class Trainer:
         self.learner.call("save", str(tmp))
         _copy_tokenizer_files(self.model_path, tmp / "model")  # so <checkpoint>/model is a complete model.path
         state = {"step": step, "sampler": self.sampler.state_dict(), "weight_version": step}
+        if self.spec is not None:
+            state["spec_decode"] = self.spec.state_dict()
         if self.gdro is not None:
             state["gdro"] = self.gdro.state_dict()
         path = self.ckpt.commit(tmp, step, state)
@@ -766,6 +779,8 @@ class Trainer:
             if "gdro" not in state:
                 raise ValueError(f"{latest} has no GDRO controller state, but gdro is enabled in this config")
             self.gdro.load_state_dict(state["gdro"])
+        if self.spec is not None and "spec_decode" in state:
+            self.spec.load_state_dict(state["spec_decode"])
         self.start_step = int(state["step"])
         self.logger.truncate_after(self.start_step)
         print(f"[rl] resumed from {latest} at step {self.start_step}", flush=True)
@@ -786,7 +801,7 @@ class Trainer:
         try:
             if self.start_step == 0:
                 ev = self.evaluate(0)
-                self.logger.log(0, {**ev, **first})
+                self.logger.log(0, {**ev, **first, **getattr(self, "_drafter_start_metrics", {})})
                 progress.message(f"[rl] step 0: held-out accuracy {ev['eval/accuracy']:.3f}")
                 summary["eval_before"] = ev["eval/accuracy"]
             while step < cfg.run.num_steps:
@@ -823,6 +838,7 @@ class Trainer:
         """Step ``step``'s rollouts turned into learner samples, with their metrics (the reward pool's counters
         included), the engine weight version that generated them, and what sample logging needs."""
         cfg = self.cfg
+        gen_started = self.spec.begin_generation() if self.spec is not None else None
         if cfg.multiturn.env is not None:
             samples, metrics, *_ = self.episode_batch(step)
             log = ("multiturn", self._last_episodes)
@@ -836,7 +852,13 @@ class Trainer:
             log = ("single", (items, groups, results))
         # The pool's own counters (timeouts, parse failures...) never overwrite the step's metrics.
         metrics = {**self.reward_pool.metrics(reset=True), **metrics}
-        return {"samples": samples, "metrics": metrics, "log": log, "engine_version": self.engine_version}
+        interval = None
+        if self.spec is not None:
+            spec_metrics = self.spec.end_generation(gen_started)
+            interval = spec_metrics.pop("_generation_interval")
+            metrics.update(spec_metrics)
+        return {"samples": samples, "metrics": metrics, "log": log, "engine_version": self.engine_version,
+                "generation_interval": interval}
 
     def _eval_due(self, step: int) -> bool:
         every = self.cfg.eval.every_steps
@@ -856,7 +878,13 @@ class Trainer:
 
         cfg = self.cfg
         t_step = time.perf_counter()
-        batch = self._pending.pop(step, None) or self.prepare_batch(step)
+        drafter_refs = drafter_interval = None
+        batch = self._pending.pop(step, None)
+        if batch is None:
+            # The learner would wait for these rollouts: the drafter trains meanwhile (queued before train_step).
+            drafter_refs = self.spec.submit_training() if self.spec is not None else None
+            batch = self.prepare_batch(step)
+            drafter_interval = batch["generation_interval"]
         samples, metrics = batch["samples"], batch["metrics"]
         colocated = cfg.placement.mode == "colocated"
         if colocated:
@@ -869,16 +897,23 @@ class Trainer:
         if cfg.async_mode.enabled:
             metrics["async/overlap_generate_s"] = 0.0
             if step < cfg.run.num_steps and step - self.engine_version <= lag_bound:
+                if self.spec is not None and drafter_refs is None:  # queued behind train_step, during generation
+                    drafter_refs = self.spec.submit_training()
                 t0 = time.perf_counter()
                 self._pending[step + 1] = self.prepare_batch(step + 1)
+                drafter_interval = self._pending[step + 1]["generation_interval"]
                 metrics["async/overlap_generate_s"] = time.perf_counter() - t0
         if refs is not None:
             metrics.update(ray.get(refs)[0])
+        if self.spec is not None:
+            metrics.update(self.spec.collect_training(drafter_refs, drafter_interval))
         metrics["perf/learner_wall_s"] = time.perf_counter() - t_learn
         if colocated:
             metrics["perf/engine_wake_s"] = self._engines_call("wake_up", ["weights"])
         if not cfg.async_mode.enabled or self.engine_version < step + 1 - lag_bound or self._eval_due(step):
             metrics.update(self.sync_weights(version=step))
+            if self.spec is not None:  # the drafter goes with the target weights it was trained against
+                metrics.update(self.spec.publish(step))
         if colocated:
             metrics["perf/engine_wake_s"] += self._engines_call("wake_up", ["kv_cache"])
         metrics["async/policy_lag"] = float(step - 1 - batch["engine_version"])
@@ -892,6 +927,8 @@ class Trainer:
             "perf/rollout_tokens_per_s": n_tokens / max(metrics["perf/rollout_s"], 1e-9),
             "perf/step_s": time.perf_counter() - t_step,
         })
+        if "rollout/spec/long_tail_s" in metrics:
+            metrics["rollout/spec/long_tail_step_frac"] = metrics["rollout/spec/long_tail_s"] / metrics["perf/step_s"]
         self._log_samples(step, batch["log"])
         return metrics
 

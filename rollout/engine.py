@@ -51,6 +51,10 @@ class Engine:
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.getcwd(), ".cache", "vllm"))
         from vllm import LLM
 
+        from rollout.vllm_plugin import register
+
+        register()  # the engine-core calls, for an engine core in this process (a spawned one loads the plugin)
+
         t0 = time.perf_counter()
         kwargs = dict(
             model=model_path,
@@ -234,6 +238,24 @@ class Engine:
         delta = now.minus(getattr(self, "_spec_decode_seen", SpecDecodeCounters()))
         self._spec_decode_seen = now
         return delta
+
+    def _core_call(self, method: str, *args):
+        """Call an ``EngineCore`` method (``rollout.vllm_plugin``) in the engine-core process, or in this one."""
+        client = self.llm.llm_engine.engine_core
+        if hasattr(client, "call_utility"):
+            return client.call_utility(method, *args)
+        return getattr(client.engine_core, method)(*args)
+
+    def set_spec_schedule(self, ranges: list[tuple[int, int, int]]) -> list[int]:
+        """Number of speculative tokens per running batch size from now on: ``[(first, last, K), ...]`` inclusive
+        batch-size ranges from 1 (K = 0: no drafting; K above the engine's ``num_speculative_tokens`` is capped).
+        Returns K for batch sizes 1..max_num_seqs."""
+        return list(self._core_call("rl_set_spec_schedule", [list(map(int, r)) for r in ranges]))
+
+    def spec_step_stats(self, reset: bool = True) -> list[list[float]]:
+        """Decode steps since the previous call, per running batch size and K:
+        ``[[batch size, K, steps, tokens produced, seconds], ...]``."""
+        return list(self._core_call("rl_spec_step_stats", bool(reset)))
 
     def sleep_supported(self) -> bool:
         return self.can_sleep

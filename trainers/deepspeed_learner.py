@@ -258,6 +258,8 @@ class DeepSpeedLearner(Learner):
             buf = io.BytesIO()
             torch.save(state, buf)
             (path / "learner_state.pt").write_bytes(buf.getvalue())
+            if self.drafter is not None:
+                self.drafter.save(path)
         D.barrier()
 
     def load(self, directory: str) -> None:
@@ -293,3 +295,5 @@ class DeepSpeedLearner(Learner):
         self._load_optimizer_state(state["optimizer"])
         self.num_updates = state["num_updates"]
         _set_rng_state(state["rng"])
+        if self.drafter is not None:
+            self.drafter.load(path)

@@ -380,6 +380,8 @@ class Learner:
         # Sharded strategies load the whole model into host memory and move only their shard to the device.
         load_device = self.device if self.strategy == "single" else torch.device("cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(load_device)
+        self.dtype = _DTYPES[dtype]
+        self.drafter = None  # rollout.drafter.online.OnlineDrafter on rank 0 once drafter_setup ran
         self.model.train()
         if learner_cfg.get("activation_checkpointing"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -441,23 +443,38 @@ class Learner:
 
     # ---------------------------------------------------------------- log-probs
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[TrainSample], model=None, temperature: float | None = None) -> list[list[float]]:
+    def compute_logprobs(self, samples: list[TrainSample], model=None, temperature: float | None = None,
+                         capture: list | None = None) -> list[list[float]]:
         """Per-response-token log-probs under ``model`` (the policy by default, or ``self.ref_model``), same order
-        as ``samples``. Each rank computes its share; every rank returns the whole list."""
+        as ``samples``. Each rank computes its share; every rank returns the whole list. ``capture``: a list that
+        receives this rank's sequences with the policy's final hidden states (``DrafterSequence``, for the
+        drafter), read off the same forward pass."""
         module = self.ref_policy if model is not None and model is self.ref_model else self.policy
         temp = self.temperature if temperature is None else temperature
         mine = D.assign_to_ranks([s.num_tokens for s in samples], self.world_size)[self.rank]
         local = [samples[i] for i in mine]
         mbs = make_micro_batches(local, self.cfg["micro_batch_tokens"], packed=self.kernels.packed)
         rows: dict[int, list[float]] = {}
-        for k in range(D.max_over_ranks(len(mbs))):
-            if k >= len(mbs):  # padding pass: the other ranks' collectives need this rank's forward
-                module(self._to_device(self._padding_batch()), temp, False, self.kernels)
-                continue
-            mb = self._to_device(mbs[k])
-            logp, _ = module(mb, temp, False, self.kernels)
-            for i, row in zip(mb.index, _gather_response(mb, local, logp.float().cpu())):
-                rows[mine[i]] = row
+        hidden: list[torch.Tensor] = []
+        hook = None
+        if capture is not None:  # the decoder's output is the post-norm state the LM head reads (and vLLM's drafter)
+            hook = self.model.get_decoder().register_forward_hook(
+                lambda _m, _a, out: hidden.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+        try:
+            for k in range(D.max_over_ranks(len(mbs))):
+                if k >= len(mbs):  # padding pass: the other ranks' collectives need this rank's forward
+                    module(self._to_device(self._padding_batch()), temp, False, self.kernels)
+                    continue
+                mb = self._to_device(mbs[k])
+                hidden.clear()
+                logp, _ = module(mb, temp, False, self.kernels)
+                for i, row in zip(mb.index, _gather_response(mb, local, logp.float().cpu())):
+                    rows[mine[i]] = row
+                if capture is not None:
+                    capture.extend(_drafter_sequences(mb, local, hidden[-1]))
+        finally:
+            if hook is not None:
+                hook.remove()
         if self.world_size > 1:
             for part in D.gather_objects(rows):
                 rows.update(part)
@@ -492,12 +509,16 @@ class Learner:
 
     # ---------------------------------------------------------------- update
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        """One RL step's update. ``samples`` hold whole groups in order; mini-batches are consecutive slices."""
+        """One RL step's update. ``samples`` hold whole groups in order; mini-batches are consecutive slices.
+        With a drafter, rank 0 keeps its share's hidden states from the old-log-prob pass for it."""
         t0 = time.perf_counter()
+        capture = [] if self.drafter is not None else None
         if self.cfg["old_logprob_source"] == "learner":
-            old = self.compute_logprobs(samples)
+            old = self.compute_logprobs(samples, capture=capture)
         else:
             old = [s.behaviour_logprobs for s in samples]
+        if capture is not None:
+            self.drafter.add_step(capture)
         t_old = time.perf_counter() - t0
         kl_in_loss = self.ref_model is not None and self.algo.kl_in == "loss"
         ref = self.compute_logprobs(samples, model=self.ref_model) if kl_in_loss else None
@@ -610,7 +631,43 @@ class Learner:
         from safetensors.torch import save as st_save
 
         sd = dict(self._full_weights())
+        if self.rank == 0 and self.drafter is not None:  # the drafter trains against the target the engines serve
+            embed, head = self._shared_weight_names()
+            self.drafter.set_shared_weights(sd[embed], sd[head])
         return st_save(sd) if self.rank == 0 else None
+
+    # ---------------------------------------------------------------- the speculative drafter (rank 0)
+    def _shared_weight_names(self) -> tuple[str, str]:
+        """State-dict names of the input embedding and the LM head weights (the same tensor when tied)."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return (f"{names[id(self.model.get_input_embeddings())]}.weight",
+                f"{names[id(self.model.get_output_embeddings())]}.weight")
+
+    def drafter_setup(self, section: dict, drafter_dir: str) -> int:
+        """Hold the drafter saved in ``drafter_dir`` (``section``: the ``drafter`` config) on rank 0, trained on
+        rank 0's share of each step's rollouts. Its copies of the shared weights arrive with the next
+        ``export_weights``. Returns the drafter's trainable parameter count (0 on other ranks)."""
+        from rollout.drafter.model import num_trainable_parameters
+        from rollout.drafter.online import OnlineDrafter, OnlineDrafterConfig
+
+        if self.cfg["old_logprob_source"] != "learner":
+            raise ValueError("the drafter learns from the learner's old-log-prob pass: set "
+                             "learner.old_logprob_source=learner")
+        if self.rank != 0:
+            return 0
+        self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device,
+                                     export_dtype=self.dtype)
+        return num_trainable_parameters(self.drafter.drafter)
+
+    def drafter_train(self, time_budget_s: float, max_steps: int | None = None) -> dict[str, float]:
+        """Train the drafter on its buffer for at most ``time_budget_s`` (rank 0; {} elsewhere)."""
+        if self.drafter is None:
+            return {}
+        return self.drafter.train(time_budget_s, max_steps)
+
+    def export_drafter(self) -> bytes | None:
+        """The drafter's weights for ``Engine.load_drafter_weights`` (rank 0; None elsewhere)."""
+        return self.drafter.export() if self.drafter is not None else None
 
     def probe_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Temperature-1 log-probs of given responses (the canary's learner side)."""
@@ -639,6 +696,8 @@ class Learner:
             buf = io.BytesIO()
             torch.save(state, buf)
             (path / "learner_state.pt").write_bytes(buf.getvalue())
+            if self.drafter is not None:
+                self.drafter.save(path)
         D.barrier()
 
     def load(self, directory: str) -> None:
@@ -671,9 +730,28 @@ class Learner:
                            optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.num_updates = state["num_updates"]
         _set_rng_state(state["rng"])
+        if self.drafter is not None:
+            self.drafter.load(path)
 
     def ping(self) -> int:
         return os.getpid()
+
+
+def _drafter_sequences(mb: MicroBatch, samples: list[TrainSample], hidden: torch.Tensor) -> list:
+    """One ``DrafterSequence`` per sequence of ``mb`` (``hidden``: the decoder's [R, L, H] output), on the CPU; its
+    loss mask marks the response tokens the policy produced (``loss_mask``), the positions a drafter drafts."""
+    from rollout.drafter.buffer import DrafterSequence
+
+    out = []
+    for i, (row, col0) in zip(mb.index, mb.starts):
+        s = samples[i]
+        n, p = s.num_tokens, len(s.prompt_token_ids)
+        mask = torch.zeros(n, dtype=torch.bool)
+        resp = s.loss_mask if s.loss_mask is not None else [1] * len(s.response_token_ids)
+        mask[p:] = torch.tensor(resp, dtype=torch.bool)
+        out.append(DrafterSequence(torch.tensor(s.prompt_token_ids + s.response_token_ids),
+                                   hidden[row, col0:col0 + n].detach().float().cpu(), mask))
+    return out
 
 
 def _rng_state() -> dict:

@@ -48,17 +48,24 @@ class SpecDecodeCounters:
                     per_pos[i] += v
         return cls(drafts, draft_tokens, accepted, tuple(per_pos))
 
+    def _combine(self, other: SpecDecodeCounters, sign: int) -> SpecDecodeCounters:
+        n = max(len(self.accepted_per_position), len(other.accepted_per_position))
+        a = list(self.accepted_per_position) + [0] * (n - len(self.accepted_per_position))
+        b = list(other.accepted_per_position) + [0] * (n - len(other.accepted_per_position))
+        return SpecDecodeCounters(
+            self.num_drafts + sign * other.num_drafts,
+            self.num_draft_tokens + sign * other.num_draft_tokens,
+            self.num_accepted_tokens + sign * other.num_accepted_tokens,
+            tuple(x + sign * y for x, y in zip(a, b)),
+        )
+
     def minus(self, earlier: SpecDecodeCounters) -> SpecDecodeCounters:
         """Counts between ``earlier`` and ``self``."""
-        n = max(len(self.accepted_per_position), len(earlier.accepted_per_position))
-        a = list(self.accepted_per_position) + [0] * (n - len(self.accepted_per_position))
-        b = list(earlier.accepted_per_position) + [0] * (n - len(earlier.accepted_per_position))
-        return SpecDecodeCounters(
-            self.num_drafts - earlier.num_drafts,
-            self.num_draft_tokens - earlier.num_draft_tokens,
-            self.num_accepted_tokens - earlier.num_accepted_tokens,
-            tuple(x - y for x, y in zip(a, b)),
-        )
+        return self._combine(earlier, -1)
+
+    def plus(self, other: SpecDecodeCounters) -> SpecDecodeCounters:
+        """Counts of both (e.g. two engines over the same period)."""
+        return self._combine(other, 1)
 
     @property
     def mean_acceptance_length(self) -> float:

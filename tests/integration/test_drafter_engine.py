@@ -1,7 +1,10 @@
 """The EAGLE drafter in the real vLLM engine (CPU build): our checkpoint loads, greedy output with speculative
 decoding equals greedy output without it, a drafter trained on the target's own generations, pushed into the
 running engine in place, raises the mean acceptance length, and the offline replay of greedy speculative decoding
-predicts the engine's acceptance (which checks that training and vLLM agree on the drafter's inputs).
+predicts the engine's acceptance (which checks that training and vLLM agree on the drafter's inputs). Sampling at
+temperature > 0 with the drafter (untrained: every draft rejected; trained: most accepted) draws from the target's
+own distribution (a z-test on the sampled tokens' log-likelihood under transformers' exact distribution), and K
+switched in the running engine takes effect.
 
 Both engines run eagerly (``enforce_eager``): torch.compile of the target and the drafter is the slowest part of a
 start-up on a busy 2-core machine and plays no part in what is tested here."""
@@ -22,6 +25,34 @@ def _greedy(ray, engine, prompts: list[str]):
     reqs = [GenerationRequest(f"p{i}", p, 1) for i, p in enumerate(prompts)]
     groups = ray.get(engine.generate.remote(reqs, SamplingSettings(temperature=0.0, max_tokens=40)))
     return [g[0] for g in groups]
+
+
+def _sampling_check(ray, engine, target, prompts: list[str], temperature: float = 1.5) -> tuple[float, float, int]:
+    """Sample with ``engine`` and test the samples against the target's exact distribution (transformers): returns
+    (z, max |engine log-prob - target log-prob|, tokens). ``z`` standardizes the summed log-likelihood of the
+    sampled tokens, ``sum_t (log p_t(x_t) + H(p_t)) / sqrt(sum_t Var_t)``: about N(0, 1) when every token is drawn
+    from the target's distribution at ``temperature``; far below 0 when tokens come from a flatter one."""
+    import torch
+
+    from rollout.engine import GenerationRequest, SamplingSettings
+
+    reqs = [GenerationRequest(f"s{i}", p, 4, seed=1000 + i) for i, p in enumerate(prompts)]
+    groups = ray.get(engine.generate.remote(reqs, SamplingSettings(temperature=temperature, max_tokens=12)))
+    num = var = 0.0
+    worst, count = 0.0, 0
+    with torch.no_grad():
+        for r in (r for g in groups for r in g):
+            ids = torch.tensor([r.prompt_token_ids + r.response_token_ids])
+            p, n = len(r.prompt_token_ids), len(r.response_token_ids)
+            logp = torch.log_softmax(target(ids).logits[0, p - 1:p - 1 + n].double() / temperature, dim=-1)
+            probs = logp.exp()
+            picked = logp[torch.arange(n), torch.tensor(r.response_token_ids)]
+            entropy = -(probs * logp).sum(-1)
+            num += float((picked + entropy).sum())
+            var += float(((probs * logp * logp).sum(-1) - entropy ** 2).sum())
+            worst = max(worst, float((picked - torch.tensor(r.logprobs, dtype=torch.float64)).abs().max()))
+            count += n
+    return num / var ** 0.5, worst, count
 
 
 def test_trained_drafter_raises_acceptance_in_the_running_engine(ray_local, warm_tiny_model_dir, tmp_path):
@@ -62,6 +93,10 @@ def test_trained_drafter_raises_acceptance_in_the_running_engine(ray_local, warm
     before = ray.get(spec.spec_decode_delta.remote())
     assert [r.response_token_ids for r in untrained_out] == [r.response_token_ids for r in reference]
     assert before.num_drafts > 0 and before.num_draft_tokens == NUM_SPECULATIVE_TOKENS * before.num_drafts
+    # Lossless sampling with a drafter whose drafts are all rejected (every token comes from the recovery path).
+    sample_prompts = eval_prompts[:12]
+    z_untrained, lp_diff_untrained, n_untrained = _sampling_check(ray, spec, target, sample_prompts)
+    ray.get(spec.spec_decode_delta.remote())
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only wait for each other on a busy machine
@@ -90,6 +125,26 @@ def test_trained_drafter_raises_acceptance_in_the_running_engine(ray_local, warm
     trained_out = _greedy(ray, spec, eval_prompts)
     after = ray.get(spec.spec_decode_delta.remote())
     assert [r.response_token_ids for r in trained_out] == [r.response_token_ids for r in reference]
+    # Lossless sampling with a drafter whose drafts are mostly accepted.
+    z_trained, lp_diff_trained, n_trained = _sampling_check(ray, spec, target, sample_prompts)
+    sampled = ray.get(spec.spec_decode_delta.remote())
+    print(f"\nsampling at T=1.5 vs the target's distribution: untrained drafter z={z_untrained:.2f} "
+          f"({n_untrained} tokens, max log-prob diff {lp_diff_untrained:.1e}); trained z={z_trained:.2f} "
+          f"({n_trained} tokens, max diff {lp_diff_trained:.1e}, acceptance length "
+          f"{sampled.mean_acceptance_length:.2f})")
+    assert abs(z_untrained) < 4 and abs(z_trained) < 4
+    assert lp_diff_untrained < 1e-3 and lp_diff_trained < 1e-3
+    assert sampled.mean_acceptance_length > 1.2  # the accept path was exercised
+
+    # K switched at run time (rollout.vllm_plugin): one draft token per round from now on, same greedy outputs.
+    assert ray.get(spec.set_spec_schedule.remote([(1, 256, 1)]))[:4] == [1, 1, 1, 1]
+    ray.get(spec.spec_step_stats.remote())
+    k1_out = _greedy(ray, spec, eval_prompts)
+    k1 = ray.get(spec.spec_decode_delta.remote())
+    assert [r.response_token_ids for r in k1_out] == [r.response_token_ids for r in reference]
+    assert k1.num_drafts > 0 and k1.num_draft_tokens == k1.num_drafts
+    rows = ray.get(spec.spec_step_stats.remote())
+    assert rows and {int(r[1]) for r in rows} == {1} and sum(r[3] for r in rows) > 0
     print(f"\nmean acceptance length (K={NUM_SPECULATIVE_TOKENS}): untrained {before.mean_acceptance_length:.3f} "
           f"-> trained {after.mean_acceptance_length:.3f} (offline replay: {replay_before.mean_acceptance_length:.3f} "
           f"-> {replay_after.mean_acceptance_length:.3f}); engine counters {before} -> {after}; "

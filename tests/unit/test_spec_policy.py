@@ -1,0 +1,245 @@
+"""The adaptive speculative-decoding policy (schedules, bandit rewards from engine step statistics, phase
+metrics), the engine-core step timer, the drafter config checks, and the learner's online drafter (hidden states
+from its own log-prob pass, training, export, checkpoint)."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rl.config import ConfigError, load_config
+from rollout.drafter.bandit import SpecTokensBanditConfig
+from rollout.drafter.policy import SpecPolicy, StepRow, merge_rows, phase_metrics
+from rollout.vllm_plugin import _StepTimer
+
+
+def test_fixed_schedule_speculates_only_in_the_long_tail():
+    p = SpecPolicy("fixed", 3, long_tail_threshold=16, max_batch_size=256)
+    assert p.next_schedule() == [(1, 16, 3), (17, 256, 0)]
+    assert SpecPolicy("fixed", 2, None, max_batch_size=64).next_schedule() == [(1, 64, 2)]
+    # observe only reports the K each bucket ran
+    assert p.observe([StepRow(4, 3, 10, 50, 1.0)]) == {"rollout/spec/k_1_16": 3.0, "rollout/spec/k_17_256": 0.0}
+
+
+def test_adaptive_schedule_explores_below_the_threshold_and_is_off_above():
+    cfg = SpecTokensBanditConfig(arms=(0, 1, 3), batch_size_bounds=(2, 8, 64), policy="ucb1")
+    p = SpecPolicy("adaptive", 3, long_tail_threshold=8, bandit=cfg, max_batch_size=100)
+    assert p.buckets() == [(1, 2), (3, 8), (9, 100)]
+    first = p.next_schedule()
+    assert first == [(1, 2, 0), (3, 8, 0), (9, 100, 0)]  # untried arms are played in order: 0 first
+    with pytest.raises(ValueError, match="one of the bucket bounds"):
+        SpecPolicy("adaptive", 3, long_tail_threshold=5, bandit=cfg)
+    with pytest.raises(ValueError, match="exceed num_speculative_tokens"):
+        SpecPolicy("adaptive", 2, long_tail_threshold=8, bandit=cfg)
+
+
+def test_bandit_learns_the_faster_k_per_bucket_from_step_rows():
+    """Synthetic engine: at batch size 1-2, K=3 gives 3x the tokens/s of no speculation; at 3-8, drafting costs
+    more than it saves (K=0 best). The policy must settle on those arms; above the threshold K stays 0."""
+    cfg = SpecTokensBanditConfig(arms=(0, 1, 3), batch_size_bounds=(2, 8, 64), policy="epsilon_greedy",
+                                 epsilon=0.1, seed=0)
+    p = SpecPolicy("adaptive", 3, long_tail_threshold=8, bandit=cfg, max_batch_size=64, min_seconds=0.01)
+    speed = {(1, 0): 100.0, (1, 1): 180.0, (1, 3): 300.0, (3, 0): 800.0, (3, 1): 700.0, (3, 3): 500.0}
+    rng = random.Random(0)
+    for _ in range(60):
+        sched = p.next_schedule()
+        rows = []
+        for lo, hi, k in sched:
+            b = rng.randint(lo, hi)
+            secs = 0.5
+            tps = speed.get((1 if lo == 1 else 3, k), 1000.0) * rng.uniform(0.9, 1.1)
+            rows.append(StepRow(b, k, 10, tps * secs, secs))
+        out = p.observe(rows)
+        assert "rollout/spec/k_9_64" in out and out["rollout/spec/k_9_64"] == 0.0
+    assert p.bandit.best(1) == 3
+    assert p.bandit.best(5) == 0
+    # a bucket's too-short observation is ignored
+    before = list(p.bandit.buckets[0].counts)
+    p.observe([StepRow(1, 3, 1, 5, 0.001)])
+    assert p.bandit.buckets[0].counts == before
+    # state round trip
+    q = SpecPolicy("adaptive", 3, long_tail_threshold=8, bandit=cfg, max_batch_size=64)
+    q.load_state_dict(p.state_dict())
+    assert q.bandit.best(1) == 3 and q.current == p.current
+
+
+def test_merge_rows_and_phase_metrics_by_hand():
+    rows = merge_rows([[[1, 3, 2, 10, 0.5], [32, 0, 1, 32, 0.25]], [[1, 3, 1, 5, 0.25], [4, 0, 4, 16, 1.0]]])
+    assert rows == [StepRow(1, 3, 3, 15, 0.75), StepRow(4, 0, 4, 16, 1.0), StepRow(32, 0, 1, 32, 0.25)]
+    m = phase_metrics(rows, long_tail_threshold=8)
+    assert m["rollout/spec/decode_s"] == pytest.approx(2.0)
+    assert m["rollout/spec/long_tail_time_frac"] == pytest.approx(1.75 / 2.0)
+    assert m["rollout/spec/long_tail_tokens_per_s_sd"] == pytest.approx(15 / 0.75)
+    assert m["rollout/spec/long_tail_tokens_per_s_no_sd"] == pytest.approx(16 / 1.0)
+    assert m["rollout/spec/bulk_tokens_per_s_no_sd"] == pytest.approx(32 / 0.25)
+    assert "rollout/spec/bulk_tokens_per_s_sd" not in m  # no steps behind it
+    assert m["rollout/spec/tokens_per_step"] == pytest.approx(63 / 8)
+    assert phase_metrics([], 8) == {"rollout/spec/decode_s": 0.0}
+
+
+def test_step_timer_counts_decode_steps_per_batch_size_and_k():
+    """vLLM's scheduler stand-in: schedule() then update_from_output(); prefill steps (new requests, or more than
+    1 + K tokens for a request) are not counted."""
+
+    class Sched:
+        num_spec_tokens = 3
+        dynamic_sd_lookup = [0, 3, 3, 1, 1]
+
+        def schedule(self):
+            return self.next_output
+
+        def update_from_output(self, so, mro):
+            return "outputs"
+
+    sched = Sched()
+    timer = _StepTimer(sched)
+
+    def step(num_tokens: dict, new: bool, sampled: list[list[int]]):
+        sched.next_output = SimpleNamespace(num_scheduled_tokens=num_tokens, scheduled_new_reqs=["r"] if new else [])
+        so = sched.schedule()
+        assert sched.update_from_output(so, SimpleNamespace(sampled_token_ids=sampled)) == "outputs"
+
+    step({"a": 5, "b": 7}, True, [[1], [2]])  # prefill
+    step({"a": 4, "b": 3}, False, [[1, 2, 3], [4]])  # batch 2 -> K 3
+    step({"a": 4, "b": 4}, False, [[1, 2], [3, 4, 5, 6]])
+    step({"a": 2, "b": 2, "c": 2}, False, [[1], [2], [3, 4]])  # batch 3 -> K 1
+    step({"a": 9, "b": 1, "c": 1}, False, [[1], [2], [3]])  # a prompt chunk in the batch: not a decode step
+    stats = timer.stats
+    assert set(stats) == {(2, 3), (3, 1)}
+    assert stats[(2, 3)][:2] == [2, 10] and stats[(3, 1)][:2] == [1, 4]
+    assert all(v[2] >= 0 for v in stats.values())
+    sched.dynamic_sd_lookup = None
+    assert timer.current_k(2) == 3
+
+
+def test_drafter_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="long_tail_threshold=10 must be one of"):
+        load_config(None, ["drafter.mode=adaptive", "drafter.long_tail_threshold=10"])
+    with pytest.raises(ConfigError, match="exceed drafter.num_speculative_tokens=2"):
+        load_config(None, ["drafter.mode=adaptive", "drafter.num_speculative_tokens=2"])
+    with pytest.raises(ConfigError, match="set init_path"):
+        load_config(None, ["drafter.mode=fixed", "drafter.train=false"])
+    with pytest.raises(ConfigError, match="old_logprob_source=learner"):
+        load_config(None, ["drafter.mode=fixed", "learner.old_logprob_source=engine"])
+    with pytest.raises(ConfigError, match="unknown config key 'drafter.num_spec_tokens'"):
+        load_config(None, ["drafter.num_spec_tokens=3"])
+    cfg = load_config("configs/drafter_tiny_cpu.yaml")
+    assert cfg.drafter.mode == "adaptive" and cfg.drafter.long_tail_threshold in cfg.drafter.batch_size_bounds
+
+
+# ---------------------------------------------------------------------- the learner's online drafter
+@pytest.fixture(scope="module")
+def learner_with_drafter(tmp_path_factory):
+    from rl.config import LearnerConfig
+    from rollout.drafter.checkpoint import save_drafter
+    from rollout.drafter.model import Drafter
+    from tests.learner_fixtures import save_tiny_qwen2
+    from trainers.learner import Learner
+
+    root = tmp_path_factory.mktemp("online_drafter")
+    model_dir = save_tiny_qwen2(root / "model", tie=False)
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(model_dir)
+    drafter_dir = save_drafter(Drafter.from_target(target, seed=0), root / "drafter")
+    lc = LearnerConfig(micro_batch_tokens=64, lr=1e-3).model_dump()
+    learner = Learner(model_dir, lc, {"kl_coef": 0.0}, temperature=1.0)
+    section = load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32", "drafter.batch_size=4",
+                                 "drafter.lr=1e-3"]).drafter.model_dump()
+    assert learner.drafter_setup(section, str(drafter_dir)) > 0
+    return learner, root
+
+
+def test_learner_keeps_the_hidden_states_of_its_old_logprob_pass(learner_with_drafter):
+    from tests.learner_fixtures import random_samples
+
+    learner, _ = learner_with_drafter
+    assert learner.drafter_train(5.0)["drafter/steps"] == 0.0  # no data, no shared weights yet
+    learner.export_weights()  # whole weights go to the engines: the drafter's shared copies follow
+    assert torch.equal(learner.drafter.drafter.lm_head.weight, learner.model.lm_head.weight)
+    assert torch.equal(learner.drafter.drafter.embed_tokens.weight, learner.model.model.embed_tokens.weight)
+    samples = random_samples(10, seed=1)
+    learner.train_step(samples)
+    seqs = sorted(learner.drafter.buffer.sequences(), key=lambda s: (len(s), s.token_ids.tolist()))
+    want = sorted(samples, key=lambda s: (s.num_tokens, s.prompt_token_ids + s.response_token_ids))
+    assert len(seqs) == len(samples)
+    for got, s in zip(seqs, want):  # the states themselves: next test
+        assert got.token_ids.tolist() == s.prompt_token_ids + s.response_token_ids
+        assert got.loss_mask.tolist() == [False] * len(s.prompt_token_ids) + [True] * len(s.response_token_ids)
+        assert got.hidden_states.shape == (s.num_tokens, learner.model.config.hidden_size)
+
+
+def test_captured_states_equal_a_transformers_forward(tmp_path):
+    from rl.config import LearnerConfig
+    from rollout.drafter.capture import capture_hidden_states
+    from rollout.drafter.checkpoint import save_drafter
+    from rollout.drafter.model import Drafter
+    from tests.learner_fixtures import random_samples, save_tiny_qwen2
+    from trainers.learner import Learner
+
+    model_dir = save_tiny_qwen2(tmp_path / "model")
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(model_dir)
+    drafter_dir = save_drafter(Drafter.from_target(target, seed=0), tmp_path / "drafter")
+    for packed in ("padded", "packed"):
+        lc = LearnerConfig(micro_batch_tokens=40, kernels={"attention": packed}).model_dump()
+        learner = Learner(model_dir, lc, {"kl_coef": 0.0}, temperature=1.0)
+        learner.drafter_setup(load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32"]).drafter
+                              .model_dump(), str(drafter_dir))
+        samples = random_samples(7, seed=2)
+        got: list = []
+        learner.compute_logprobs(samples, capture=got)
+        assert len(got) == len(samples)
+        ref = capture_hidden_states(target.eval(), [g.token_ids.tolist() for g in got], batch_size=1)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g.hidden_states, r.hidden_states, rtol=1e-5, atol=1e-5)
+
+
+def test_learner_drafter_trains_exports_and_checkpoints(learner_with_drafter, tmp_path):
+    from safetensors.torch import load as st_load
+
+    from rollout.drafter.checkpoint import expected_weight_shapes
+    from tests.learner_fixtures import random_samples
+
+    learner, _ = learner_with_drafter
+    learner.export_weights()
+    learner.train_step(random_samples(10, seed=3))
+    before = {k: v.clone() for k, v in learner.drafter.drafter.trainable_state_dict().items()}
+    m = learner.drafter_train(30.0, max_steps=5)
+    assert m["drafter/steps"] == 5.0 and m["drafter/loss"] > 0 and m["drafter/train_end"] >= m["drafter/train_start"]
+    after = {k: v.clone() for k, v in learner.drafter.drafter.trainable_state_dict().items()}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    blob = learner.export_drafter()
+    tensors = st_load(blob)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_weight_shapes(learner.drafter.drafter.cfg)
+    learner.save(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "drafter" / "config.json").is_file()
+    assert (tmp_path / "ckpt" / "drafter_trainer.pt").is_file()
+    steps_done = learner.drafter.trainer.num_steps
+    learner.drafter_train(30.0, max_steps=2)
+    learner.load(str(tmp_path / "ckpt"))
+    assert learner.drafter.trainer.num_steps == steps_done
+    for k, v in learner.drafter.drafter.trainable_state_dict().items():
+        torch.testing.assert_close(v, after[k])
+
+
+def test_expand_to_tokens_replaces_vllms_cpu_kernel():
+    """The CPU fallback of vLLM's expand kernel never wrote float outputs (speculative sampling read uninitialized
+    temperatures); ours writes each request's value over its tokens, in the output's dtype."""
+    from rollout.vllm_plugin import expand_to_tokens, register
+
+    temps = torch.tensor([0.7, -1.0, 1.5])  # -1: greedy's temperature, replaced by 1
+    out = torch.full((7,), 9.0)
+    expand_to_tokens(out, temps, torch.tensor([2, 2, 5], dtype=torch.int32), -1, 1)
+    assert out.tolist() == pytest.approx([0.7, 0.7, 1.5, 1.5, 1.5, 9.0, 9.0])
+    top_k = torch.tensor([5, 0], dtype=torch.int32)
+    out_k = torch.zeros(3, dtype=torch.int32)
+    expand_to_tokens(out_k, top_k, torch.tensor([1, 3]), 0, 0)
+    assert out_k.tolist() == [5, 0, 0] and out_k.dtype == torch.int32
+    cpu_triton_utils = pytest.importorskip("vllm.utils.cpu_triton_utils")
+    register()
+    assert cpu_triton_utils._expand_kernel_impl is expand_to_tokens
