@@ -30,6 +30,8 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 64
+    min_tokens: int = 0
+    """Tokens before a stop token may end a response (benchmarks set it to max_tokens for equal-length runs)."""
 
 
 class Engine:
@@ -102,6 +104,7 @@ class Engine:
                 top_p=settings.top_p,
                 top_k=-1 if settings.top_p >= 1.0 else 0,
                 max_tokens=settings.max_tokens,
+                min_tokens=settings.min_tokens,
                 seed=r.seed,
                 logprobs=0,  # the sampled token's log-prob only
             )

@@ -166,6 +166,8 @@ class SpecPolicy:
                 "bandit": self.bandit.state_dict() if self.bandit is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.current = [tuple(r) for r in state.get("current", [])]
+        """An adaptive policy takes the bandit's state and the schedule it had chosen; a fixed one has nothing to
+        restore (so a run may resume in another mode)."""
         if self.bandit is not None and state.get("bandit") is not None:
             self.bandit.load_state_dict(state["bandit"])
+            self.current = [tuple(r) for r in state.get("current", [])]

@@ -64,6 +64,9 @@ def test_bandit_learns_the_faster_k_per_bucket_from_step_rows():
     q = SpecPolicy("adaptive", 3, long_tail_threshold=8, bandit=cfg, max_batch_size=64)
     q.load_state_dict(p.state_dict())
     assert q.bandit.best(1) == 3 and q.current == p.current
+    fixed = SpecPolicy("fixed", 3, long_tail_threshold=8, max_batch_size=64)  # resuming in another mode
+    fixed.load_state_dict(p.state_dict())
+    assert fixed.next_schedule() == [(1, 8, 3), (9, 64, 0)]
 
 
 def test_merge_rows_and_phase_metrics_by_hand():
