@@ -382,6 +382,7 @@ class Learner:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(load_device)
         self.dtype = _DTYPES[dtype]
         self.drafter = None  # rollout.drafter.online.OnlineDrafter on rank 0 once drafter_setup ran
+        self._drafter_capture: dict | None = None  # on every rank once drafter_setup ran: dtype, token budget
         self.model.train()
         if learner_cfg.get("activation_checkpointing"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -448,7 +449,8 @@ class Learner:
         """Per-response-token log-probs under ``model`` (the policy by default, or ``self.ref_model``), same order
         as ``samples``. Each rank computes its share; every rank returns the whole list. ``capture``: a list that
         receives this rank's sequences with the policy's final hidden states (``DrafterSequence``, for the
-        drafter), read off the same forward pass."""
+        drafter, in ``drafter.buffer_dtype``, at most its share of ``drafter.buffer_tokens``), read off the same
+        forward pass."""
         module = self.ref_policy if model is not None and model is self.ref_model else self.policy
         temp = self.temperature if temperature is None else temperature
         mine = D.assign_to_ranks([s.num_tokens for s in samples], self.world_size)[self.rank]
@@ -471,7 +473,8 @@ class Learner:
                 for i, row in zip(mb.index, _gather_response(mb, local, logp.float().cpu())):
                     rows[mine[i]] = row
                 if capture is not None:
-                    capture.extend(_drafter_sequences(mb, local, hidden[-1]))
+                    budget = self._drafter_capture["max_tokens"] - sum(len(c) for c in capture)
+                    capture.extend(_drafter_sequences(mb, local, hidden[-1], self._drafter_capture["dtype"], budget))
         finally:
             if hook is not None:
                 hook.remove()
@@ -512,13 +515,15 @@ class Learner:
         """One RL step's update. ``samples`` hold whole groups in order; mini-batches are consecutive slices.
         With a drafter, rank 0 keeps its share's hidden states from the old-log-prob pass for it."""
         t0 = time.perf_counter()
-        capture = [] if self.drafter is not None else None
+        capture = [] if self._drafter_capture is not None else None
         if self.cfg["old_logprob_source"] == "learner":
             old = self.compute_logprobs(samples, capture=capture)
         else:
             old = [s.behaviour_logprobs for s in samples]
-        if capture is not None:
-            self.drafter.add_step(capture)
+        if capture is not None:  # every rank's share goes to rank 0's drafter
+            parts = D.gather_to_rank0(capture)
+            if self.rank == 0:
+                self.drafter.add_step([seq for part in parts for seq in part])
         t_old = time.perf_counter() - t0
         kl_in_loss = self.ref_model is not None and self.algo.kl_in == "loss"
         ref = self.compute_logprobs(samples, model=self.ref_model) if kl_in_loss else None
@@ -645,14 +650,18 @@ class Learner:
 
     def drafter_setup(self, section: dict, drafter_dir: str) -> int:
         """Hold the drafter saved in ``drafter_dir`` (``section``: the ``drafter`` config) on rank 0, trained on
-        rank 0's share of each step's rollouts. Its copies of the shared weights arrive with the next
-        ``export_weights``. Returns the drafter's trainable parameter count (0 on other ranks)."""
+        every rank's hidden states of each step's rollouts (gathered to rank 0). Its copies of the shared weights
+        arrive with the next ``export_weights``. Returns the drafter's trainable parameter count (0 on other
+        ranks)."""
         from rollout.drafter.model import num_trainable_parameters
         from rollout.drafter.online import OnlineDrafter, OnlineDrafterConfig
 
         if self.cfg["old_logprob_source"] != "learner":
             raise ValueError("the drafter learns from the learner's old-log-prob pass: set "
                              "learner.old_logprob_source=learner")
+        cfg = OnlineDrafterConfig.from_section(section)
+        self._drafter_capture = {"dtype": {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.buffer_dtype],
+                                 "max_tokens": -(-cfg.buffer_tokens // self.world_size)}
         if self.rank != 0:
             return 0
         self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device,
@@ -737,20 +746,25 @@ class Learner:
         return os.getpid()
 
 
-def _drafter_sequences(mb: MicroBatch, samples: list[TrainSample], hidden: torch.Tensor) -> list:
-    """One ``DrafterSequence`` per sequence of ``mb`` (``hidden``: the decoder's [R, L, H] output), on the CPU; its
-    loss mask marks the response tokens the policy produced (``loss_mask``), the positions a drafter drafts."""
+def _drafter_sequences(mb: MicroBatch, samples: list[TrainSample], hidden: torch.Tensor, dtype: torch.dtype,
+                       budget: int) -> list:
+    """One ``DrafterSequence`` per sequence of ``mb`` (``hidden``: the decoder's [R, L, H] output), on the CPU in
+    ``dtype``, while their tokens fit in ``budget``; the loss mask marks the response tokens the policy produced
+    (``loss_mask``), the positions a drafter drafts."""
     from rollout.drafter.buffer import DrafterSequence
 
     out = []
     for i, (row, col0) in zip(mb.index, mb.starts):
         s = samples[i]
         n, p = s.num_tokens, len(s.prompt_token_ids)
+        if n > budget:
+            break
+        budget -= n
         mask = torch.zeros(n, dtype=torch.bool)
         resp = s.loss_mask if s.loss_mask is not None else [1] * len(s.response_token_ids)
         mask[p:] = torch.tensor(resp, dtype=torch.bool)
         out.append(DrafterSequence(torch.tensor(s.prompt_token_ids + s.response_token_ids),
-                                   hidden[row, col0:col0 + n].detach().float().cpu(), mask))
+                                   hidden[row, col0:col0 + n].detach().to("cpu", dtype), mask))
     return out
 
 

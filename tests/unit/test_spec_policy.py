@@ -246,3 +246,47 @@ def test_expand_to_tokens_replaces_vllms_cpu_kernel():
     cpu_triton_utils = pytest.importorskip("vllm.utils.cpu_triton_utils")
     register()
     assert cpu_triton_utils._expand_kernel_impl is expand_to_tokens
+
+
+def _drafter_rank_main(rank, world, port, model_dir, drafter_dir, out_path):
+    from tests.learner_fixtures import random_samples
+    from trainers.learner import Learner
+
+    torch.set_num_threads(1)
+    cfg = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
+               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
+               strategy="fsdp2", fsdp={})
+    learner = Learner(model_dir, cfg, {"kl_coef": 0.0}, temperature=1.0, rank=rank, world_size=world,
+                      master=("127.0.0.1", port))
+    section = load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32"]).drafter.model_dump()
+    learner.drafter_setup(section, drafter_dir)
+    learner.export_weights()
+    learner.train_step(random_samples(10, seed=4))
+    if rank == 0:
+        torch.save([(s.token_ids, s.hidden_states) for s in learner.drafter.buffer.sequences()], out_path)
+        assert learner.drafter_train(30.0, max_steps=2)["drafter/steps"] == 2.0
+
+
+def test_two_fsdp2_ranks_gather_every_sequence_to_the_drafter(tmp_path):
+    """With 2 learner ranks, rank 0's drafter gets both ranks' sequences, with the states one rank computes."""
+    import torch.multiprocessing as mp
+
+    from rollout.drafter.checkpoint import save_drafter
+    from rollout.drafter.model import Drafter
+    from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
+
+    model_dir = save_tiny_qwen2(tmp_path / "model")
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    drafter_dir = str(save_drafter(Drafter.from_target(target, seed=0), tmp_path / "drafter"))
+    out = tmp_path / "buffer.pt"
+    mp.spawn(_drafter_rank_main, args=(2, free_port(), model_dir, drafter_dir, str(out)), nprocs=2, join=True)
+    got = {tuple(t.tolist()): h for t, h in torch.load(out)}
+    samples = random_samples(10, seed=4)
+    assert len(got) == len(samples)
+    with torch.no_grad():
+        for s in samples:
+            ids = s.prompt_token_ids + s.response_token_ids
+            want = target(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            torch.testing.assert_close(got[tuple(ids)], want, rtol=1e-4, atol=1e-5)
