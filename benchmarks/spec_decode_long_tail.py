@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.train_s, args.train_prompts, args.repeats, args.max_tokens = 30.0, 192, 2, 40
-        args.max_model_len, args.enforce_eager = 256, True
+        args.max_model_len, args.enforce_eager, args.gpu_memory_utilization = 256, True, 0.1
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
