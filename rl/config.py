@@ -398,12 +398,11 @@ class DrafterSection(_Section):
     @model_validator(mode="after")
     def _check(self) -> "DrafterSection":
         if self.mode == "adaptive":
-            from rollout.drafter.bandit import SpecTokensBanditConfig
-
-            try:
-                SpecTokensBanditConfig(arms=tuple(self.arms), batch_size_bounds=tuple(self.batch_size_bounds))
-            except ValueError as e:
-                raise ValueError(f"drafter.arms / drafter.batch_size_bounds: {e}") from None
+            if not self.arms or len(set(self.arms)) != len(self.arms) or min(self.arms) < 0:
+                raise ValueError(f"drafter.arms must be distinct non-negative token counts, got {self.arms}")
+            b = self.batch_size_bounds
+            if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:])):
+                raise ValueError(f"drafter.batch_size_bounds must be increasing positive integers, got {b}")
             if max(self.arms) > self.num_speculative_tokens:
                 raise ValueError(f"drafter.arms {self.arms} exceed drafter.num_speculative_tokens="
                                  f"{self.num_speculative_tokens}, the most the engines draft; raise it or drop arms")
