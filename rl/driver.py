@@ -897,11 +897,13 @@ class Trainer:
         if cfg.async_mode.enabled:
             metrics["async/overlap_generate_s"] = 0.0
             if step < cfg.run.num_steps and step - self.engine_version <= lag_bound:
-                if self.spec is not None and drafter_refs is None:  # queued behind train_step, during generation
+                queued_now = self.spec is not None and drafter_refs is None
+                if queued_now:  # queued behind train_step, during the next batch's generation
                     drafter_refs = self.spec.submit_training()
                 t0 = time.perf_counter()
                 self._pending[step + 1] = self.prepare_batch(step + 1)
-                drafter_interval = self._pending[step + 1]["generation_interval"]
+                if queued_now:
+                    drafter_interval = self._pending[step + 1]["generation_interval"]
                 metrics["async/overlap_generate_s"] = time.perf_counter() - t0
         if refs is not None:
             metrics.update(ray.get(refs)[0])
