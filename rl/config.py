@@ -486,6 +486,11 @@ class Config(_Section):
         if not self.rewards:
             raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
         self._check_distributed()
+        if (self.drafter.mode != "off" and self.placement.mode == "colocated" and self.placement.engine_sleep_level == 2
+                and (not self.drafter.train or self.drafter.publish_every != 1)):
+            raise ValueError("placement.engine_sleep_level=2 discards the engines' weights, the drafter's included, and "
+                             "only the target's come back with the sync: with a drafter set drafter.publish_every=1 "
+                             "and drafter.train=true (it is re-sent after every sync), or use engine_sleep_level=1")
         if self.drafter.mode != "off" and self.drafter.train and self.learner.old_logprob_source != "learner":
             raise ValueError("drafter.train learns from the learner's old-log-prob pass over the rollouts: set "
                              "learner.old_logprob_source=learner (or drafter.train=false)")

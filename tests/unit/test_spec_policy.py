@@ -127,6 +127,8 @@ def test_drafter_config_errors_name_the_fix():
         load_config(None, ["drafter.mode=fixed", "drafter.train=false"])
     with pytest.raises(ConfigError, match="old_logprob_source=learner"):
         load_config(None, ["drafter.mode=fixed", "learner.old_logprob_source=engine"])
+    with pytest.raises(ConfigError, match="engine_sleep_level=2 discards"):
+        load_config(None, ["drafter.mode=fixed", "drafter.publish_every=2", "placement.mode=colocated"])
     with pytest.raises(ConfigError, match="unknown config key 'drafter.num_spec_tokens'"):
         load_config(None, ["drafter.num_spec_tokens=3"])
     cfg = load_config("configs/drafter_tiny_cpu.yaml")
