@@ -123,9 +123,9 @@ def main() -> None:
     buffer.add_step(0, seqs)
     trainer = DrafterTrainer(drafter, DrafterTrainerConfig(lr=args.lr, batch_size=args.train_batch, loss=DrafterLossConfig(
         token_weight=1.0, hidden_noise=0.05)))
-    from rollout.drafter.online import _to
+    from rollout.drafter.online import batch_to
 
-    train = trainer.train(lambda: _to(buffer.sample_batch(args.train_batch, trainer.rng), torch.device(device)),
+    train = trainer.train(lambda: batch_to(buffer.sample_batch(args.train_batch, trainer.rng), torch.device(device)),
                           time_budget_s=args.train_s)
     step_ms = 1000 * train["drafter/train_s"] / max(train["drafter/steps"], 1)
     print(f"[bench] drafter: {int(train['drafter/steps'])} steps in {train['drafter/train_s']:.0f} s "

@@ -25,6 +25,7 @@ from rollout.drafter.metrics import SpecDecodeCounters
 from rollout.drafter.policy import SpecPolicy, merge_rows, phase_metrics
 
 INIT_DIR = "drafter_init"
+MAX_BATCH_SIZE = 1024  # schedules cover running batch sizes 1..this (vLLM clips them to its max_num_seqs)
 
 
 class DrafterController:
@@ -42,11 +43,12 @@ class DrafterController:
             bandit = SpecTokensBanditConfig(
                 arms=tuple(section.arms), batch_size_bounds=tuple(section.batch_size_bounds), policy=section.bandit,
                 epsilon=section.epsilon, ucb_c=section.ucb_c, step_size=section.bandit_step_size, seed=seed)
-        self._bandit_cfg = bandit
-        self.policy: SpecPolicy | None = None
+        self.policy = SpecPolicy(section.mode, section.num_speculative_tokens, section.long_tail_threshold, bandit,
+                                 max_batch_size=MAX_BATCH_SIZE, min_seconds=section.min_bucket_seconds)
         self.engines: list = []
         self.learner = None
         self.last_generation_s: float | None = None
+        self.submitted_budget_s = 0.0
         self.published_version = 0
 
     # ------------------------------------------------------------------ start-up
@@ -80,11 +82,8 @@ class DrafterController:
             drafter = Drafter(cfg)
         save_drafter(drafter, path)
 
-    def speculative_config(self, max_num_seqs: int = 256) -> dict:
+    def speculative_config(self) -> dict:
         """The engines' ``speculative_config``: our EAGLE drafter, K, and the first schedule."""
-        self.policy = SpecPolicy(self.cfg.mode, self.cfg.num_speculative_tokens, self.cfg.long_tail_threshold,
-                                 self._bandit_cfg, max_batch_size=max_num_seqs,
-                                 min_seconds=self.cfg.min_bucket_seconds)
         return {"method": "eagle", "model": self.drafter_dir,
                 "num_speculative_tokens": self.cfg.num_speculative_tokens,
                 "num_speculative_tokens_per_batch_size": [list(r) for r in self.policy.next_schedule()]}
@@ -127,10 +126,7 @@ class DrafterController:
         for d in deltas:
             counters = counters.plus(d)
         rows = merge_rows(stats)
-        out = {**counters.as_metrics(), **phase_metrics(rows, self.cfg.long_tail_threshold)}
-        out["rollout/spec/long_tail_s"] = sum(
-            r.seconds for r in rows if self.cfg.long_tail_threshold is None
-            or r.batch_size <= self.cfg.long_tail_threshold) / max(len(self.engines), 1)
+        out = {**counters.as_metrics(), **phase_metrics(rows, self.cfg.long_tail_threshold, len(self.engines))}
         out.update(self.policy.observe(rows))
         schedule = self.policy.next_schedule()
         ray.get([e.set_spec_schedule.remote(schedule) for e in self.engines])
@@ -148,7 +144,8 @@ class DrafterController:
         """Start a training round on the learner (runs while the driver goes on); None when not training."""
         if not self.cfg.train:
             return None
-        return self.learner.submit("drafter_train", self.budget_s(), self.cfg.train_max_steps)
+        self.submitted_budget_s = self.budget_s()
+        return self.learner.submit("drafter_train", self.submitted_budget_s, self.cfg.train_max_steps)
 
     def collect_training(self, refs: list | None, interval: tuple[float, float] | None) -> dict[str, float]:
         """The round's ``drafter/*`` metrics, with ``drafter/idle_overlap_s`` (its time inside the generation
@@ -163,7 +160,7 @@ class DrafterController:
             overlap = max(0.0, min(end, interval[1]) - max(start, interval[0]))
             out["drafter/idle_overlap_s"] = overlap
             out["drafter/idle_overlap_frac"] = overlap / (end - start) if end > start else 0.0
-        out["drafter/budget_s"] = self.budget_s()
+        out["drafter/budget_s"] = self.submitted_budget_s
         return out
 
     def publish(self, step: int) -> dict[str, float]:
@@ -181,7 +178,7 @@ class DrafterController:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict() if self.policy is not None else None,
+        return {"policy": self.policy.state_dict(),
                 "published_version": self.published_version}
 
     def load_state_dict(self, state: dict) -> None:

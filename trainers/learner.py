@@ -654,13 +654,13 @@ class Learner:
         arrive with the next ``export_weights``. Returns the drafter's trainable parameter count (0 on other
         ranks)."""
         from rollout.drafter.model import num_trainable_parameters
-        from rollout.drafter.online import OnlineDrafter, OnlineDrafterConfig
+        from rollout.drafter.online import STORAGE_DTYPES, OnlineDrafter, OnlineDrafterConfig
 
         if self.cfg["old_logprob_source"] != "learner":
             raise ValueError("the drafter learns from the learner's old-log-prob pass: set "
                              "learner.old_logprob_source=learner")
         cfg = OnlineDrafterConfig.from_section(section)
-        self._drafter_capture = {"dtype": {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.buffer_dtype],
+        self._drafter_capture = {"dtype": STORAGE_DTYPES[cfg.buffer_dtype],
                                  "max_tokens": -(-cfg.buffer_tokens // self.world_size)}
         if self.rank != 0:
             return 0

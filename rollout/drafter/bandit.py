@@ -137,13 +137,19 @@ class SpecTokensBandit:
     def schedule(self, max_batch_size: int) -> list[tuple[int, int, int]]:
         """The best arms as vLLM's ``speculative_config["num_speculative_tokens_per_batch_size"]``: inclusive
         ``(first batch size, last batch size, K)`` ranges covering ``1..max_batch_size``."""
-        out: list[tuple[int, int, int]] = []
+        return [(lo, hi, self.best(lo)) for lo, hi in self.bucket_ranges(max_batch_size)]
+
+    def bucket_ranges(self, max_batch_size: int) -> list[tuple[int, int]]:
+        """The buckets as inclusive batch-size ranges covering ``1..max_batch_size`` (the last bucket takes
+        everything above the second-to-last bound)."""
+        out: list[tuple[int, int]] = []
         lo = 1
-        for bound in self.config.batch_size_bounds:
+        bounds = self.config.batch_size_bounds
+        for bound in bounds:
             if lo > max_batch_size:
                 break
-            hi = max_batch_size if bound == self.config.batch_size_bounds[-1] else min(bound, max_batch_size)
-            out.append((lo, hi, self.best(lo)))
+            hi = max_batch_size if bound == bounds[-1] else min(bound, max_batch_size)
+            out.append((lo, hi))
             lo = hi + 1
         return out
 

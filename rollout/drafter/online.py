@@ -23,7 +23,7 @@ from rollout.drafter.checkpoint import load_drafter, save_drafter, weights_for_r
 from rollout.drafter.train import DrafterLossConfig, DrafterTrainer, DrafterTrainerConfig
 
 TRAINER_STATE = "drafter_trainer.pt"
-_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class OnlineDrafter:
             loss=DrafterLossConfig(feature_weight=config.feature_weight, token_weight=config.token_weight,
                                    hidden_noise=config.hidden_noise)), seed=config.seed)
         self.buffer = DrafterBuffer(config.buffer_steps, config.buffer_tokens,
-                                    storage_dtype=_STORAGE[config.buffer_dtype])
+                                    storage_dtype=STORAGE_DTYPES[config.buffer_dtype])
         self.shared_ready = False
         self.steps_added = 0
 
@@ -83,7 +83,7 @@ class OnlineDrafter:
             return {**out, "drafter/steps": 0.0, "drafter/train_s": 0.0,
                     "drafter/train_start": start, "drafter/train_end": start}
         batch_fn = self.buffer.sample_batch
-        metrics = self.trainer.train(lambda: _to(batch_fn(self.config.batch_size, self.trainer.rng), self.device),
+        metrics = self.trainer.train(lambda: batch_to(batch_fn(self.config.batch_size, self.trainer.rng), self.device),
                                      time_budget_s=time_budget_s, max_steps=max_steps)
         return {**out, **metrics, "drafter/train_start": start, "drafter/train_end": time.time()}
 
@@ -108,7 +108,8 @@ class OnlineDrafter:
         self.trainer.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
 
 
-def _to(batch, device: torch.device):
+def batch_to(batch, device: torch.device):
+    """``batch`` (a ``DrafterBatch``) on ``device``."""
     if device.type == "cpu":
         return batch
     from dataclasses import replace

@@ -51,16 +51,19 @@ def merge_rows(per_engine: Iterable[Iterable[Sequence[float]]]) -> list[StepRow]
     return [StepRow(b, k, *v) for (b, k), v in sorted(acc.items())]
 
 
-def phase_metrics(rows: Sequence[StepRow], long_tail_threshold: int | None,
+def phase_metrics(rows: Sequence[StepRow], long_tail_threshold: int | None, num_engines: int = 1,
                   prefix: str = "rollout/spec/") -> dict[str, float]:
     """Decode time and throughput in the long tail (batch size <= threshold; every batch size when None) and the
-    bulk, with (K > 0) and without (K = 0) speculation. Keys with no steps behind them are left out."""
+    bulk, with (K > 0) and without (K = 0) speculation; ``long_tail_s`` is the long tail's decode seconds per
+    engine (the rows sum ``num_engines`` engines). Keys with no steps behind them are left out."""
     total_s = sum(r.seconds for r in rows)
     out: dict[str, float] = {f"{prefix}decode_s": total_s}
     if total_s <= 0:
         return out
     tail = [r for r in rows if long_tail_threshold is None or r.batch_size <= long_tail_threshold]
-    out[f"{prefix}long_tail_time_frac"] = sum(r.seconds for r in tail) / total_s
+    tail_s = sum(r.seconds for r in tail)
+    out[f"{prefix}long_tail_time_frac"] = tail_s / total_s
+    out[f"{prefix}long_tail_s"] = tail_s / max(num_engines, 1)
     for phase, members in (("long_tail", tail), ("bulk", [r for r in rows if r not in tail])):
         for label, sel in (("sd", [r for r in members if r.k > 0]), ("no_sd", [r for r in members if r.k == 0])):
             secs = sum(r.seconds for r in sel)
@@ -112,15 +115,7 @@ class SpecPolicy:
             if t is None or t >= self.max_batch_size:
                 return [(1, self.max_batch_size)]
             return [(1, t), (t + 1, self.max_batch_size)]
-        out, lo = [], 1
-        bounds = self.bandit.config.batch_size_bounds
-        for bound in bounds:
-            if lo > self.max_batch_size:
-                break
-            hi = self.max_batch_size if bound == bounds[-1] else min(bound, self.max_batch_size)
-            out.append((lo, hi))
-            lo = hi + 1
-        return out
+        return self.bandit.bucket_ranges(self.max_batch_size)
 
     def in_long_tail(self, lo: int) -> bool:
         return self.threshold is None or lo <= self.threshold
