@@ -240,6 +240,12 @@ class RewardPoolConfig(_Section):
 class SyncConfig(_Section):
     canary: bool = Field(True, description="After each weight sync, compare engine and learner log-probs on a probe.")
     canary_tolerance: float = Field(1e-3, gt=0, description="Max abs log-prob difference allowed by the canary.")
+    bucket_mb: float = Field(
+        512.0, ge=0,
+        description="Weight sync in buckets of about this many MiB, cut between decoder layers: the learner gathers "
+        "bucket b+1 while the engines load bucket b, and no process holds more than two buckets in flight "
+        "(0: the whole model in one piece).",
+    )
 
 
 class EvalConfig(_Section):
@@ -509,19 +515,11 @@ class Config(_Section):
             if self.rollout.num_gpus_per_engine > 1 or lc.num_gpus > 1:
                 raise ValueError("placement.mode=colocated shares one GPU per bundle: rollout.num_gpus_per_engine and "
                                  "learner.num_gpus must be at most 1 (use disaggregated for tensor-parallel engines)")
-        if self.async_mode.enabled:
-            unsupported = {
-                "multiturn.env": self.multiturn.env is not None,
-                "dccot": self.dccot is not None,
-                "gdro.prompt_gdro / gdro.rollout_gdro (the controller updates between steps)":
-                    self.gdro.prompt_gdro or self.gdro.rollout_gdro,
-                "placement.mode=colocated (engines and learner share the devices, so nothing overlaps)":
-                    pc.mode == "colocated",
-            }
-            bad = [name for name, on in unsupported.items() if on]
-            if bad:
-                raise ValueError(f"async_mode.enabled does not support: {', '.join(bad)}; turn these off or set "
-                                 "async_mode.enabled=false")
+        if self.async_mode.enabled and pc.mode == "colocated":
+            # Engines sleep while the learner trains on the same devices: there is no generation to overlap.
+            raise ValueError("async_mode.enabled needs placement.mode=disaggregated: with placement.mode=colocated the "
+                             "engines and the learner share the devices, so the next batch cannot be generated while "
+                             "the learner trains; set placement.mode=disaggregated or async_mode.enabled=false")
 
     def _check_dccot(self) -> None:
         """DC-CoT mode trains on whole director/worker trajectories; what acts on single responses is rejected."""

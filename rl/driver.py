@@ -121,6 +121,30 @@ class LearnerGroup:
         return ray.get(self.submit(method, *args, **kwargs))[0]
 
 
+def push_weights(learner: LearnerGroup, engines: list, version: int, bucket_bytes: int) -> dict[str, float]:
+    """The learner's whole weights into every engine, in buckets of about ``bucket_bytes`` (0: one piece) through
+    the object store. The learner gathers bucket b+1 while the engines load bucket b: at most two buckets are in
+    flight. Returns ``perf/weight_sync_s`` (all of it), ``perf/weight_load_s`` (the slowest engine's own loading;
+    the rest is the learner's gather and serialization and the transfer, less what overlapped), bytes, buckets."""
+    import ray
+
+    t0 = time.perf_counter()
+    n = learner.call("begin_weight_export", bucket_bytes)
+    others, loading, infos = [], [], []
+    for b in range(n):
+        refs = learner.submit("next_weight_bucket", b)  # rank 0's ref carries the bytes
+        others += refs[1:]
+        loads = [e.load_weight_bucket.remote(refs[0], version, b == n - 1) for e in engines]
+        infos += ray.get(loading)
+        loading = loads
+    infos += ray.get(loading)
+    ray.get(others)
+    per_engine = [sum(float(i["sync_s"]) for i in infos[k::len(engines)]) for k in range(len(engines))]
+    return {"perf/weight_sync_s": time.perf_counter() - t0, "perf/weight_load_s": max(per_engine),
+            "sync/weight_version": float(version), "sync/buckets": float(n),
+            "sync/bytes": float(sum(i["bytes"] for i in infos[::len(engines)]))}
+
+
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": max(float(cpus), 0.001), **({"GPU": float(gpus)} if gpus > 0 else {})}
 
@@ -137,6 +161,10 @@ class Trainer:
         self._stop_requested = False
         self.engine_version = 0  # the policy version the engines serve (set by every sync)
         self._pending: dict[int, dict] = {}  # async mode: batches generated ahead, by the step that trains on them
+        # The sampler's state just before each step's prompts were drawn: a checkpoint of step s taken after
+        # step s+1's batch was prepared (async mode) or while it was being prepared (an interrupt) saves the
+        # position before s+1's draws, so a resume draws those prompts again instead of skipping them.
+        self._sampler_marks: dict[int, dict] = {}
         self.spec = None  # rl.spec_decode.DrafterController when drafter.mode is not off
         self.gdro = None
         if cfg.gdro.prompt_gdro or cfg.gdro.rollout_gdro:
@@ -359,17 +387,9 @@ class Trainer:
         return self.reward_pool.score(reqs)
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        """Learner -> engines through the object store, then the canary."""
-        import ray
-
-        t0 = time.perf_counter()
-        refs = self.learner.submit("export_weights")  # rank 0's ref carries the bytes; the others gather with it
-        infos = ray.get([e.load_weights.remote(refs[0], version) for e in self.engines])
-        ray.get(refs[1:])
+        """Learner -> engines through the object store (``push_weights``), then the canary."""
+        out = push_weights(self.learner, self.engines, version, int(self.cfg.sync.bucket_mb * 2**20))
         self.engine_version = version
-        sync_s = time.perf_counter() - t0
-        out = {"perf/weight_sync_s": sync_s, "sync/weight_version": float(version),
-               "sync/bytes": float(infos[0]["bytes"])}
         if self.cfg.sync.canary and self.probe is not None:
             out["sync/canary_max_abs_diff"] = self.check_canary(version)
         return out
@@ -700,6 +720,7 @@ class Trainer:
         rewards = np.array([r.score for r in results], dtype=np.float64)
         group_ids = [g[0].prompt_id for g in groups for _ in g]
         stats: dict[str, float] = {}
+        self._raw_advantages: dict[str, list[float]] = {}  # prompt id -> unweighted advantages (for GDRO)
         if not flat:
             return [], {"rollout/num_samples": 0.0}
         algo = self.cfg.algorithm
@@ -716,7 +737,6 @@ class Trainer:
             penalties = np.zeros_like(rewards)
         train_rewards = torch.tensor(rewards - penalties)
         adv = self.estimator(AdvantageInput(rewards=train_rewards, group_ids=group_ids), algo)
-        self._raw_advantages: dict[str, list[float]] = {}  # prompt id -> unweighted advantages (for GDRO)
         for gid, a in zip(group_ids, adv.tolist()):
             self._raw_advantages.setdefault(gid, []).append(a)
         if algo.advantage_shaping != "none":
@@ -758,7 +778,8 @@ class Trainer:
         tmp = self.ckpt.begin(step)
         self.learner.call("save", str(tmp))
         _copy_tokenizer_files(self.model_path, tmp / "model")  # so <checkpoint>/model is a complete model.path
-        state = {"step": step, "sampler": self.sampler.state_dict(), "weight_version": step}
+        sampler_state = self._sampler_marks.get(step + 1) or self.sampler.state_dict()
+        state = {"step": step, "sampler": sampler_state, "weight_version": step}
         if self.spec is not None:
             state["spec_decode"] = self.spec.state_dict()
         if self.gdro is not None:
@@ -838,7 +859,10 @@ class Trainer:
         """Step ``step``'s rollouts turned into learner samples, with their metrics (the reward pool's counters
         included), the engine weight version that generated them, and what sample logging needs."""
         cfg = self.cfg
+        self._sampler_marks = {s: v for s, v in self._sampler_marks.items() if s >= step - 1}
+        self._sampler_marks[step] = self.sampler.state_dict()
         gen_started = self.spec.begin_generation() if self.spec is not None else None
+        gdro_feed = None
         if cfg.multiturn.env is not None:
             samples, metrics, *_ = self.episode_batch(step)
             log = ("multiturn", self._last_episodes)
@@ -850,6 +874,10 @@ class Trainer:
             samples, metrics = self.build_samples(items, groups, results)
             metrics.update(roll_stats)
             log = ("single", (items, groups, results))
+            if self.gdro is not None:
+                # The controller's feedback for this batch travels with it (async mode prepares the next batch
+                # before this one's update), as do the decisions it made for it.
+                gdro_feed = (self._seen_groups, self._raw_advantages, self.gdro.decision_metrics())
         # The pool's own counters (timeouts, parse failures...) never overwrite the step's metrics.
         metrics = {**self.reward_pool.metrics(reset=True), **metrics}
         interval = None
@@ -858,7 +886,7 @@ class Trainer:
             interval = spec_metrics.pop("_generation_interval")
             metrics.update(spec_metrics)
         return {"samples": samples, "metrics": metrics, "log": log, "engine_version": self.engine_version,
-                "generation_interval": interval}
+                "generation_interval": interval, "gdro_feed": gdro_feed}
 
     def _eval_due(self, step: int) -> bool:
         every = self.cfg.eval.every_steps
@@ -919,11 +947,11 @@ class Trainer:
         if colocated:
             metrics["perf/engine_wake_s"] += self._engines_call("wake_up", ["kv_cache"])
         metrics["async/policy_lag"] = float(step - 1 - batch["engine_version"])
-        if self.gdro is not None:
-            ids = [pid for pid, _ in self._seen_groups]
-            self.gdro.update(ids, [c for _, c in self._seen_groups],
-                             advantages=[self._raw_advantages.get(pid, [0.0] * len(c)) for pid, c in self._seen_groups])
-            metrics.update(self.gdro.metrics())
+        if batch["gdro_feed"] is not None:
+            seen, raw_adv, decisions = batch["gdro_feed"]
+            self.gdro.update([pid for pid, _ in seen], [c for _, c in seen],
+                             advantages=[raw_adv.get(pid, [0.0] * len(c)) for pid, c in seen])
+            metrics.update({**self.gdro.state_metrics(), **decisions})
         n_tokens = metrics.pop("rollout/tokens")
         metrics.update({
             "perf/rollout_tokens_per_s": n_tokens / max(metrics["perf/rollout_s"], 1e-9),

@@ -208,14 +208,21 @@ class Engine:
     # ---------------------------------------------------------------- weights
     def load_weights(self, blob: bytes, version: int) -> dict:
         """Push a full state dict (safetensors bytes) into every worker; clears the prefix cache."""
+        return self.load_weight_bucket(blob, version, True)
+
+    def load_weight_bucket(self, blob: bytes, version: int, final: bool) -> dict:
+        """Push one bucket of the weights (``Learner.next_weight_bucket``'s bytes) into every worker. After the
+        ``final`` bucket the engine serves ``version`` and its prefix cache is cleared (its blocks hold keys and
+        values of the old weights)."""
         t0 = time.perf_counter()
-        results = self.llm.collective_rpc("rl_load_weights", args=(blob, version))
-        self.llm.reset_prefix_cache()
-        self.weight_version = int(version)
-        versions = {r["version"] for r in results}
-        if versions != {int(version)}:
-            raise RuntimeError(f"weight sync: workers report versions {versions}, expected {version}")
-        return {"version": int(version), "sync_s": time.perf_counter() - t0, "bytes": len(blob)}
+        results = self.llm.collective_rpc("rl_load_weight_bucket", args=(blob, version, final))
+        if final:
+            self.llm.reset_prefix_cache()
+            self.weight_version = int(version)
+            versions = {r["version"] for r in results}
+            if versions != {int(version)}:
+                raise RuntimeError(f"weight sync: workers report versions {versions}, expected {version}")
+        return {"version": self.weight_version, "sync_s": time.perf_counter() - t0, "bytes": len(blob)}
 
     def load_drafter_weights(self, blob: bytes) -> dict:
         """Replace the speculative drafter's weights in place (``rollout.drafter.checkpoint.weights_for_reload``

@@ -37,18 +37,31 @@ class WeightSyncExtension:
 
     def rl_load_weights(self, blob: bytes, version: int) -> dict:
         """Load a full state dict (safetensors bytes, HF parameter names); returns timing and version."""
+        return self.rl_load_weight_bucket(blob, version, True)
+
+    def rl_load_weight_bucket(self, blob: bytes, version: int, final: bool) -> dict:
+        """Load one bucket of the weights (safetensors bytes, HF names, whole decoder layers); ``final`` marks the
+        last bucket of a sync, after which the worker reports ``version``. On CUDA each bucket goes into the live
+        parameters at once; on CPU the buckets are kept until the last one and then reloaded together (the
+        in-place reload re-runs the repacking of every layer, and restores layers missing from its input)."""
         from safetensors.torch import load as st_load
 
         t0 = time.perf_counter()
         items = list(st_load(bytes(blob)).items())
         device = self._rl_device()
+        if getattr(self, "_rl_staged_version", None) != int(version):  # a new sync (or one that broke off)
+            self._rl_staged, self._rl_staged_version = [], int(version)
         if device.type == "cpu":
-            self.model_runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+            self._rl_staged.extend(items)
+            if final:
+                staged, self._rl_staged, self._rl_staged_version = self._rl_staged, [], None
+                self.model_runner.reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)
         else:
             self._rl_model().load_weights(weights=[(n, t.to(device, non_blocking=True)) for n, t in items])
             torch.cuda.synchronize(device)
-        self._rl_weight_version = int(version)
-        return {"version": self._rl_weight_version, "load_s": time.perf_counter() - t0, "num_tensors": len(items)}
+        if final:
+            self._rl_weight_version = int(version)
+        return {"version": self.rl_weight_version(), "load_s": time.perf_counter() - t0, "num_tensors": len(items)}
 
     def rl_weight_version(self) -> int:
         return int(getattr(self, "_rl_weight_version", 0))

@@ -23,8 +23,9 @@ destroyed and formed again within a process while a DeepSpeed learner may still 
 Checkpoints have the base format (``model/`` in safetensors with HF names, ``learner_state.pt`` with the AdamW
 state keyed by parameter name), gathered from the partitions one parameter at a time, so a checkpoint resumes
 under any strategy and any rank count. The optimizer is torch's AdamW on the fp32 partitions (also with
-``offload_optimizer``), whose state maps one to one to that format. With bf16/fp16 models the fp32 master weights
-are not saved: a resume restarts them from the saved model weights (as the single strategy keeps no master copy).
+``offload_optimizer``), whose state maps one to one to that format. With bf16/fp16 models ``learner_state.pt`` also
+holds the fp32 master weights keyed by name (``master_weights``), so a DeepSpeed resume continues bit-exactly;
+the other strategies keep no master copy and read only ``model/``.
 """
 
 from __future__ import annotations
@@ -173,6 +174,10 @@ class DeepSpeedLearner(Learner):
                 done[id(value)] = full
             yield name, done[id(value)], value
 
+    def _weight_sizes(self) -> list[tuple[str, int]]:
+        return [(name, (v.ds_numel if hasattr(v, "ds_id") else v.numel()) * v.element_size())
+                for name, v in self.model.state_dict(keep_vars=True).items()]
+
     def _full_weights(self):
         yielded: set[int] = set()
         for name, full, _ in self._gathered_parameters():
@@ -242,6 +247,36 @@ class DeepSpeedLearner(Learner):
             for key in _ADAM_STATE_KEYS:
                 safe_set_full_optimizer_state(p, saved[name][key].to(self.device, torch.float32), key)
 
+    def _master_weights(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 master weights, whole and keyed like the optimizer state (on rank 0; {} elsewhere), gathered one
+        parameter at a time; None when the model itself is fp32 (its weights are the master copy). A collective."""
+        if self.dtype == torch.float32:
+            return None
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self._named_trainable():
+            full = safe_get_full_fp32_param(p)
+            if self.rank == 0:
+                out[name] = full.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def _load_master_weights(self, masters: dict | None, path: Path) -> None:
+        """Overwrite the master partitions (refreshed from the low-precision weights) with the saved fp32 copy."""
+        if self.dtype == torch.float32 or not masters:
+            if self.dtype != torch.float32:
+                print(f"[learner] {path} has no fp32 master weights (saved by another strategy or an fp32 run): "
+                      "they restart from the saved model weights", flush=True)
+            return
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        names = self._named_trainable()
+        missing = sorted({n for n, _ in names} - set(masters))
+        if missing:
+            raise RuntimeError(f"checkpoint {path}: master weights lack {len(missing)} parameters, e.g. {missing[:3]}")
+        for name, p in names:
+            safe_set_full_fp32_param(p, masters[name].to(self.device, torch.float32))
+
     def save(self, directory: str) -> None:
         """``Learner.save``'s format: the weights and the AdamW state gathered whole (one parameter at a time) and
         written by rank 0, so the checkpoint resumes under any strategy and rank count. A collective."""
@@ -250,11 +285,14 @@ class DeepSpeedLearner(Learner):
             if self.rank == 0:
                 weights[name] = full  # a tied head shares its tensor, so save_pretrained stores it once
         optim_sd = self._optimizer_state_dict()
+        masters = self._master_weights()
         if self.rank == 0:
             path = Path(directory)
             path.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(path / "model", state_dict=weights)
             state = {"format": "fqn", "optimizer": optim_sd, "num_updates": self.num_updates, "rng": _rng_state()}
+            if masters is not None:
+                state["master_weights"] = masters
             buf = io.BytesIO()
             torch.save(state, buf)
             (path / "learner_state.pt").write_bytes(buf.getvalue())
@@ -292,6 +330,7 @@ class DeepSpeedLearner(Learner):
             else:
                 value.data.copy_(weights[name].to(value.device, value.dtype))
         self._zero_optimizer().refresh_fp32_params()  # the fp32 master partitions from the loaded weights
+        self._load_master_weights(state.get("master_weights"), path)
         self._load_optimizer_state(state["optimizer"])
         self.num_updates = state["num_updates"]
         _set_rng_state(state["rng"])

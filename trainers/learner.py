@@ -19,6 +19,7 @@ import dataclasses
 import io
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +338,38 @@ def apply_kernels(model, kernels: KernelChoice, device: torch.device, logprobs_f
     return KernelChoice(notes=kernels.notes + (note,))
 
 
+_LAYER_PREFIX = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def plan_weight_buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
+    """Names in order, cut into buckets of about ``bucket_bytes`` (0: everything in one). A decoder layer
+    (``...layers.N.*``) is never split: an inference engine fuses a layer's projections (q/k/v, gate/up) into one
+    tensor that must be loaded whole; a layer larger than the bound gets a bucket of its own. Other entries
+    (embedding, final norm, LM head) are units of one tensor."""
+    if bucket_bytes < 0:
+        raise ValueError(f"bucket_bytes must be >= 0, got {bucket_bytes}")
+    units: list[tuple[list[str], int]] = []
+    last_key = None
+    for name, size in sizes:
+        m = _LAYER_PREFIX.match(name)
+        key = m.group(1) if m else name
+        if key == last_key:
+            units[-1][0].append(name)
+            units[-1] = (units[-1][0], units[-1][1] + size)
+        else:
+            units.append(([name], size))
+        last_key = key
+    buckets: list[list[str]] = []
+    filled = 0
+    for names, size in units:
+        if not buckets or (bucket_bytes and filled + size > bucket_bytes and filled > 0):
+            buckets.append([])
+            filled = 0
+        buckets[-1].extend(names)
+        filled += size
+    return buckets or [[]]
+
+
 class Learner:
     """Holds the policy (and optionally a frozen reference), the optimizer, and the update step.
 
@@ -629,17 +662,46 @@ class Learner:
         return {**totals, **weighted, "loss/grad_norm": float(grad_norm), "tokens": n_tokens}
 
     # ---------------------------------------------------------------- weights and checkpoints
-    def export_weights(self) -> bytes | None:
-        """Full state dict as safetensors bytes (HF names; tied tensors cloned so safetensors accepts them), on
-        rank 0 (None on the others). Sharded parameters are gathered one tensor at a time, so no rank holds more
-        than its shard plus one whole tensor on the device."""
+    def _weight_sizes(self) -> list[tuple[str, int]]:
+        """(HF name, whole tensor's bytes) for every state-dict entry, in the order ``_full_weights`` yields them;
+        read from metadata, nothing gathered."""
+        return [(k, v.numel() * v.element_size()) for k, v in self.model.state_dict().items()]
+
+    def begin_weight_export(self, bucket_bytes: int = 0) -> int:
+        """Start an export of the whole weights in buckets of about ``bucket_bytes`` (0: one bucket), cut only
+        between decoder layers (``plan_weight_buckets``); returns the number of buckets. Every rank then calls
+        ``next_weight_bucket`` for each bucket in order (the gathers are collectives)."""
+        self._export_plan = plan_weight_buckets(self._weight_sizes(), bucket_bytes)
+        self._export_iter = self._full_weights()
+        self._export_shared: dict[str, torch.Tensor] = {}
+        return len(self._export_plan)
+
+    def next_weight_bucket(self, index: int) -> bytes | None:
+        """Bucket ``index`` of the export ``begin_weight_export`` started: safetensors bytes of its whole tensors
+        (HF names; tied tensors cloned so safetensors accepts them) on rank 0, None on the others. Sharded
+        parameters are gathered one tensor at a time, so no rank holds more than its shard plus one bucket."""
         from safetensors.torch import save as st_save
 
-        sd = dict(self._full_weights())
-        if self.rank == 0 and self.drafter is not None:  # the drafter trains against the target the engines serve
-            embed, head = self._shared_weight_names()
-            self.drafter.set_shared_weights(sd[embed], sd[head])
-        return st_save(sd) if self.rank == 0 else None
+        names = self._export_plan[index]
+        bucket = {}
+        for want in names:
+            name, tensor = next(self._export_iter)
+            if name != want:
+                raise RuntimeError(f"weight export out of order: got {name!r}, planned {want!r}")
+            bucket[name] = tensor
+        if self.rank != 0:
+            return None
+        if self.drafter is not None:  # the drafter trains against the target the engines serve
+            shared = self._shared_weight_names()
+            self._export_shared.update({n: bucket[n] for n in shared if n in bucket})
+            if index == len(self._export_plan) - 1:
+                self.drafter.set_shared_weights(*(self._export_shared[n] for n in shared))
+        return st_save(bucket)
+
+    def export_weights(self) -> bytes | None:
+        """The whole weights in one piece: ``next_weight_bucket`` of a one-bucket export."""
+        self.begin_weight_export(0)
+        return self.next_weight_bucket(0)
 
     # ---------------------------------------------------------------- the speculative drafter (rank 0)
     def _shared_weight_names(self) -> tuple[str, str]:

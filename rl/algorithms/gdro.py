@@ -607,6 +607,11 @@ class GdroController:
 
     def metrics(self) -> dict[str, float]:
         """Flat `gdro/...` metrics of the latest calls; per-bin keys only where the value is defined."""
+        return {**self.state_metrics(), **self.decision_metrics()}
+
+    def state_metrics(self) -> dict[str, float]:
+        """What the latest ``update`` left: classifier size, the batch's bins, Prompt-GDRO's bin scores and
+        risk, Rollout-GDRO's variance estimates."""
         m: dict[str, float] = {"gdro/classifier/prompts_seen": float(len(self.classifier.records))}
         for b, c in enumerate(self._last_batch_counts):
             m[f"gdro/batch/prompts_bin{b}"] = float(c)
@@ -617,11 +622,20 @@ class GdroController:
                     m[f"gdro/prompt/score_bin{b}"] = s
             if observed:
                 m["gdro/prompt/entropic_risk"] = entropic_risk(observed, self.cfg.eta)
-            for b, w in sorted(self._last_weight_by_bin.items()):
-                m[f"gdro/prompt/weight_bin{b}"] = w
         if self.cfg.rollout_gdro:
             for b in range(self.cfg.num_bins):
                 m[f"gdro/rollout/variance_bin{b}"] = self.rollout.variance(b)
+        return m
+
+    def decision_metrics(self) -> dict[str, float]:
+        """What the latest ``n_per_prompt`` / ``sample_weights`` decided: advantage weight per bin, realized
+        sample budget, shadow price, mean n per bin. In async mode a batch is prepared before the previous
+        step's update, so the driver reads these when the batch is prepared, not after the update."""
+        m: dict[str, float] = {}
+        if self.cfg.prompt_gdro:
+            for b, w in sorted(self._last_weight_by_bin.items()):
+                m[f"gdro/prompt/weight_bin{b}"] = w
+        if self.cfg.rollout_gdro:
             alloc = self._last_alloc
             if alloc is not None and alloc.n:
                 m["gdro/rollout/budget_realized"] = sum(alloc.n) / len(alloc.n)

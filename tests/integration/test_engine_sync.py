@@ -51,6 +51,17 @@ def test_engine_generate_sync_canary(ray_local, tiny_model_dir):
     new = ray.get(engine.generate.remote(reqs[:1], settings))
     assert new[0][0].policy_version == 1
 
+    # The same sync in buckets of whole decoder layers (the driver's path): nothing changes until the last one.
+    learner.train_step(samples)
+    n = learner.begin_weight_export(30_000)
+    assert n == 7  # embedding, 4 layers (each ~1 MB, over the bound: one bucket each), final norm, tied head copy
+    for b in range(n):
+        info = ray.get(engine.load_weight_bucket.remote(learner.next_weight_bucket(b), 2, b == n - 1))
+        assert info["version"] == (2 if b == n - 1 else 1)
+    assert ray.get(engine.worker_weight_versions.remote()) == [2]
+    bucketed = ray.get(engine.score_tokens.remote(probe))
+    assert _max_diff(bucketed, after) > 1e-3 and _max_diff(bucketed, learner.probe_logprobs(probe)) < 1e-3
+
     # Seeded requests whose prompts together exceed the engine's per-step token budget (4096): vLLM's CPU build
     # used to fail on chunked prefill of seeded requests ("CPU Generator does not use offset").
     long_prompt = "Problem: Compute 12 + 34. " * 14

@@ -4,6 +4,9 @@ reproduces sync mode, and at lag 1 overlaps generation with training."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from tests.integration.test_algorithms_train import steps, train
@@ -21,13 +24,15 @@ def test_two_learner_ranks_two_engines(warm_tiny_model_dir, tmp_path, mode, stra
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
     m = train("configs/tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", *SMALL, *TWO_BY_TWO,
-              f"learner.strategy={strategy}", f"placement.mode={mode}", "run.save_every_steps=2")
+              f"learner.strategy={strategy}", f"placement.mode={mode}", "run.save_every_steps=2",
+              "sync.bucket_mb=0.3")  # the tiny model's ~1 MB layers: one bucket per layer, gathered from shards
     rows = steps(m)
     assert len(rows) == 2
     for step, r in zip((1, 2), rows):
         assert r["sync/weight_version"] == step
         assert r["sync/canary_max_abs_diff"] < 1e-3  # both engines serve the gathered FSDP2 weights
         assert r["perf/weight_sync_s"] > 0
+        assert r["sync/buckets"] >= 6  # embedding, 4 layers, norm + head
         assert r["loss/grad_norm"] > 0
         assert r["async/policy_lag"] == 0.0
         if mode == "colocated":
@@ -55,3 +60,47 @@ def test_async_lag_zero_reproduces_sync_and_lag_one_overlaps(warm_tiny_model_dir
     assert lag1[2]["async/overlap_generate_s"] == 0.0  # nothing left to generate after the last step
     assert all(r["sync/canary_max_abs_diff"] < 1e-3 for r in lag1)
     assert lag1[0]["reward/mean"] == sync[0]["reward/mean"]  # step 1 is generated before any update in both
+
+
+def test_async_gdro_feeds_each_batch_its_own_groups_and_checkpoints_before_the_prefetch(warm_tiny_model_dir,
+                                                                                       tmp_path):
+    # 16 problems, 8 per step: step 3 draws step 1's prompts again. Step t+1's batch is prepared before step t's
+    # GDRO update; the update must still see step t's groups (8 new prompts per step until all 16 are known).
+    run = tmp_path / "run"
+    m = train("configs/gdro_tiny_cpu.yaml", warm_tiny_model_dir, run, "run.num_steps=3", "rollout.prompts_per_step=8",
+              "data.train.num_problems=16", "rollout.max_response_tokens=24", "run.save_every_steps=1",
+              "run.keep_last_checkpoints=3",
+              "async_mode.enabled=true", "async_mode.max_off_policy_steps=1")
+    rows = steps(m)
+    assert [r["async/policy_lag"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [r["gdro/classifier/prompts_seen"] for r in rows] == [8.0, 16.0, 16.0]
+    for r in rows:
+        assert r["rollout/num_samples"] == 8 * 8 and r["gdro/rollout/budget_realized"] == pytest.approx(8.0)
+        assert sum(v for k, v in r.items() if k.startswith("gdro/batch/prompts_bin")) == 8
+    # Checkpoints 1 and 2 were written after the next batch's prompts were drawn: they keep the position before.
+    for step, pos in ((1, 8), (2, 16)):
+        state = json.loads((run / "checkpoints" / f"step_{step:06d}" / "driver_state.json").read_text())
+        assert (state["sampler"]["epoch"], state["sampler"]["pos"]) == (0, pos), step
+
+
+@pytest.mark.parametrize("kind", ["gigpo_env", "dccot"])
+def test_async_overlaps_environments_and_dccot(kind, warm_tiny_model_dir, dccot_model_dir, tmp_path):
+    if kind == "gigpo_env":
+        m = train("configs/gigpo_tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", "run.num_steps=2",
+                  "multiturn.groups_per_step=4", "multiturn.eval_groups=8",
+                  "async_mode.enabled=true", "async_mode.max_off_policy_steps=1")
+    else:
+        m = train("configs/dccot_tiny_cpu_latency.yaml", dccot_model_dir, tmp_path / "run", "run.num_steps=2",
+                  "rollout.prompts_per_step=4", "rollout.num_samples_per_prompt=4",
+                  "rollout.dynamic_sampling.enabled=false", "async_mode.enabled=true",
+                  "async_mode.max_off_policy_steps=1")
+    rows = steps(m)
+    assert [r["async/policy_lag"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["async/overlap_generate_s"] > 0 and rows[1]["async/overlap_generate_s"] == 0.0
+    for r in rows:
+        assert r["sync/canary_max_abs_diff"] < 1e-3
+        assert 0.0 < r["async/tis_weight_mean"] <= 2.0 and math.isfinite(r["loss/policy"])
+        if kind == "gigpo_env":
+            assert r["rollout/num_episodes"] == 4 * 8 and r["gigpo/num_steps"] >= r["rollout/num_episodes"]
+        else:
+            assert r["rollout/num_trajectories"] == 4 * 4

@@ -53,6 +53,13 @@ def test_value_errors_name_the_field():
         load_config(None, ["model.build_tiny=false"])
 
 
+def test_async_mode_needs_disaggregated_placement():
+    with pytest.raises(ConfigError, match="async_mode.enabled needs placement.mode=disaggregated"):
+        load_config(None, ["async_mode.enabled=true", "placement.mode=colocated"])
+    for recipe in ("configs/gdro_tiny_cpu.yaml", "configs/gigpo_tiny_cpu.yaml", "configs/dccot_tiny_cpu.yaml"):
+        assert load_config(recipe, ["async_mode.enabled=true"]).async_mode.enabled
+
+
 def test_batch_arithmetic_checked():
     with pytest.raises(ConfigError, match="mini_batches_per_step"):
         load_config(None, ["rollout.prompts_per_step=6", "learner.mini_batches_per_step=4"])

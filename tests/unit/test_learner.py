@@ -176,3 +176,35 @@ def test_truncated_importance_weights_scale_the_token_loss(model_dir):
     assert m["async/tis_clip_frac"] == pytest.approx(1 / 3, abs=1e-6)
     plain = Learner(model_dir, LEARNER_CFG, ALGO, temperature=1.0).train_step([s])
     assert plain["loss/policy"] == pytest.approx(-1.0, abs=1e-5) and "async/tis_weight_mean" not in plain
+
+
+def test_plan_weight_buckets_cuts_between_decoder_layers():
+    from trainers.learner import plan_weight_buckets
+
+    sizes = [("model.embed_tokens.weight", 100)]
+    for i in range(3):
+        sizes += [(f"model.layers.{i}.self_attn.q_proj.weight", 30), (f"model.layers.{i}.self_attn.k_proj.weight", 10),
+                  (f"model.layers.{i}.mlp.up_proj.weight", 20)]  # 60 bytes per layer
+    sizes += [("model.norm.weight", 5), ("lm_head.weight", 100)]
+    names = [n for n, _ in sizes]
+    assert plan_weight_buckets(sizes, 0) == [names]  # 0: one bucket
+    plan = plan_weight_buckets(sizes, 130)
+    # embedding alone (100; +60 would pass 130), layers 0-1 (120), layer 2 + norm (65; +100 would pass), head
+    assert [len(b) for b in plan] == [1, 6, 4, 1]
+    assert [n for b in plan for n in b] == names  # every name once, in order
+    assert [len(b) for b in plan_weight_buckets(sizes, 1)] == [1, 3, 3, 3, 1, 1]  # a layer is never split
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_weight_buckets(sizes, -1)
+
+
+def test_bucketed_export_equals_the_whole_export(model_dir):
+    from safetensors.torch import load as st_load
+
+    learner = Learner(model_dir, LEARNER_CFG, ALGO, temperature=1.0)
+    whole = st_load(learner.export_weights())
+    n = learner.begin_weight_export(1)  # every decoder layer in a bucket of its own
+    buckets = [st_load(learner.next_weight_bucket(b)) for b in range(n)]
+    assert n == 2 + learner.model.config.num_hidden_layers + 1  # embedding, layers, norm, head
+    merged = {k: v for b in buckets for k, v in b.items()}
+    assert sum(len(b) for b in buckets) == len(merged) == len(whole)
+    assert all(torch.equal(merged[k], whole[k]) for k in whole)

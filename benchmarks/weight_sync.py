@@ -1,0 +1,179 @@
+"""Weight sync learner -> engine: the whole model in one piece vs buckets of whole decoder layers, same run.
+
+    python benchmarks/weight_sync.py                   # CPU: a ~135M-parameter Qwen2 shape in fp32 (~0.54 GB)
+    python benchmarks/weight_sync.py --smoke           # a tiny shape: proves the script runs
+    python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --gpu   # GPU machine
+
+One learner actor (single strategy) and one vLLM engine actor on local Ray; ``rl.driver.push_weights`` does the
+sync exactly as ``rl train`` does, with ``--buckets-mb`` (0: one piece). Each setting runs ``--repeats`` syncs
+after a warm-up sync. Reported per setting: median sync time, the engine's own loading time, and the learner
+process's peak resident memory above its level before the sync (sampled every 2 ms during the syncs), which is
+what the bucketing bounds (the whole model serialized in one piece vs at most two buckets in flight). After every
+sync the engine's log-probs on a probe are compared with the learner's (max |diff|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+SHAPES = {
+    # head dim 64 (vLLM's CPU attention), untied head: the LM head and the embedding are separate buckets
+    "cpu-135m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                     num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def build_model(out: Path, shape: dict, dtype: str) -> int:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rl.data.arith import make_arith_problems, reference_solution
+    from trainers.tiny_model import build_tokenizer
+
+    corpus = [t for it in make_arith_problems(300, 0, "train") for t in (it.prompt, reference_solution(it))]
+    tokenizer = build_tokenizer(corpus)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**shape, max_position_embeddings=512, use_sliding_window=False, dtype=dtype,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _rss_sampler():
+    """Start sampling this process's RSS every 2 ms; the returned function stops and gives (start, peak)."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    start = proc.memory_info().rss
+    peak = [start]
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def finish():
+        stop.set()
+        thread.join()
+        return start, max(peak[0], proc.memory_info().rss)
+
+    return finish
+
+
+def run_setting(model_dir: str, args, bucket_mb: float) -> dict:
+    import gc
+
+    import ray
+
+    from rl.driver import LearnerGroup, push_weights
+    from rollout.engine import Engine
+    from trainers.learner import Learner
+
+    class MeasuredLearner(Learner):
+        def rss_start(self):
+            gc.collect()
+            self._finish = _rss_sampler()
+
+        def rss_stop(self):
+            start, peak = self._finish()
+            return peak - start
+
+        def perturb(self, scale: float):
+            import torch
+
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.mul_(1.0 + scale)
+
+    gpus = 1 if args.gpu else 0
+    cfg = dict(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
+               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=gpus)
+    learner = ray.remote(MeasuredLearner).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
+        model_dir, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=args.dtype)
+    engine = ray.remote(Engine).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
+        model_dir, dtype=args.dtype, max_model_len=256, gpu_memory_utilization=args.gpu_memory_utilization)
+    group = LearnerGroup([learner])
+    probe = [([5, 6, 7, 8], [9, 10, 11, 12])]
+    bucket_bytes = int(bucket_mb * 2**20)
+    push_weights(group, [engine], 1, bucket_bytes)  # warm-up
+    rows = []
+    for k in range(args.repeats):
+        ray.get(learner.perturb.remote(1e-2))  # new weights each time, so a sync that loads nothing is caught
+        ray.get(learner.rss_start.remote())
+        out = push_weights(group, [engine], k + 2, bucket_bytes)
+        out["learner_rss_peak_mb"] = ray.get(learner.rss_stop.remote()) / 2**20
+        want = ray.get(learner.probe_logprobs.remote(probe))
+        got = ray.get(engine.score_tokens.remote(probe))
+        out["canary_max_abs_diff"] = max(abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g))
+        rows.append(out)
+    ray.kill(engine)
+    ray.kill(learner)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {"bucket_mb": bucket_mb, "buckets": int(rows[0]["sync/buckets"]), "bytes": rows[0]["sync/bytes"],
+            "sync_s": med["perf/weight_sync_s"], "engine_load_s": med["perf/weight_load_s"],
+            "learner_rss_peak_mb": med["learner_rss_peak_mb"],
+            "canary_max_abs_diff": max(r["canary_max_abs_diff"] for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu-135m")
+    ap.add_argument("--smoke", action="store_true", help="the tiny shape, 2 repeats")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--gpu", action="store_true", help="learner and engine share one GPU")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.15)
+    ap.add_argument("--buckets-mb", type=float, nargs="+", default=[0, 64])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    args = ap.parse_args()
+    if args.smoke:
+        args.shape, args.repeats, args.buckets_mb = "tiny", 2, [0, 0.05]
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="weight_sync_") as tmp:
+        model_dir = str(Path(tmp) / "model")
+        n = build_model(Path(model_dir), SHAPES[args.shape], args.dtype)
+        print(f"[bench] {args.shape}: {n / 1e6:.1f}M parameters, {args.dtype}", flush=True)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        results = [run_setting(model_dir, args, mb) for mb in args.buckets_mb]
+        ray.shutdown()
+    base = results[0]
+    print(f"\n| bucket MiB | buckets | sync s | engine load s | learner peak RSS +MiB | vs {base['bucket_mb']:g} MiB: "
+          "time, memory | canary |\n|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['bucket_mb']:g} | {r['buckets']} | {r['sync_s']:.3f} | {r['engine_load_s']:.3f} | "
+              f"{r['learner_rss_peak_mb']:.0f} | {r['sync_s'] / base['sync_s']:.2f}x, "
+              f"{r['learner_rss_peak_mb'] / max(base['learner_rss_peak_mb'], 1e-9):.2f}x | "
+              f"{r['canary_max_abs_diff']:.1e} |")
+    record = {"shape": args.shape, "dtype": args.dtype, "parameters": n, "gpu": args.gpu, "results": results}
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=1))
+    bad = [r for r in results if r["canary_max_abs_diff"] > 1e-3]
+    if bad:
+        sys.exit(f"canary failed for bucket sizes {[r['bucket_mb'] for r in bad]}")
+
+
+if __name__ == "__main__":
+    main()
