@@ -6,8 +6,8 @@ decode steps, tokens produced and seconds, per running batch size and K):
 
 - ``fixed``: K = ``num_speculative_tokens`` at running batch sizes up to ``long_tail_threshold``, 0 above it.
 - ``adaptive``: at or below the threshold, a ``SpecTokensBandit`` picks K per batch-size bucket (arms may include
-  0, i.e. no speculation) and is rewarded with the bucket's measured throughput (tokens produced per second of
-  decode step) for the K it ran; above the threshold, K = 0 (large batches are compute-bound: drafting costs more
+  0, i.e. no speculation) and is rewarded with the bucket's measured per-sequence decoding speed (tokens each
+  running sequence gained per second of decode step) for the K it ran; above the threshold, K = 0 (large batches are compute-bound: drafting costs more
   than it saves).
 
 ``phase_metrics`` splits a generation's decode steps into the long tail (running batch at or below the threshold)
@@ -136,7 +136,12 @@ class SpecPolicy:
 
     def observe(self, rows: Sequence[StepRow]) -> dict[str, float]:
         """Feed a generation's step statistics to the bandit (adaptive mode): per long-tail bucket and K, reward
-        = tokens / seconds. Returns ``rollout/spec/k_<lo>_<hi>`` (the K each bucket ran) and the rewards given."""
+        = each sequence's decoding speed, sum over batch sizes b of tokens_b / b, over the seconds of those steps.
+        In the long tail a decode step costs about the same at every small batch size, so total tokens/s grows
+        with the batch size the arm happened to run at; per-sequence speed compares arms played at different
+        batch sizes of one bucket fairly (at one batch size both rank the arms alike), and it is what sets how
+        fast the tail's last sequences finish. Returns ``rollout/spec/k_<lo>_<hi>`` (the K each bucket ran) and
+        the rewards given."""
         out: dict[str, float] = {f"rollout/spec/k_{lo}_{hi}": float(k) for lo, hi, k in self.current}
         if self.bandit is None:
             return out
@@ -147,11 +152,11 @@ class SpecPolicy:
             for r in rows:
                 if lo <= r.batch_size <= hi and r.k in self.bandit.config.arms:
                     acc = per_k.setdefault(r.k, [0.0, 0.0])
-                    acc[0] += r.tokens
+                    acc[0] += r.tokens / max(r.batch_size, 1)  # per running sequence
                     acc[1] += r.seconds
-            for k, (tokens, secs) in per_k.items():
+            for k, (tokens_per_seq, secs) in per_k.items():
                 if secs > self.min_seconds:
-                    reward = tokens / secs
+                    reward = tokens_per_seq / secs
                     self.bandit.update(lo, k, reward)
                     out[f"rollout/spec/reward_{lo}_{hi}_k{k}"] = reward
         return out

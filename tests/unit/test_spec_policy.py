@@ -24,6 +24,20 @@ def test_fixed_schedule_speculates_only_in_the_long_tail():
     assert p.observe([StepRow(4, 3, 10, 50, 1.0)]) == {"rollout/spec/k_1_16": 3.0, "rollout/spec/k_17_256": 0.0}
 
 
+def test_bucket_reward_is_per_sequence_speed():
+    """One bucket (batch sizes 1-4). K=0 ran at batch 4, each sequence gaining 100 tokens/s (400 tokens/s in all);
+    K=2 ran at batch 1 at 150 tokens/s. Total throughput would prefer K=0 only because of where it ran."""
+    cfg = SpecTokensBanditConfig(arms=(0, 2), batch_size_bounds=(4, 64), policy="epsilon_greedy", epsilon=0.0)
+    p = SpecPolicy("adaptive", 2, long_tail_threshold=4, bandit=cfg, max_batch_size=64, min_seconds=0.01)
+    out = p.observe([StepRow(4, 0, 10, 400.0, 1.0), StepRow(1, 2, 10, 150.0, 1.0)])
+    assert out["rollout/spec/reward_1_4_k0"] == pytest.approx(100.0)
+    assert out["rollout/spec/reward_1_4_k2"] == pytest.approx(150.0)
+    assert p.bandit.best(2) == 2
+    # several batch sizes in one observation: sum of tokens_b / b over the summed seconds
+    out = p.observe([StepRow(2, 2, 5, 200.0, 0.5), StepRow(3, 2, 5, 450.0, 1.5)])
+    assert out["rollout/spec/reward_1_4_k2"] == pytest.approx((200 / 2 + 450 / 3) / 2.0)
+
+
 def test_adaptive_schedule_explores_below_the_threshold_and_is_off_above():
     cfg = SpecTokensBanditConfig(arms=(0, 1, 3), batch_size_bounds=(2, 8, 64), policy="ucb1")
     p = SpecPolicy("adaptive", 3, long_tail_threshold=8, bandit=cfg, max_batch_size=100)
