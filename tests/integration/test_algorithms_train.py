@@ -112,9 +112,15 @@ def test_differential_smoothing_shapes_advantages_with_kl_in_the_reward(warm_tin
 
 
 def test_gigpo_finds_anchor_groups_in_multi_turn_episodes(warm_tiny_model_dir, tmp_path):
+    # In async mode (lag 1): step 2's episodes are played while the learner trains on step 1's.
     m = train("configs/gigpo_tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", "run.num_steps=2",
-              "multiturn.groups_per_step=4", "multiturn.eval_groups=8")
-    for r in steps(m):
+              "multiturn.groups_per_step=4", "multiturn.eval_groups=8",
+              "async_mode.enabled=true", "async_mode.max_off_policy_steps=1")
+    rows = steps(m)
+    assert [r["async/policy_lag"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["async/overlap_generate_s"] > 0 and rows[1]["async/overlap_generate_s"] == 0.0
+    for r in rows:
+        assert r["sync/canary_max_abs_diff"] < 1e-3 and 0.0 < r["async/tis_weight_mean"] <= 2.0
         assert r["rollout/num_episodes"] == 4 * 8
         assert r["gigpo/anchor_group_size_mean"] > 1.0
         assert r["gigpo/anchored_step_frac"] > 0.0

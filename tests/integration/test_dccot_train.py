@@ -20,7 +20,10 @@ def test_dccot_train_with_cispo(dccot_model_dir, tmp_path):
     # dynamic sampling is off here (the filter runs in the recipe experiments, docs/benchmarks.md).
     m = train("configs/dccot_tiny_cpu_latency.yaml", dccot_model_dir, tmp_path / "run", "run.num_steps=2",
               "rollout.prompts_per_step=4", "rollout.num_samples_per_prompt=4",
-              "rollout.dynamic_sampling.enabled=false", "algorithm.policy_loss=cispo")
+              "rollout.dynamic_sampling.enabled=false", "algorithm.policy_loss=cispo",
+              "async_mode.enabled=true", "async_mode.max_off_policy_steps=1")  # step 2 generated during step 1
+    assert [m[s]["async/policy_lag"] for s in (1, 2)] == [0.0, 1.0]
+    assert m[1]["async/overlap_generate_s"] > 0 and 0.0 < m[2]["async/tis_weight_mean"] <= 2.0
     for step in (0, 2):
         ev = m[step]
         assert ev["eval/num_problems"] == 16.0
