@@ -1,6 +1,6 @@
 """Weight sync learner -> engine: the whole model in one piece vs buckets of whole decoder layers, same run.
 
-    python benchmarks/weight_sync.py                   # CPU: a ~135M-parameter Qwen2 shape in fp32 (~0.54 GB)
+    python benchmarks/weight_sync.py                   # CPU: a 156M-parameter Qwen2 shape in fp32 (0.62 GB)
     python benchmarks/weight_sync.py --smoke           # a tiny shape: proves the script runs
     python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --gpu   # GPU machine
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 SHAPES = {
     # head dim 64 (vLLM's CPU attention), untied head: the LM head and the embedding are separate buckets
-    "cpu-135m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+    "cpu-156m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                      num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
@@ -139,7 +139,7 @@ def run_setting(model_dir: str, args, bucket_mb: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu-135m")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu-156m")
     ap.add_argument("--smoke", action="store_true", help="the tiny shape, 2 repeats")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--gpu", action="store_true", help="learner and engine share one GPU")
