@@ -36,9 +36,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 RECIPE = "configs/cluster_1gpu_qwen2.5_math_1.5b.yaml"
-QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
-                  tie_word_embeddings=True, use_sliding_window=False)
 # Head dim 64 and 2 KV heads: what vLLM's CPU attention takes.
 TINY = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True,
@@ -55,31 +52,6 @@ REPORTED = {
     "perf/step_s": "step (s)",
     "sync/canary_max_abs_diff": "canary max |logp diff|",
 }
-
-
-def build_model(out: Path, shape: dict, dtype: str, seed: int = 0) -> dict:
-    """A random-init Qwen2 model of ``shape`` with the arithmetic task's tokenizer, saved in ``dtype``."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from rl.data.arith import make_arith_problems, reference_solution
-    from trainers.tiny_model import build_tokenizer
-
-    t0 = time.perf_counter()
-    corpus = [text for it in make_arith_problems(500, seed, "train") for text in (it.prompt, reference_solution(it))]
-    tokenizer = build_tokenizer(corpus)
-    if len(tokenizer) > shape["vocab_size"]:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the shape's vocab_size={shape['vocab_size']}")
-    torch.manual_seed(seed)
-    config = Qwen2Config(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, dtype=dtype)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    n = sum(p.numel() for p in model.parameters())
-    del model
-    return {"num_params": n, "build_s": time.perf_counter() - t0}
 
 
 def overrides(args, model_dir: Path, run_dir: Path) -> list[str]:
@@ -132,11 +104,16 @@ def main() -> None:
         args.dtype = "float32"
         args.steps, args.prompts, args.samples = min(args.steps, 3), min(args.prompts, 2), min(args.samples, 2)
         args.response_tokens, args.micro_batch_tokens = min(args.response_tokens, 16), min(args.micro_batch_tokens, 1024)
-    shape = TINY if args.smoke else QWEN25_15B
+    from trainers.tiny_model import QWEN25_1_5B_SHAPE, build_random_model
+
+    shape = TINY if args.smoke else QWEN25_1_5B_SHAPE
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="colocated_step_"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir, run_dir = work / "model", work / "run"
-    info = build_model(model_dir, shape, args.dtype) if not (model_dir / "config.json").exists() else {}
+    info = {}
+    if not (model_dir / "config.json").exists():
+        t0 = time.perf_counter()
+        info = {"num_params": build_random_model(model_dir, shape, args.dtype), "build_s": time.perf_counter() - t0}
     print(f"[bench] model: {info or 'reused'} in {model_dir}", flush=True)
 
     cmd = [sys.executable, "-m", "rl.cli", "train", RECIPE, *overrides(args, model_dir, run_dir)]

@@ -31,9 +31,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
-                  tie_word_embeddings=True, use_sliding_window=False)
 TINY = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True)
 CONFIGS = {
@@ -138,7 +135,9 @@ def main() -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    shape = dict(TINY if args.smoke else QWEN25_15B)
+    from trainers.tiny_model import QWEN25_1_5B_SHAPE
+
+    shape = dict(TINY if args.smoke else QWEN25_1_5B_SHAPE)
     if args.smoke:
         args.num_samples, args.mean_len, args.max_len, args.micro_batch_tokens = 12, 48, 256, 512
         args.steps, args.threads = 1, args.threads or 1

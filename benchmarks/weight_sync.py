@@ -25,34 +25,18 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from trainers.tiny_model import QWEN25_1_5B_SHAPE, build_random_model  # noqa: E402
+
 SHAPES = {
     # head dim 64 (vLLM's CPU attention), untied head: the LM head and the embedding are separate buckets
     "cpu-156m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                     num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
+                     num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False,
+                     max_position_embeddings=512),
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+                 num_attention_heads=2, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                 max_position_embeddings=512),
+    "qwen2.5-1.5b": {**QWEN25_1_5B_SHAPE, "max_position_embeddings": 512},
 }
-
-
-def build_model(out: Path, shape: dict, dtype: str) -> int:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from rl.data.arith import make_arith_problems, reference_solution
-    from trainers.tiny_model import build_tokenizer
-
-    corpus = [t for it in make_arith_problems(300, 0, "train") for t in (it.prompt, reference_solution(it))]
-    tokenizer = build_tokenizer(corpus)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(**shape, max_position_embeddings=512, use_sliding_window=False, dtype=dtype,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
 
 
 def _rss_sampler():
@@ -154,7 +138,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="weight_sync_") as tmp:
         model_dir = str(Path(tmp) / "model")
-        n = build_model(Path(model_dir), SHAPES[args.shape], args.dtype)
+        n = build_random_model(model_dir, SHAPES[args.shape], args.dtype)
         print(f"[bench] {args.shape}: {n / 1e6:.1f}M parameters, {args.dtype}", flush=True)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         results = [run_setting(model_dir, args, mb) for mb in args.buckets_mb]

@@ -35,10 +35,6 @@ class WeightSyncExtension:
                 return p.device
         return torch.device("cpu")
 
-    def rl_load_weights(self, blob: bytes, version: int) -> dict:
-        """Load a full state dict (safetensors bytes, HF parameter names); returns timing and version."""
-        return self.rl_load_weight_bucket(blob, version, True)
-
     def rl_load_weight_bucket(self, blob: bytes, version: int, final: bool) -> dict:
         """Load one bucket of the weights (safetensors bytes, HF names, whole decoder layers); ``final`` marks the
         last bucket of a sync, after which the worker reports ``version``. On CUDA each bucket goes into the live
@@ -49,9 +45,9 @@ class WeightSyncExtension:
         t0 = time.perf_counter()
         items = list(st_load(bytes(blob)).items())
         device = self._rl_device()
-        if getattr(self, "_rl_staged_version", None) != int(version):  # a new sync (or one that broke off)
-            self._rl_staged, self._rl_staged_version = [], int(version)
         if device.type == "cpu":
+            if getattr(self, "_rl_staged_version", None) != int(version):  # a new sync (or one that broke off)
+                self._rl_staged, self._rl_staged_version = [], int(version)
             self._rl_staged.extend(items)
             if final:
                 staged, self._rl_staged, self._rl_staged_version = self._rl_staged, [], None

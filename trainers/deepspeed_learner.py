@@ -263,10 +263,11 @@ class DeepSpeedLearner(Learner):
 
     def _load_master_weights(self, masters: dict | None, path: Path) -> None:
         """Overwrite the master partitions (refreshed from the low-precision weights) with the saved fp32 copy."""
-        if self.dtype == torch.float32 or not masters:
-            if self.dtype != torch.float32:
-                print(f"[learner] {path} has no fp32 master weights (saved by another strategy or an fp32 run): "
-                      "they restart from the saved model weights", flush=True)
+        if self.dtype == torch.float32:
+            return
+        if not masters:
+            print(f"[learner] {path} has no fp32 master weights (saved by another strategy or an fp32 run): "
+                  "they restart from the saved model weights", flush=True)
             return
         from deepspeed.utils import safe_set_full_fp32_param
 

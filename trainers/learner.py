@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import itertools
 import os
 import random
 import re
@@ -348,26 +349,22 @@ def plan_weight_buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list
     (embedding, final norm, LM head) are units of one tensor."""
     if bucket_bytes < 0:
         raise ValueError(f"bucket_bytes must be >= 0, got {bucket_bytes}")
-    units: list[tuple[list[str], int]] = []
-    last_key = None
-    for name, size in sizes:
-        m = _LAYER_PREFIX.match(name)
-        key = m.group(1) if m else name
-        if key == last_key:
-            units[-1][0].append(name)
-            units[-1] = (units[-1][0], units[-1][1] + size)
-        else:
-            units.append(([name], size))
-        last_key = key
-    buckets: list[list[str]] = []
+
+    def unit(entry: tuple[str, int]) -> str:
+        m = _LAYER_PREFIX.match(entry[0])
+        return m.group(1) if m else entry[0]
+
+    buckets: list[list[str]] = [[]]
     filled = 0
-    for names, size in units:
-        if not buckets or (bucket_bytes and filled + size > bucket_bytes and filled > 0):
+    for _, group in itertools.groupby(sizes, key=unit):
+        entries = list(group)
+        size = sum(s for _, s in entries)
+        if bucket_bytes and filled and filled + size > bucket_bytes:
             buckets.append([])
             filled = 0
-        buckets[-1].extend(names)
+        buckets[-1].extend(n for n, _ in entries)
         filled += size
-    return buckets or [[]]
+    return buckets
 
 
 class Learner:
@@ -726,7 +723,7 @@ class Learner:
                                  "max_tokens": -(-cfg.buffer_tokens // self.world_size)}
         if self.rank != 0:
             return 0
-        self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device,
+        self.drafter = OnlineDrafter(drafter_dir, cfg, self.device,
                                      export_dtype=self.dtype)
         return num_trainable_parameters(self.drafter.drafter)
 

@@ -79,6 +79,30 @@ def build_tokenizer(texts: list[str], vocab_size: int = 320) -> PreTrainedTokeni
     )
 
 
+# Qwen2.5-1.5B's shape (random weights stand in for it in benchmarks)
+QWEN25_1_5B_SHAPE = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                         tie_word_embeddings=True, use_sliding_window=False)
+
+
+def build_random_model(out_dir: str | Path, shape: dict, dtype: str = "float32", seed: int = 0) -> int:
+    """A random-init Qwen2 model of ``shape`` (``Qwen2Config`` fields) with the arithmetic task's tokenizer, saved
+    in ``dtype`` into ``out_dir`` so that an engine can serve it; returns its parameter count. The embedding keeps
+    ``shape``'s vocabulary size (at least the tokenizer's), so the LM head costs what it costs in the real model."""
+    corpus = [text for it in make_arith_problems(500, seed, "train") for text in (it.prompt, reference_solution(it))]
+    tokenizer = build_tokenizer(corpus)
+    if len(tokenizer) > shape["vocab_size"]:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size={shape['vocab_size']}")
+    torch.manual_seed(seed)
+    config = Qwen2Config(**{"use_sliding_window": False, **shape}, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
 def tiny_qwen2_config(
     tokenizer: PreTrainedTokenizerFast,
     *,

@@ -7,8 +7,8 @@ decode steps, tokens produced and seconds, per running batch size and K):
 - ``fixed``: K = ``num_speculative_tokens`` at running batch sizes up to ``long_tail_threshold``, 0 above it.
 - ``adaptive``: at or below the threshold, a ``SpecTokensBandit`` picks K per batch-size bucket (arms may include
   0, i.e. no speculation) and is rewarded with the bucket's measured per-sequence decoding speed (tokens each
-  running sequence gained per second of decode step) for the K it ran; above the threshold, K = 0 (large batches are compute-bound: drafting costs more
-  than it saves).
+  running sequence gained per second of decode step) for the K it ran; above the threshold, K = 0 (large batches
+  are compute-bound: drafting costs more than it saves).
 
 ``phase_metrics`` splits a generation's decode steps into the long tail (running batch at or below the threshold)
 and the bulk, with tokens/s with and without speculation in each.
