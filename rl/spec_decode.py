@@ -5,8 +5,8 @@
 - before the engines start: the drafter checkpoint they load (the latest checkpoint's drafter on a resume,
   ``drafter.init_path``, or a freshly initialized one written into the run directory) and their
   ``speculative_config`` (EAGLE, K = ``num_speculative_tokens``, the first batch-size schedule);
-- once actors are up: the learner's ``drafter_setup`` (rank 0 holds the drafter, fed from its old-log-prob pass)
-  and the schedule from ``SpecPolicy`` on every engine;
+- once actors are up: the learner's ``drafter_setup`` (every rank holds a replica, fed from its share of the
+  old-log-prob pass) and the schedule from ``SpecPolicy`` on every engine;
 - around each generation phase: the engines' per-step statistics and acceptance counters, turned into metrics
   and fed to the bandit, which sets the next schedule;
 - while the engines generate: drafter training on the learner (a Ray call that runs while the driver waits for

@@ -158,19 +158,23 @@ class DeepSpeedLearner(Learner):
         self.policy.step()
         return float(self.policy.get_global_grad_norm())
 
-    def _gathered_parameters(self):
+    def _gathered_parameters(self, everywhere: frozenset[str] = frozenset()):
         """(HF name, whole tensor or None, parameter) for every state-dict entry, in state-dict order, gathering one
         parameter at a time (a collective: every rank iterates to the end). Tied entries yield the same tensor
-        object; the whole tensor is on the CPU on rank 0, None elsewhere."""
+        object; the whole tensor is on the CPU on rank 0 (on every rank for the names in ``everywhere``), None
+        elsewhere."""
         deepspeed = _import_deepspeed(self.device)
         done: dict[int, torch.Tensor | None] = {}
-        for name, value in self.model.state_dict(keep_vars=True).items():
-            if id(value) not in done:
+        entries = self.model.state_dict(keep_vars=True)
+        wanted = {id(v) for n, v in entries.items() if n in everywhere}  # tied entries share their tensor
+        for name, value in entries.items():
+            keep = self.rank == 0 or id(value) in wanted
+            if id(value) not in done:  # the gathers are collectives: the same ones on every rank
                 if hasattr(value, "ds_id"):
                     with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
-                        full = value.detach().to("cpu").clone() if self.rank == 0 else None
+                        full = value.detach().to("cpu").clone() if keep else None
                 else:  # a buffer: whole on every rank
-                    full = value.detach().to("cpu").clone() if self.rank == 0 else None
+                    full = value.detach().to("cpu").clone() if keep else None
                 done[id(value)] = full
             yield name, done[id(value)], value
 
@@ -178,9 +182,9 @@ class DeepSpeedLearner(Learner):
         return [(name, (v.ds_numel if hasattr(v, "ds_id") else v.numel()) * v.element_size())
                 for name, v in self.model.state_dict(keep_vars=True).items()]
 
-    def _full_weights(self):
+    def _full_weights(self, everywhere: frozenset[str] = frozenset()):
         yielded: set[int] = set()
-        for name, full, _ in self._gathered_parameters():
+        for name, full, _ in self._gathered_parameters(everywhere):
             if full is not None and id(full) in yielded:
                 full = full.clone()  # a tied head gets a tensor of its own, as safetensors wants
             elif full is not None:

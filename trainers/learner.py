@@ -411,7 +411,7 @@ class Learner:
         load_device = self.device if self.strategy == "single" else torch.device("cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(load_device)
         self.dtype = _DTYPES[dtype]
-        self.drafter = None  # rollout.drafter.online.OnlineDrafter on rank 0 once drafter_setup ran
+        self.drafter = None  # rollout.drafter.online.OnlineDrafter on every rank once drafter_setup ran
         self._drafter_capture: dict | None = None  # on every rank once drafter_setup ran: dtype, token budget
         self.model.train()
         if learner_cfg.get("activation_checkpointing"):
@@ -465,12 +465,13 @@ class Learner:
         self.optimizer.step()
         return float(grad_norm)
 
-    def _full_weights(self):
-        """(HF name, whole tensor on the CPU) for every entry of the model's state dict, on rank 0; (name, None)
-        on the others. A collective when sharded: every rank iterates to the end."""
+    def _full_weights(self, everywhere: frozenset[str] = frozenset()):
+        """(HF name, whole tensor on the CPU) for every entry of the model's state dict, on rank 0 (and on every
+        rank for the names in ``everywhere``); (name, None) on the others. A collective when sharded: every rank
+        iterates to the end."""
         for k, v in self.model.state_dict().items():
             full = D.full_tensor(v.detach())  # gathers one tensor at a time
-            yield k, (full.to("cpu").clone().contiguous() if self.rank == 0 else None)
+            yield k, (full.to("cpu").clone().contiguous() if self.rank == 0 or k in everywhere else None)
 
     # ---------------------------------------------------------------- log-probs
     @torch.no_grad()
@@ -543,17 +544,15 @@ class Learner:
     # ---------------------------------------------------------------- update
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
         """One RL step's update. ``samples`` hold whole groups in order; mini-batches are consecutive slices.
-        With a drafter, rank 0 keeps its share's hidden states from the old-log-prob pass for it."""
+        With a drafter, each rank keeps its share's hidden states from the old-log-prob pass for its replica."""
         t0 = time.perf_counter()
-        capture = [] if self._drafter_capture is not None else None
+        capture = [] if self.drafter is not None else None
         if self.cfg["old_logprob_source"] == "learner":
             old = self.compute_logprobs(samples, capture=capture)
         else:
             old = [s.behaviour_logprobs for s in samples]
-        if capture is not None:  # every rank's share goes to rank 0's drafter
-            parts = D.gather_to_rank0(capture)
-            if self.rank == 0:
-                self.drafter.add_step([seq for part in parts for seq in part])
+        if capture is not None:  # each rank's drafter replica keeps the states of its own share
+            self.drafter.add_step(capture)
         t_old = time.perf_counter() - t0
         kl_in_loss = self.ref_model is not None and self.algo.kl_in == "loss"
         ref = self.compute_logprobs(samples, model=self.ref_model) if kl_in_loss else None
@@ -669,7 +668,9 @@ class Learner:
         between decoder layers (``plan_weight_buckets``); returns the number of buckets. Every rank then calls
         ``next_weight_bucket`` for each bucket in order (the gathers are collectives)."""
         self._export_plan = plan_weight_buckets(self._weight_sizes(), bucket_bytes)
-        self._export_iter = self._full_weights()
+        # every rank's drafter replica reads the shared embedding and LM head
+        self._export_iter = self._full_weights(frozenset(self._shared_weight_names()) if self.drafter is not None
+                                               else frozenset())
         self._export_shared: dict[str, torch.Tensor] = {}
         return len(self._export_plan)
 
@@ -686,13 +687,14 @@ class Learner:
             if name != want:
                 raise RuntimeError(f"weight export out of order: got {name!r}, planned {want!r}")
             bucket[name] = tensor
-        if self.rank != 0:
-            return None
-        if self.drafter is not None:  # the drafter trains against the target the engines serve
+        if self.drafter is not None:  # the drafter trains against the target the engines serve (on every rank)
             shared = self._shared_weight_names()
             self._export_shared.update({n: bucket[n] for n in shared if n in bucket})
             if index == len(self._export_plan) - 1:
                 self.drafter.set_shared_weights(*(self._export_shared[n] for n in shared))
+                self._export_shared = {}
+        if self.rank != 0:
+            return None
         return st_save(bucket)
 
     def export_weights(self) -> bytes | None:
@@ -700,7 +702,7 @@ class Learner:
         self.begin_weight_export(0)
         return self.next_weight_bucket(0)
 
-    # ---------------------------------------------------------------- the speculative drafter (rank 0)
+    # ---------------------------------------------------------------- the speculative drafter (data-parallel)
     def _shared_weight_names(self) -> tuple[str, str]:
         """State-dict names of the input embedding and the LM head weights (the same tensor when tied)."""
         names = {id(m): n for n, m in self.model.named_modules()}
@@ -708,10 +710,10 @@ class Learner:
                 f"{names[id(self.model.get_output_embeddings())]}.weight")
 
     def drafter_setup(self, section: dict, drafter_dir: str) -> int:
-        """Hold the drafter saved in ``drafter_dir`` (``section``: the ``drafter`` config) on rank 0, trained on
-        every rank's hidden states of each step's rollouts (gathered to rank 0). Its copies of the shared weights
-        arrive with the next ``export_weights``. Returns the drafter's trainable parameter count (0 on other
-        ranks)."""
+        """Hold a replica of the drafter saved in ``drafter_dir`` (``section``: the ``drafter`` config) on every
+        rank, trained data-parallel: each rank keeps the hidden states of its own share of each step's rollouts
+        and the gradients are summed across ranks (``rollout.drafter.online``). Its copies of the shared weights
+        arrive with the next weight export. Returns the drafter's trainable parameter count."""
         from rollout.drafter.model import num_trainable_parameters
         from rollout.drafter.online import STORAGE_DTYPES, OnlineDrafter, OnlineDrafterConfig
 
@@ -721,21 +723,21 @@ class Learner:
         cfg = OnlineDrafterConfig.from_section(section)
         self._drafter_capture = {"dtype": STORAGE_DTYPES[cfg.buffer_dtype],
                                  "max_tokens": -(-cfg.buffer_tokens // self.world_size)}
-        if self.rank != 0:
-            return 0
-        self.drafter = OnlineDrafter(drafter_dir, cfg, self.device,
-                                     export_dtype=self.dtype)
+        self.drafter = OnlineDrafter(drafter_dir, cfg, self.device, export_dtype=self.dtype, rank=self.rank,
+                                     world_size=self.world_size)
         return num_trainable_parameters(self.drafter.drafter)
 
     def drafter_train(self, time_budget_s: float, max_steps: int | None = None) -> dict[str, float]:
-        """Train the drafter on its buffer for at most ``time_budget_s`` (rank 0; {} elsewhere)."""
+        """Train the drafter for at most ``time_budget_s`` (a collective: every rank calls it); the metrics are
+        the same on every rank."""
         if self.drafter is None:
             return {}
         return self.drafter.train(time_budget_s, max_steps)
 
     def export_drafter(self) -> bytes | None:
-        """The drafter's weights for ``Engine.load_drafter_weights`` (rank 0; None elsewhere)."""
-        return self.drafter.export() if self.drafter is not None else None
+        """The drafter's weights for ``Engine.load_drafter_weights`` (rank 0; None elsewhere: the replicas are
+        identical)."""
+        return self.drafter.export() if self.drafter is not None and self.rank == 0 else None
 
     def probe_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Temperature-1 log-probs of given responses (the canary's learner side)."""

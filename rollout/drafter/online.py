@@ -7,6 +7,11 @@ the target the engines serve), trains it within a time budget while the engines 
 its weights for the engines (``export``, the bytes ``Engine.load_drafter_weights`` takes). ``save``/``load`` keep
 it (vLLM's EAGLE checkpoint format plus the trainer's state) in the run's checkpoints; the buffer is not saved:
 after a resume it refills from the next steps.
+
+With several learner ranks every rank holds an ``OnlineDrafter`` (``data_parallel=True``): each keeps the hidden
+states of its own share of the rollouts, takes its share of every training batch (``batch_size`` sequences in
+all), and the trainer sums the gradients across ranks, so the replicas stay identical and no hidden state leaves
+the rank that computed it.
 """
 
 from __future__ import annotations
@@ -48,16 +53,20 @@ class OnlineDrafterConfig:
 
 class OnlineDrafter:
     def __init__(self, drafter_dir: str | Path, config: OnlineDrafterConfig, device: torch.device,
-                 export_dtype: torch.dtype = torch.float32) -> None:
+                 export_dtype: torch.dtype = torch.float32, *, rank: int = 0, world_size: int = 1) -> None:
         self.config = config
         self.device = device
         self.export_dtype = export_dtype
+        self.rank, self.world_size = rank, world_size
         self.drafter = load_drafter(drafter_dir).to(device)
         self.trainer = DrafterTrainer(self.drafter, DrafterTrainerConfig(
             lr=config.lr, batch_size=config.batch_size, grad_clip=config.grad_clip,
             loss=DrafterLossConfig(feature_weight=config.feature_weight, token_weight=config.token_weight,
-                                   hidden_noise=config.hidden_noise)), seed=config.seed)
-        self.buffer = DrafterBuffer(config.buffer_steps, config.buffer_tokens,
+                                   hidden_noise=config.hidden_noise)), seed=config.seed + rank,
+            data_parallel=world_size > 1)
+        # this rank's sequences per training batch: a near-equal share of batch_size
+        self.batch_share = config.batch_size // world_size + (rank < config.batch_size % world_size)
+        self.buffer = DrafterBuffer(config.buffer_steps, -(-config.buffer_tokens // world_size),  # this rank's share
                                     storage_dtype=STORAGE_DTYPES[config.buffer_dtype])
         self.shared_ready = False
         self.steps_added = 0
@@ -77,14 +86,21 @@ class OnlineDrafter:
         wall-clock times (``time.time()``) for the caller's overlap accounting. Nothing happens (``drafter/steps``
         0) before the first step's data or the first shared weights arrive."""
         start = time.time()
-        out = {"drafter/buffer_tokens": float(self.buffer.num_tokens),
-               "drafter/buffer_sequences": float(self.buffer.num_sequences)}
-        if self.buffer.num_sequences == 0 or not self.shared_ready or time_budget_s <= 0:
+        held = torch.tensor([self.buffer.num_tokens, self.buffer.num_sequences], dtype=torch.float64,
+                            device=self.device)
+        held = self.trainer.sum_over_ranks(held).tolist()  # every rank's buffer, when data-parallel
+        out = {"drafter/buffer_tokens": held[0], "drafter/buffer_sequences": held[1]}
+        # the same on every rank (the shared weights arrive in a collective export), so the ranks agree
+        if held[1] == 0 or not self.shared_ready or time_budget_s <= 0:
             return {**out, "drafter/steps": 0.0, "drafter/train_s": 0.0,
                     "drafter/train_start": start, "drafter/train_end": start}
-        batch_fn = self.buffer.sample_batch
-        metrics = self.trainer.train(lambda: batch_to(batch_fn(self.config.batch_size, self.trainer.rng), self.device),
-                                     time_budget_s=time_budget_s, max_steps=max_steps)
+
+        def next_batch():
+            if self.buffer.num_sequences == 0 or self.batch_share == 0:
+                return None  # data-parallel only: this rank has no share of this batch
+            return batch_to(self.buffer.sample_batch(self.batch_share, self.trainer.rng), self.device)
+
+        metrics = self.trainer.train(next_batch, time_budget_s=time_budget_s, max_steps=max_steps)
         return {**out, **metrics, "drafter/train_start": start, "drafter/train_end": time.time()}
 
     # ---------------------------------------------------------------- weights

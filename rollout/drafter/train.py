@@ -16,6 +16,12 @@ tolerates its own, imperfect features when it drafts further than one token.
 
 Top-1 agreement (``drafter/top1_agreement``) is the share of counted positions where ``argmax lm_head(f[t])``
 equals the target's argmax: what a greedy verifier accepts for the first drafted token.
+
+Data parallel: with ``DrafterTrainer(..., data_parallel=True)`` every rank of the default process group holds a
+replica and trains on its own share of each batch (its own buffer). The means above are taken over the counted
+positions of the whole batch (the ranks' counts are summed first: ``loss_counts``), each rank's loss is its share
+of that mean, and the gradients are summed across ranks in one all-reduce, so a step equals the one-rank step on
+the union of the shares and the replicas stay identical.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from rollout.drafter.buffer import DrafterBatch, DrafterBuffer
@@ -55,50 +62,77 @@ class DrafterLossConfig:
             raise ValueError("feature_weight and token_weight must be >= 0 and not both 0")
 
 
+def _counted(batch: DrafterBatch, cfg: DrafterLossConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mask of counted positions ``t`` ([B, T-1]) and, for sampled labels, which of them have a next token
+    (over the counted positions)."""
+    b, t = batch.input_ids.shape
+    if t < 2:
+        raise ValueError("drafter training needs sequences of at least 2 tokens")
+    pos = torch.arange(t - 1)
+    counted = (pos[None] + 1 < batch.lengths.cpu()[:, None]) & batch.loss_mask.cpu()[:, 1:]
+    if cfg.token_labels == "soft":
+        return counted, None
+    return counted, (pos[None] + 2 < batch.lengths.cpu()[:, None])[counted]
+
+
+def loss_counts(batch: DrafterBatch | None, cfg: DrafterLossConfig) -> tuple[int, int]:
+    """(counted positions, positions in the token loss) of ``batch`` (0, 0 for None): the denominators of the
+    means, summed across ranks when training data-parallel."""
+    if batch is None:
+        return 0, 0
+    counted, has_next = _counted(batch, cfg)
+    n = int(counted.sum())
+    return n, (n if has_next is None else int(has_next.sum()))
+
+
 def drafter_loss(
     drafter: Drafter,
     batch: DrafterBatch,
     cfg: DrafterLossConfig,
     *,
     generator: torch.Generator | None = None,
+    totals: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The objective above on one batch: (loss with grad, ``drafter/*`` metrics)."""
+    """The objective above on one batch: (loss with grad, ``drafter/*`` metrics).
+
+    ``totals``: the denominators (``loss_counts`` of the whole, data-parallel batch); the loss and the metrics
+    are then this batch's shares of the whole batch's means, which add up across ranks. Default: this batch's
+    own counts (plain means)."""
     ids, hidden = batch.input_ids, batch.hidden_states.float()
     b, t = ids.shape
-    if t < 2:
-        raise ValueError("drafter training needs sequences of at least 2 tokens")
-    pos = torch.arange(t - 1)
-    counted = (pos[None] + 1 < batch.lengths[:, None]) & batch.loss_mask[:, 1:]
-    if not counted.any():
+    counted, has_next = _counted(batch, cfg)
+    counted = counted.to(ids.device)
+    n_pos, n_tok = loss_counts(batch, cfg) if totals is None else totals
+    if not counted.any() and totals is None:
         raise ValueError("no position in the batch counts for the loss (all masked or too short)")
+    if has_next is not None and n_tok == 0:
+        raise ValueError("sampled token labels need sequences with at least 3 tokens")
 
     inputs = hidden[:, :-1]
     if cfg.hidden_noise > 0 and drafter.training:
         noise = torch.rand(inputs.shape, generator=generator, dtype=inputs.dtype)
-        inputs = inputs + (2 * noise - 1) * cfg.hidden_noise
+        inputs = inputs + (2 * noise.to(inputs.device) - 1) * cfg.hidden_noise
     pred = drafter(ids[:, 1:], inputs)  # [B, T-1, H]: guesses of h[t+1]
 
     f, target = pred[counted], hidden[:, 1:][counted]  # [N, H]
-    feature_loss = F.smooth_l1_loss(f, target, beta=cfg.smooth_l1_beta)
+    feature_loss = F.smooth_l1_loss(f, target, beta=cfg.smooth_l1_beta, reduction="sum") / max(n_pos * f.shape[-1], 1)
     logp = F.log_softmax(drafter.logits(f).float(), dim=-1)  # [N, V]
     with torch.no_grad():
         target_logits = (batch.target_logits[:, 1:][counted].float() if batch.target_logits is not None
                          else drafter.logits(target).float())
         target_top1 = target_logits.argmax(-1)
     if cfg.token_labels == "soft":
-        token_loss = -(F.softmax(target_logits, dim=-1) * logp).sum(-1).mean()
+        token_loss = -(F.softmax(target_logits, dim=-1) * logp).sum() / max(n_tok, 1)
     else:
         labels = torch.cat([ids[:, 2:], ids.new_zeros(b, 1)], dim=1)[counted]
-        has_next = (pos[None] + 2 < batch.lengths[:, None])[counted]
-        if not has_next.any():
-            raise ValueError("sampled token labels need sequences with at least 3 tokens")
-        token_loss = F.nll_loss(logp[has_next], labels[has_next])
+        has_next = has_next.to(ids.device)
+        token_loss = F.nll_loss(logp[has_next], labels[has_next], reduction="sum") / max(n_tok, 1)
     loss = cfg.feature_weight * feature_loss + cfg.token_weight * token_loss
     metrics = {
         "drafter/loss": loss.item(),
         "drafter/feature_loss": feature_loss.item(),
         "drafter/token_loss": token_loss.item(),
-        "drafter/top1_agreement": (logp.argmax(-1) == target_top1).float().mean().item(),
+        "drafter/top1_agreement": (logp.argmax(-1) == target_top1).sum().item() / max(n_pos, 1),
         "drafter/positions": float(counted.sum().item()),
     }
     return loss, metrics
@@ -117,9 +151,13 @@ class DrafterTrainerConfig:
 
 
 class DrafterTrainer:
-    """AdamW on the drafter's own weights (never the shared embedding or LM head)."""
+    """AdamW on the drafter's own weights (never the shared embedding or LM head).
 
-    def __init__(self, drafter: Drafter, config: DrafterTrainerConfig = DrafterTrainerConfig(), *, seed: int = 0):
+    ``data_parallel``: every rank of the default ``torch.distributed`` group runs this trainer on its own replica
+    and its own share of the data (see the module docstring); the ranks must call ``step``/``train`` together."""
+
+    def __init__(self, drafter: Drafter, config: DrafterTrainerConfig = DrafterTrainerConfig(), *, seed: int = 0,
+                 data_parallel: bool = False):
         self.drafter = drafter
         self.config = config
         params = drafter.trainable_parameters()
@@ -128,17 +166,48 @@ class DrafterTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         self.num_steps = 0
+        self.data_parallel = data_parallel and dist.is_available() and dist.is_initialized() \
+            and dist.get_world_size() > 1
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def step(self, batch: DrafterBatch) -> dict[str, float]:
-        """One optimizer step on ``batch``; returns its ``drafter/*`` metrics (before the update)."""
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed in place across the ranks when data-parallel (as it is otherwise)."""
+        if self.data_parallel:
+            dist.all_reduce(t)
+        return t
+
+    def step(self, batch: DrafterBatch | None, totals: tuple[int, int] | None = None) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns its ``drafter/*`` metrics (before the update; of the whole
+        batch when data-parallel). Data-parallel: ``batch`` is this rank's share (None: no share this step) and
+        ``totals`` the whole batch's ``loss_counts`` (summed here when not given)."""
+        device = next(self.drafter.parameters()).device
+        if self.data_parallel and totals is None:
+            totals = tuple(int(x) for x in self.sum_over_ranks(
+                torch.tensor(loss_counts(batch, self.config.loss), dtype=torch.float64, device=device)).tolist())
         self.drafter.train()
-        loss, metrics = drafter_loss(self.drafter, batch, self.config.loss, generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        params = self.drafter.trainable_parameters()
+        names = ("drafter/loss", "drafter/feature_loss", "drafter/token_loss", "drafter/top1_agreement",
+                 "drafter/positions")
+        if batch is not None:
+            loss, metrics = drafter_loss(self.drafter, batch, self.config.loss, generator=self.generator,
+                                         totals=totals if self.data_parallel else None)
+            loss.backward()
+        else:
+            metrics = dict.fromkeys(names, 0.0)
+        if self.data_parallel:  # the gradients of the shares, and the metrics' shares, summed in one all-reduce
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1).float() for g in grads]
+                             + [torch.tensor([metrics[k] for k in names], device=device)])
+            self.sum_over_ranks(flat)
+            offset = 0
+            for p in params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+            metrics = dict(zip(names, flat[offset:].tolist()))
         if self.config.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.drafter.trainable_parameters(), self.config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
             metrics["drafter/grad_norm"] = float(norm)
         self.optimizer.step()
         self.num_steps += 1
@@ -152,7 +221,7 @@ class DrafterTrainer:
 
     def train(
         self,
-        next_batch: Callable[[], DrafterBatch],
+        next_batch: Callable[[], DrafterBatch | None],
         *,
         time_budget_s: float,
         max_steps: int | None = None,
@@ -160,20 +229,37 @@ class DrafterTrainer:
         """Steps on ``next_batch()`` until ``time_budget_s`` is spent (a step started before the deadline finishes)
         or ``max_steps`` are done.
 
+        Data-parallel, ``next_batch()`` gives this rank's share (None: none), the ranks stop together (when one
+        rank's budget is spent, or when no rank has data), and the metrics are the whole batches'.
+
         Returns the mean of the steps' metrics, ``drafter/loss_last`` (the last step's loss), ``drafter/steps``,
-        ``drafter/train_s`` and ``drafter/tokens`` (tokens in the batches).
+        ``drafter/train_s`` and ``drafter/tokens`` (tokens in the batches, all ranks').
         """
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         steps = tokens = 0
         last = float("nan")
-        while (max_steps is None or steps < max_steps) and time.perf_counter() - t0 < time_budget_s:
-            batch = next_batch()
-            metrics = self.step(batch)
+        device = next(self.drafter.parameters()).device
+        while max_steps is None or steps < max_steps:
+            over = time.perf_counter() - t0 >= time_budget_s
+            batch = None if over else next_batch()
+            if not self.data_parallel:
+                if over:
+                    break
+                totals = None
+            else:  # one small all-reduce: the shares' counts and whether any rank is out of time
+                n_pos, n_tok = loss_counts(batch, self.config.loss)
+                agreed = self.sum_over_ranks(torch.tensor(
+                    [n_pos, n_tok, float(over), batch.num_tokens if batch is not None else 0],
+                    dtype=torch.float64, device=device)).tolist()
+                if agreed[2] > 0 or agreed[0] == 0:
+                    break
+                totals = (int(agreed[0]), int(agreed[1]))
+            metrics = self.step(batch, totals)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
-            tokens += batch.num_tokens
+            tokens += int(agreed[3]) if self.data_parallel else batch.num_tokens
             last = metrics["drafter/loss"]
         out = {k: v / steps for k, v in sums.items()}
         out.update({"drafter/loss_last": last, "drafter/steps": float(steps),

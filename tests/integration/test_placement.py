@@ -1,7 +1,8 @@
 """Distributed learner and placement on CPU with the real vLLM and Ray: 2 learner ranks (gloo; FSDP2, and
 DeepSpeed ZeRO-3) + 2 engine actors, colocated and disaggregated, a few steps each, the canary passing after every sync; async mode at lag 0
 reproduces sync mode, and at lag 1 overlaps generation with training (with GDRO too: each batch feeds the controller
-its own groups, and checkpoints keep the sampler position from before a prefetched batch); weight sync in buckets."""
+its own groups, and checkpoints keep the sampler position from before a prefetched batch); weight sync in buckets;
+a drafter trained data-parallel on the 2 learner ranks."""
 
 from __future__ import annotations
 
@@ -18,15 +19,27 @@ SMALL = ["run.num_steps=2", "rollout.prompts_per_step=4", "rollout.num_samples_p
 TWO_BY_TWO = ["learner.num_ranks=2", "rollout.num_engines=2", "learner.torch_threads=1"]
 
 
+# the disaggregated FSDP2 run also speculates with a drafter trained data-parallel on both learner ranks
+DRAFTER = ["drafter.mode=fixed", "drafter.num_speculative_tokens=2", "drafter.train_max_steps=3",
+           "drafter.batch_size=8", "rollout.enforce_eager=true"]
+
+
 @pytest.mark.parametrize("mode,strategy", [("disaggregated", "fsdp2"), ("colocated", "fsdp2"),
                                            ("disaggregated", "deepspeed")])
 def test_two_learner_ranks_two_engines(warm_tiny_model_dir, tmp_path, mode, strategy):
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
+    drafter = mode == "disaggregated" and strategy == "fsdp2"
     m = train("configs/tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", *SMALL, *TWO_BY_TWO,
               f"learner.strategy={strategy}", f"placement.mode={mode}", "run.save_every_steps=2",
-              "sync.bucket_mb=0.3")  # the tiny model's ~1 MB layers: one bucket per layer, gathered from shards
+              "sync.bucket_mb=0.3",  # the tiny model's ~1 MB layers: one bucket per layer, gathered from shards
+              *(DRAFTER if drafter else []))
     rows = steps(m)
+    if drafter:
+        assert rows[0]["drafter/steps"] == 0.0  # nothing captured before the first update
+        assert rows[1]["drafter/steps"] == 3.0 and rows[1]["drafter/buffer_sequences"] == 16  # both ranks' shares
+        assert all(r["perf/drafter_publish_s"] > 0 and r["rollout/logprob_abs_diff_max"] < 1e-3 for r in rows)
+        assert (tmp_path / "run" / "checkpoints" / "step_000002" / "drafter_trainer.pt").is_file()
     assert len(rows) == 2
     for step, r in zip((1, 2), rows):
         assert r["sync/weight_version"] == step

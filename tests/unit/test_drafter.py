@@ -33,6 +33,7 @@ from rollout.drafter.train import (  # noqa: E402
     DrafterTrainer,
     DrafterTrainerConfig,
     drafter_loss,
+    loss_counts,
 )
 
 VOCAB, HIDDEN = 48, 128
@@ -201,6 +202,82 @@ def test_padding_does_not_change_the_loss(target):
         padded.hidden_states[0, 5:] = 123.0
         together = drafter_loss(drafter, padded, DrafterLossConfig())[1]
     assert together["drafter/loss"] == pytest.approx(alone["drafter/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("labels", ["soft", "sampled"])
+def test_shares_of_a_split_batch_add_up_to_the_whole_batch(target, labels):
+    """Data-parallel arithmetic: with the whole batch's counts as denominators, the two halves' losses, metrics
+    and gradients add up to the whole batch's."""
+    cfg = DrafterLossConfig(token_weight=0.5, token_labels=labels)
+    seqs = _sequences(target)
+    drafter = Drafter.from_target(target, seed=1)
+    whole, halves = collate(seqs), [collate(seqs[:2]), collate(seqs[2:])]
+    counts = [loss_counts(b, cfg) for b in halves]
+    totals = (counts[0][0] + counts[1][0], counts[0][1] + counts[1][1])
+    assert totals == loss_counts(whole, cfg) and loss_counts(None, cfg) == (0, 0)
+    assert totals[0] == sum(len(s) - 1 for s in seqs)
+    assert totals[1] == (totals[0] if labels == "soft" else sum(len(s) - 2 for s in seqs))
+
+    def run(batch, tot):
+        drafter.zero_grad(set_to_none=True)
+        loss, metrics = drafter_loss(drafter, batch, cfg, totals=tot)
+        loss.backward()
+        return metrics, {n: p.grad.clone() for n, p in drafter.named_parameters() if p.grad is not None}
+
+    m_whole, g_whole = run(whole, None)
+    (m_a, g_a), (m_b, g_b) = run(halves[0], totals), run(halves[1], totals)
+    for k in ("drafter/loss", "drafter/feature_loss", "drafter/token_loss", "drafter/top1_agreement",
+              "drafter/positions"):
+        assert m_a[k] + m_b[k] == pytest.approx(m_whole[k], rel=1e-5), k
+    assert m_a["drafter/loss"] < 0.9 * m_whole["drafter/loss"]  # a share, not the half's own mean
+    for n, g in g_whole.items():
+        torch.testing.assert_close(g_a[n] + g_b[n], g, rtol=1e-4, atol=1e-7)
+
+
+def _data_parallel_rank(rank, world, port, target_state, out_path):
+    """One rank of a gloo group: a data-parallel trainer on its share (half of each fixed batch) for 3 steps."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        drafter, seqs = torch.load(target_state, weights_only=False)
+        trainer = DrafterTrainer(drafter, DrafterTrainerConfig(lr=3e-3, grad_clip=0.5), data_parallel=True)
+        assert trainer.data_parallel
+        share = collate(seqs[:2]) if rank == 0 else collate(seqs[2:])
+        m = trainer.train(lambda: share, time_budget_s=600.0, max_steps=3)
+        # a rank with no data this round and a spent budget: both ranks stop together, nothing runs
+        none = trainer.train(lambda: None if rank == 1 else share, time_budget_s=600.0 if rank == 0 else 0.0)
+        torch.save({"metrics": m, "none": none, "weights": drafter.trainable_state_dict()}, out_path % rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_data_parallel_ranks_equal_one_rank_on_the_whole_batch(target, tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.learner_fixtures import free_port
+
+    seqs = _sequences(target)
+    init = Drafter.from_target(target, seed=2)
+    torch.save((init, seqs), tmp_path / "init.pt")
+    out = str(tmp_path / "rank%d.pt")
+    mp.spawn(_data_parallel_rank, args=(2, free_port(), str(tmp_path / "init.pt"), out), nprocs=2, join=True)
+    ranks = [torch.load(out % r) for r in range(2)]
+
+    single, _ = torch.load(tmp_path / "init.pt", weights_only=False)
+    want = DrafterTrainer(single, DrafterTrainerConfig(lr=3e-3, grad_clip=0.5))
+    batch = collate(seqs)
+    m = want.train(lambda: batch, time_budget_s=600.0, max_steps=3)
+    for k, v in single.trainable_state_dict().items():
+        assert torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]), k  # the replicas stay identical
+        torch.testing.assert_close(ranks[0]["weights"][k], v, rtol=1e-4, atol=1e-6)
+        assert not torch.equal(v, init.trainable_state_dict()[k]) or k.endswith("norm.weight")
+    for r in ranks:
+        assert r["metrics"]["drafter/steps"] == 3.0 and r["none"]["drafter/steps"] == 0.0
+        assert r["metrics"]["drafter/tokens"] == m["drafter/tokens"] == 3 * sum(len(s) for s in seqs)
+        for k in ("drafter/loss", "drafter/top1_agreement", "drafter/positions", "drafter/grad_norm"):
+            assert r["metrics"][k] == pytest.approx(m[k], rel=1e-4), k
 
 
 def test_time_budget_and_max_steps(target):

@@ -264,27 +264,34 @@ def test_expand_to_tokens_replaces_vllms_cpu_kernel():
     assert cpu_triton_utils._expand_kernel_impl is expand_to_tokens
 
 
-def _drafter_rank_main(rank, world, port, model_dir, drafter_dir, out_path):
+def _drafter_rank_main(rank, world, port, strategy, model_dir, drafter_dir, out_path):
     from tests.learner_fixtures import random_samples
-    from trainers.learner import Learner
+    from trainers.learner import learner_class
 
     torch.set_num_threads(1)
     cfg = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
                mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
-               strategy="fsdp2", fsdp={})
-    learner = Learner(model_dir, cfg, {"kl_coef": 0.0}, temperature=1.0, rank=rank, world_size=world,
-                      master=("127.0.0.1", port))
-    section = load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32"]).drafter.model_dump()
+               strategy=strategy, fsdp={}, deepspeed={"param_persistence_threshold": 0})
+    learner = learner_class(strategy)(model_dir, cfg, {"kl_coef": 0.0}, temperature=1.0, rank=rank,
+                                      world_size=world, master=("127.0.0.1", port))
+    section = load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32",
+                                 "drafter.batch_size=3"]).drafter.model_dump()
     learner.drafter_setup(section, drafter_dir)
     learner.export_weights()
     learner.train_step(random_samples(10, seed=4))
-    if rank == 0:
-        torch.save([(s.token_ids, s.hidden_states) for s in learner.drafter.buffer.sequences()], out_path)
-        assert learner.drafter_train(30.0, max_steps=2)["drafter/steps"] == 2.0
+    buffer = [(s.token_ids, s.hidden_states) for s in learner.drafter.buffer.sequences()]
+    shared = (learner.drafter.drafter.embed_tokens.weight.clone(), learner.drafter.drafter.lm_head.weight.clone())
+    metrics = learner.drafter_train(30.0, max_steps=2)
+    torch.save({"buffer": buffer, "shared": shared, "metrics": metrics, "share": learner.drafter.batch_share,
+                "weights": learner.drafter.drafter.trainable_state_dict(), "blob": learner.export_drafter()},
+               out_path % rank)
 
 
-def test_two_fsdp2_ranks_gather_every_sequence_to_the_drafter(tmp_path):
-    """With 2 learner ranks, rank 0's drafter gets both ranks' sequences, with the states one rank computes."""
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
+def test_two_learner_ranks_train_drafter_replicas_on_their_own_shares(tmp_path, strategy):
+    """With 2 learner ranks (FSDP2 or ZeRO-3), each rank's drafter replica keeps the states of its own share of the rollouts (the
+    states one rank computes), both get the whole shared weights, and data-parallel training keeps the replicas
+    identical; only rank 0 exports."""
     import torch.multiprocessing as mp
 
     from rollout.drafter.checkpoint import save_drafter
@@ -295,14 +302,32 @@ def test_two_fsdp2_ranks_gather_every_sequence_to_the_drafter(tmp_path):
     from transformers import AutoModelForCausalLM
 
     target = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    drafter_dir = str(save_drafter(Drafter.from_target(target, seed=0), tmp_path / "drafter"))
-    out = tmp_path / "buffer.pt"
-    mp.spawn(_drafter_rank_main, args=(2, free_port(), model_dir, drafter_dir, str(out)), nprocs=2, join=True)
-    got = {tuple(t.tolist()): h for t, h in torch.load(out)}
+    init = Drafter.from_target(target, seed=0)
+    drafter_dir = str(save_drafter(init, tmp_path / "drafter"))
+    out = str(tmp_path / "rank%d.pt")
+    mp.spawn(_drafter_rank_main, args=(2, free_port(), strategy, model_dir, drafter_dir, out), nprocs=2, join=True)
+    ranks = [torch.load(out % r, weights_only=False) for r in range(2)]
+    got = [{tuple(t.tolist()): h for t, h in r["buffer"]} for r in ranks]
     samples = random_samples(10, seed=4)
-    assert len(got) == len(samples)
+    assert 0 < len(got[0]) < len(samples) and len(got[0]) + len(got[1]) == len(samples)  # a share each
+    assert not set(got[0]) & set(got[1])
+    merged = {**got[0], **got[1]}
     with torch.no_grad():
         for s in samples:
             ids = s.prompt_token_ids + s.response_token_ids
             want = target(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
-            torch.testing.assert_close(got[tuple(ids)], want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(merged[tuple(ids)], want, rtol=1e-4, atol=1e-5)
+    for r in ranks:
+        assert torch.equal(r["shared"][0], target.model.embed_tokens.weight)
+        assert torch.equal(r["shared"][1], target.lm_head.weight)
+        assert r["metrics"]["drafter/steps"] == 2.0 and r["metrics"]["drafter/buffer_sequences"] == len(samples)
+    assert [r["share"] for r in ranks] == [2, 1]  # batch_size=3 split over 2 ranks
+    clocks = ("drafter/train_s", "drafter/train_start", "drafter/train_end")  # each rank's own
+    same = [{k: v for k, v in r["metrics"].items() if k not in clocks} for r in ranks]
+    assert same[0] == pytest.approx(same[1]) and "drafter/loss" in same[0]
+    changed = 0
+    for k, v in ranks[0]["weights"].items():
+        assert torch.equal(v, ranks[1]["weights"][k]), k
+        changed += not torch.equal(v, init.trainable_state_dict()[k])
+    assert changed > 0
+    assert ranks[0]["blob"] is not None and ranks[1]["blob"] is None
