@@ -143,15 +143,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def gather_to_rank0(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` in rank order on rank 0 (None on the others): only rank 0 receives the data."""
-    if not is_distributed():
-        return [obj]
-    out: list[Any] | None = [None] * world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0, group=_cpu_group())
-    return out
-
-
 _CPU_GROUP = None
 
 
