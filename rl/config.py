@@ -392,9 +392,11 @@ class DrafterSection(_Section):
         1, ge=1, description="Push the drafter's weights to the engines with the target weights every N steps.",
     )
     buffer_steps: int = Field(4, ge=1, description="RL steps of hidden states kept for training (most recent).")
-    buffer_tokens: int = Field(200_000, ge=1, description="Most tokens kept in the buffer.")
+    buffer_tokens: int = Field(
+        200_000, ge=1, description="Most tokens kept in the buffer (all learner ranks together: each keeps its share).")
     buffer_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Storage dtype of hidden states.")
-    batch_size: int = Field(16, ge=1, description="Sequences per drafter training step.")
+    batch_size: int = Field(
+        16, ge=1, description="Sequences per drafter training step (all learner ranks together: each takes its share).")
     lr: float = Field(1e-3, gt=0, description="Drafter AdamW learning rate.")
     feature_weight: float = Field(1.0, ge=0, description="Weight of the hidden-state regression (EAGLE: 1.0).")
     token_weight: float = Field(0.1, ge=0, description="Weight of the token cross-entropy (EAGLE: 0.1).")

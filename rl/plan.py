@@ -73,9 +73,19 @@ under fsdp2 when set, else b; N = learner.num_ranks under fsdp2 and deepspeed, 1
   about 256 MiB of working buffers (two fp32 [chunk, V] buffers of ~128 MiB, or the fp32 hidden-state gradient)
   plus their fp32 LM-head gradient accumulator ``V*H*4``.
 - a CUDA context of 0.5 GiB per process on a GPU.
+- the speculative drafter (``drafter.mode`` not off and ``drafter.train``): every rank trains a replica,
+  data-parallel. Its states stay allocated: its own weights ``P_d = 2*H*H (fc) + one decoder layer`` in fp32
+  with their gradients and AdamW moments ``16*P_d``, and fp32 copies of the embedding and LM head ``8*V*H``.
+  Its training step (while the engines generate) holds, for ``S = ceil(drafter.batch_size / ranks)`` sequences
+  of up to ``rollout.max_model_len`` tokens, the fp32 activations of one layer plus its inputs per position
+  ``4*(2*q + 2*k + 4*I) + 4*H*4 + 6*H*4``, and about four fp32 ``[chunk, V]`` buffers of the token loss (chunks
+  of 128 MiB of logits: ``4 * min(128 MiB, positions*V*4)``). Its buffer of hidden states is in host RAM:
+  ``ceil(drafter.buffer_tokens / ranks) * H * bytes(drafter.buffer_dtype)``.
 
 train peak = states on the device + gathered + activations + log-prob + context; resident between updates =
-states on the device + context (gradients stay allocated until the next update's zero_grad).
+states on the device + context (gradients stay allocated until the next update's zero_grad); while the engines
+generate the learner holds its resident state plus the drafter's training step; the learner's peak is the largest
+of the train peak, the load and that.
 
 vLLM engine, per GPU (e = bytes of model.dtype, tp = rollout.tensor_parallel_size, G = --gpu-memory-gib)
 ------------------------------------------------------------------------------------------------------------
@@ -90,12 +100,11 @@ vLLM engine, per GPU (e = bytes of model.dtype, tp = rollout.tensor_parallel_siz
 
 Per GPU peak
 ------------
-- disaggregated: a learner GPU holds the learner's peak ``max(train peak, load + context)``; an engine GPU
-  ``u*G``.
+- disaggregated: a learner GPU holds the learner's peak; an engine GPU ``u*G``.
 - colocated, ``placement.engine_sleep_level`` 1 or 2: while the learner trains the sleeping engine keeps only
   its CUDA context (level 1 moves the weights to host memory, level 2 drops them; both drop the KV cache), and
-  while the engine generates the learner's resident state stays: ``max(learner peak + 0.5 GiB,
-  learner resident + u*G)``. Level 0 (no sleep): ``learner peak + u*G``.
+  while the engine generates the learner's resident state stays (with the drafter's training step):
+  ``max(learner peak + 0.5 GiB, learner while generating + u*G)``. Level 0 (no sleep): ``learner peak + u*G``.
 
 On CPU-only configs (learner.num_gpus = 0 and rollout.num_gpus_per_engine = 0) the GPU estimate does not apply;
 the same formulas give host RAM per learner rank, and each CPU engine reserves ``u`` of host RAM (or
@@ -119,6 +128,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT_BYTES = GIB // 2
 ENGINE_OVERHEAD_BYTES = 2 * GIB
 FUSED_BUFFER_BYTES = 256 * MIB
+DRAFTER_CHUNK_BYTES = 128 * MIB  # rollout.drafter.train.DrafterLossConfig.chunk_bytes
 AUTO_CPU_LOGITS_BYTES = 256 * MIB  # trainers.learner: CPU `auto` switches to chunked above this
 
 
@@ -605,8 +615,10 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
     logprob = tokens * v * (c + 8) if kernel == "naive" else FUSED_BUFFER_BYTES + v * h * 4
     context = CUDA_CONTEXT_BYTES if on_gpu else 0
     whole = p * b * (2 if ref else 1)
-    train = sum(on_device.values()) + gathered + activations + logprob + context
-    resident = sum(on_device.values()) + context
+    drafter = _drafter_memory(cfg, shape)
+    train = sum(on_device.values()) + drafter["states"] + gathered + activations + logprob + context
+    resident = sum(on_device.values()) + drafter["states"] + context
+    generating = resident + drafter["work"]
     load = whole + context if not fsdp else resident  # fsdp2 loads into host RAM and moves only its shard
     return {
         "strategy": lc.strategy,
@@ -626,12 +638,32 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
         "activations": activations,
         "logprob": logprob,
         "context": context,
+        "drafter": drafter["states"],
+        "drafter_work": drafter["work"],
+        "drafter_buffer_host": drafter["buffer"],
         "train_peak": train,
         "resident": resident,
+        "generating": generating,
         "load": load,
         "host_load": whole if fsdp else 0,
-        "peak": max(train, load),
+        "peak": max(train, load, generating),
     }
+
+
+def _drafter_memory(cfg, shape: ModelShape) -> dict[str, int]:
+    """Per learner rank: the drafter replica's states, its training step's working memory and its host buffer
+    (formulas in the module docstring); zeros without a drafter trained online."""
+    d = cfg.drafter
+    if d.mode == "off" or not d.train:
+        return {"states": 0, "work": 0, "buffer": 0}
+    ranks = cfg.learner.num_ranks
+    h, v, q, k, inter = shape.hidden, shape.vocab, shape.q_dim, shape.kv_dim, shape.intermediate
+    own = 2 * h * h + shape.layer_params()
+    positions = _ceil_div(d.batch_size, ranks) * cfg.rollout.max_model_len
+    per_position = 4 * (2 * q + 2 * k + 4 * inter) + 4 * h * 4 + 6 * h * 4
+    loss = 4 * min(DRAFTER_CHUNK_BYTES, positions * v * 4)
+    return {"states": 16 * own + 8 * v * h, "work": positions * per_position + loss,
+            "buffer": _ceil_div(d.buffer_tokens, ranks) * h * DTYPE_BYTES[d.buffer_dtype]}
 
 
 def _engine_memory(cfg, shape: ModelShape, on_gpu: bool, gpu_bytes: float, host_bytes: float | None,
@@ -709,10 +741,11 @@ def _memory(cfg, shape: ModelShape, gpu_memory_gib: float, host_memory_gib: floa
                        "does not apply; the numbers are host RAM")
         engine_host = engine["weights"] + (engine["kv_cache"] or 0)
         out["host"] = {
-            "per_learner_rank": learner["peak"],
+            "per_learner_rank": learner["peak"] + learner["drafter_buffer_host"],
             "per_engine_weights": engine["weights"],
             "per_engine_reserve": engine["budget"],
-            "total_known": lc.num_ranks * learner["peak"] + r.num_engines * engine_host,
+            "total_known": lc.num_ranks * (learner["peak"] + learner["drafter_buffer_host"])
+            + r.num_engines * engine_host,
         }
         return out
 
@@ -723,8 +756,8 @@ def _memory(cfg, shape: ModelShape, gpu_memory_gib: float, host_memory_gib: floa
             peaks["colocated GPU"] = learner["peak"] + engine["awake"]
             phase = "both"
         else:
-            training = learner["peak"] + engine["asleep"]
-            generating = learner["resident"] + engine["awake"]
+            training = max(learner["train_peak"], learner["load"]) + engine["asleep"]
+            generating = learner["generating"] + engine["awake"]
             peaks["colocated GPU"] = max(training, generating)
             phase = "training" if training >= generating else "generating"
             out["colocated_phases"] = {"training": training, "generating": generating}
@@ -745,17 +778,18 @@ def _memory(cfg, shape: ModelShape, gpu_memory_gib: float, host_memory_gib: floa
             peaks["engine GPU"] = engine["awake"]
     out["per_gpu_peak"] = peaks
     out["peak"] = max(peaks.values())
-    host = learner["offloaded_to_host"]
+    host = learner["offloaded_to_host"] + learner["drafter_buffer_host"]
     if pc.mode == "colocated" and pc.engine_sleep_level == 1 and engine_gpu:
         host += engine["weights"]
-    out["host"] = {"per_learner_rank_offload": learner["offloaded_to_host"], "per_gpu_bundle": host}
+    out["host"] = {"per_learner_rank_offload": learner["offloaded_to_host"],
+                   "per_learner_rank_drafter_buffer": learner["drafter_buffer_host"], "per_gpu_bundle": host}
 
     for where, peak in peaks.items():
         if peak <= gpu_bytes:
             continue
         fixes = [] if phase == "generating" else _learner_fixes(cfg, learner)
         if phase in ("generating", "both"):
-            other, what = ((learner["resident"], "resident state") if phase == "generating"
+            other, what = ((learner["generating"], "resident state") if phase == "generating"
                            else (learner["peak"], "peak"))
             room = max(math.floor((gpu_bytes - other) / gpu_bytes * 100) / 100, 0)
             fixes.append(f"rollout.gpu_memory_utilization (now {r.gpu_memory_utilization}; at most {room:.2f} leaves "
@@ -779,8 +813,8 @@ def _start_msg(learner: dict[str, Any], starting: int) -> str:
 def _learner_fixes(cfg, learner: dict[str, Any]) -> list[str]:
     lc = cfg.learner
     fixes = []
-    big = sorted(((learner[k], k) for k in ("activations", "logprob", "gathered", "optimizer", "parameters")),
-                 reverse=True)
+    big = sorted(((learner[k], k) for k in ("activations", "logprob", "gathered", "optimizer", "parameters",
+                                             "drafter", "drafter_work")), reverse=True)
     fixes.append("largest parts: " + ", ".join(f"{k} {_gib(v)} GiB" for v, k in big[:3]))
     if lc.strategy == "single":
         fixes.append("learner.strategy=fsdp2 with more learner.num_ranks (shards parameters, gradients and AdamW "
@@ -883,12 +917,18 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
         rows.append(("  gathered units + their gradients", _size(lr["gathered"])))
     rows.append(("  activations of one micro-batch", _size(lr["activations"])))
     rows.append(("  log-prob peak", _size(lr["logprob"])))
+    if lr["drafter"]:
+        rows.append(("  drafter replica (fp32, AdamW, embedding + head)", _size(lr["drafter"])))
+        rows.append(("  drafter training step (engines generating)", _size(lr["drafter_work"])))
+        rows.append(("  (host RAM, drafter buffer)", _size(lr["drafter_buffer_host"])))
     if lr["context"]:
         rows.append(("  CUDA context", _size(lr["context"])))
     rows.append(("  train peak", _size(lr["train_peak"])))
     if lr["load"] > lr["resident"]:
         rows.append(("  at load (whole model on the device)", _size(lr["load"])))
     rows.append(("  resident between updates", _size(lr["resident"])))
+    if lr["drafter"]:
+        rows.append(("  while the engines generate", _size(lr["generating"])))
     tp = f", TP {en['tensor_parallel_size']}" if en["tensor_parallel_size"] > 1 else ""
     rows.append((f"engine{tp}, {'per GPU' if en.get('awake') is not None else 'host RAM'}", ""))
     rows.append(("  weights", _size(en["weights"])))

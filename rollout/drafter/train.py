@@ -54,6 +54,10 @@ class DrafterLossConfig:
     """Where smooth L1 turns from quadratic to linear."""
     hidden_noise: float = 0.0
     """Half-width of uniform noise added to the input hidden states in training (EAGLE: 0.1 on its data scale)."""
+    chunk_bytes: int = 128 << 20
+    """The token loss runs over chunks of positions whose fp32 ``[chunk, vocab]`` logits take about this many bytes
+    (its gradient is formed chunk by chunk in the forward); 0: all positions at once. At a 152k vocabulary, 128 MiB
+    is 220 positions."""
 
     def __post_init__(self) -> None:
         if self.token_labels not in TOKEN_LABELS:
@@ -83,6 +87,48 @@ def loss_counts(batch: DrafterBatch | None, cfg: DrafterLossConfig) -> tuple[int
     counted, has_next = _counted(batch, cfg)
     n = int(counted.sum())
     return n, (n if has_next is None else int(has_next.sum()))
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    """The token loss summed over positions, and the number of positions whose drafted top-1 is the target's, in
+    chunks of positions. The gradient with respect to the drafter's features is formed in the forward, chunk by
+    chunk, from ``d loss / d logits = softmax(logits) - target distribution`` (one-hot for sampled labels), so no
+    ``[positions, vocab]`` tensor outlives its chunk and nothing is recomputed in the backward. The LM head is
+    frozen (shared with the target): it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, f, weight, target, stored, labels, has_next, chunk: int, need_grad: bool):
+        grad = torch.zeros_like(f) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=f.device)
+        hits = torch.zeros((), dtype=torch.long, device=f.device)
+        for lo in range(0, f.shape[0], chunk):
+            part = slice(lo, lo + chunk)
+            logits = (f[part] @ weight.T).float()  # [c, V]
+            logp = torch.log_softmax(logits, dim=-1)
+            target_logits = stored[part].float() if stored is not None else (target[part] @ weight.T).float()
+            hits += (logits.argmax(-1) == target_logits.argmax(-1)).sum()
+            if labels is None:  # soft: the target's distribution
+                q = torch.softmax(target_logits, dim=-1)
+                total -= (q * logp).sum()
+                dlogits = logp.exp_().sub_(q) if need_grad else None
+            else:  # sampled: the next token, where there is one
+                keep, y = has_next[part], labels[part]
+                total -= logp[keep].gather(1, y[keep, None]).sum()
+                if need_grad:
+                    dlogits = logp.exp_()
+                    dlogits[~keep] = 0
+                    rows = keep.nonzero().squeeze(1)
+                    dlogits[rows, y[rows]] -= 1
+            if need_grad:
+                grad[part] = (dlogits.to(weight.dtype) @ weight).to(f.dtype)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(hits)
+        return total, hits
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_hits):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None, None
 
 
 def drafter_loss(
@@ -116,23 +162,23 @@ def drafter_loss(
 
     f, target = pred[counted], hidden[:, 1:][counted]  # [N, H]
     feature_loss = F.smooth_l1_loss(f, target, beta=cfg.smooth_l1_beta, reduction="sum") / max(n_pos * f.shape[-1], 1)
-    logp = F.log_softmax(drafter.logits(f).float(), dim=-1)  # [N, V]
-    with torch.no_grad():
-        target_logits = (batch.target_logits[:, 1:][counted].float() if batch.target_logits is not None
-                         else drafter.logits(target).float())
-        target_top1 = target_logits.argmax(-1)
-    if cfg.token_labels == "soft":
-        token_loss = -(F.softmax(target_logits, dim=-1) * logp).sum() / max(n_tok, 1)
-    else:
+    stored = batch.target_logits[:, 1:][counted] if batch.target_logits is not None else None
+    labels = None
+    if has_next is not None:
         labels = torch.cat([ids[:, 2:], ids.new_zeros(b, 1)], dim=1)[counted]
         has_next = has_next.to(ids.device)
-        token_loss = F.nll_loss(logp[has_next], labels[has_next], reduction="sum") / max(n_tok, 1)
+    n, vocab = f.shape[0], drafter.cfg.vocab_size
+    chunk = max(1, cfg.chunk_bytes // (4 * vocab)) if cfg.chunk_bytes > 0 else max(n, 1)
+    token_sum, hits = _ChunkedTokenLoss.apply(f, drafter.lm_head.weight, target.detach(), stored, labels, has_next,
+                                              chunk, torch.is_grad_enabled() and f.requires_grad)
+    hits = int(hits)
+    token_loss = token_sum / max(n_tok, 1)
     loss = cfg.feature_weight * feature_loss + cfg.token_weight * token_loss
     metrics = {
         "drafter/loss": loss.item(),
         "drafter/feature_loss": feature_loss.item(),
         "drafter/token_loss": token_loss.item(),
-        "drafter/top1_agreement": (logp.argmax(-1) == target_top1).sum().item() / max(n_pos, 1),
+        "drafter/top1_agreement": hits / max(n_pos, 1),
         "drafter/positions": float(counted.sum().item()),
     }
     return loss, metrics

@@ -170,6 +170,59 @@ def test_soft_labels_from_hidden_equal_labels_from_stored_logits(target):
     assert a["drafter/loss"] == pytest.approx(b["drafter/loss"], rel=1e-5)
 
 
+def _reference_loss(drafter, batch, cfg):
+    """The objective with plain autograd over all positions at once: the [positions, vocab] logits in memory."""
+    import torch.nn.functional as F
+
+    ids, hidden = batch.input_ids, batch.hidden_states.float()
+    t = ids.shape[1]
+    counted = (torch.arange(t - 1)[None] + 1 < batch.lengths[:, None]) & batch.loss_mask[:, 1:]
+    f, target = drafter(ids[:, 1:], hidden[:, :-1])[counted], hidden[:, 1:][counted]
+    feature = F.smooth_l1_loss(f, target)
+    logp = F.log_softmax(drafter.logits(f).float(), dim=-1)
+    target_logits = (batch.target_logits[:, 1:][counted] if batch.target_logits is not None
+                     else drafter.logits(target)).detach().float()
+    if cfg.token_labels == "soft":
+        token = -(F.softmax(target_logits, dim=-1) * logp).sum(-1).mean()
+    else:
+        labels = torch.cat([ids[:, 2:], ids.new_zeros(ids.shape[0], 1)], dim=1)[counted]
+        has_next = (torch.arange(t - 1)[None] + 2 < batch.lengths[:, None])[counted]
+        token = F.nll_loss(logp[has_next], labels[has_next])
+    top1 = (logp.argmax(-1) == target_logits.argmax(-1)).float().mean()
+    return cfg.feature_weight * feature + cfg.token_weight * token, token.item(), top1.item()
+
+
+@pytest.mark.parametrize("labels,stored", [("soft", False), ("soft", True), ("sampled", False)])
+def test_chunked_token_loss_equals_plain_autograd(target, labels, stored):
+    """The token loss formed chunk by chunk, its gradient built in the forward (chunks of 5 positions, and all 62
+    at once), gives plain autograd's loss, metrics and gradients."""
+    seqs = _sequences(target)
+    batch = collate(seqs)
+    if stored:
+        with torch.no_grad():
+            batch.target_logits = target.lm_head(batch.hidden_states)
+    ref = Drafter.from_target(target, seed=3)
+    cfg = DrafterLossConfig(token_weight=1.0, token_labels=labels)
+    ref_loss, ref_token, ref_top1 = _reference_loss(ref, batch, cfg)
+    ref_loss.backward()
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert len(want) > 5
+    for chunk_bytes in (0, 5 * 4 * VOCAB):
+        drafter = Drafter.from_target(target, seed=3)
+        loss, metrics = drafter_loss(drafter, batch, DrafterLossConfig(token_weight=1.0, token_labels=labels,
+                                                                       chunk_bytes=chunk_bytes))
+        loss.backward()
+        assert metrics["drafter/positions"] == 62 and metrics["drafter/token_loss"] > 0
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+        assert metrics["drafter/token_loss"] == pytest.approx(ref_token, rel=1e-5)
+        assert metrics["drafter/top1_agreement"] == pytest.approx(ref_top1)
+        got = {n: p.grad for n, p in drafter.named_parameters() if p.grad is not None}
+        assert got.keys() == want.keys()
+        for n, g in want.items():
+            torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-6)
+        assert drafter.lm_head.weight.grad is None and drafter.embed_tokens.weight.grad is None
+
+
 def test_token_loss_by_hand_on_one_position(target):
     """One counted position: the soft loss is the cross-entropy to softmax(lm_head(h[1])), the sampled loss the
     NLL of x[2], the feature loss smooth L1 to h[1]."""
@@ -271,7 +324,7 @@ def test_two_data_parallel_ranks_equal_one_rank_on_the_whole_batch(target, tmp_p
     m = want.train(lambda: batch, time_budget_s=600.0, max_steps=3)
     for k, v in single.trainable_state_dict().items():
         assert torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]), k  # the replicas stay identical
-        torch.testing.assert_close(ranks[0]["weights"][k], v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ranks[0]["weights"][k], v, rtol=1e-4, atol=2e-5)  # an AdamW step: 3e-3
         assert not torch.equal(v, init.trainable_state_dict()[k]) or k.endswith("norm.weight")
     for r in ranks:
         assert r["metrics"]["drafter/steps"] == 3.0 and r["none"]["drafter/steps"] == 0.0

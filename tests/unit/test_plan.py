@@ -231,3 +231,30 @@ def test_deepspeed_zero3_keeps_fp32_master_and_gradients(capsys):
     learner = json.loads(out)["memory"]["learner"]
     assert learner["gradients"] == 0 and learner["optimizer"] == 0 and learner["parameters"] == 1_903_904_128
     assert learner["offloaded_to_host"] == 3_807_808_256 + 11_423_424_768
+
+
+def test_drafter_replica_by_hand(capsys):
+    """The 8-GPU recipe with a drafter trained online: every rank holds a replica. Qwen2.5-Math-7B: one layer
+    3584*3584*2 (q, o) + 2*3584*512 (k, v) + 3584+1024 (biases) + 3*3584*18944 (MLP) + 2*3584 (norms) = 233,057,792;
+    P_d = 2*3584^2 (fc) + that = 258,747,904; states 16*P_d + 8*152064*3584 = 4,139,966,464 + 4,359,979,008.
+    Step: ceil(16/8) = 2 sequences x 4096 tokens x (4*(2*3584 + 2*512 + 4*18944) + 40*3584 = 479,232 bytes) plus
+    4 x 128 MiB of token-loss chunks. Buffer: ceil(200,000/8) = 25,000 tokens x 3584 x 2 bytes (bf16) in host RAM."""
+    opts = ["--cluster-gpus", "8", "--json"]
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, *opts)
+    without = json.loads(out)["memory"]
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "drafter.mode=fixed", "drafter.publish_every=1", *opts)
+    assert rc == 0
+    mem = json.loads(out)["memory"]
+    lr = mem["learner"]
+    assert lr["drafter"] == 4_139_966_464 + 4_359_979_008
+    assert lr["drafter_work"] == 2 * 4096 * 479_232 + 4 * 128 * MIB
+    assert lr["drafter_buffer_host"] == 25_000 * 3584 * 2
+    assert lr["resident"] == without["learner"]["resident"] + lr["drafter"]
+    assert lr["train_peak"] == without["learner"]["train_peak"] + lr["drafter"]
+    assert lr["generating"] == lr["resident"] + lr["drafter_work"]
+    # colocated: the drafter's step runs while the engines are awake
+    assert mem["colocated_phases"]["generating"] == lr["generating"] + mem["engine"]["awake"]
+    assert mem["host"]["per_learner_rank_drafter_buffer"] == lr["drafter_buffer_host"]
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "drafter.mode=fixed", "drafter.train=false",
+                          "drafter.init_path=/ckpt/drafter", "placement.engine_sleep_level=1", *opts)
+    assert json.loads(out)["memory"]["learner"]["drafter"] == 0  # served as it is: no replica on the learner
