@@ -75,7 +75,8 @@ under fsdp2 when set, else b; N = learner.num_ranks under fsdp2 and deepspeed, 1
 - a CUDA context of 0.5 GiB per process on a GPU.
 - the speculative drafter (``drafter.mode`` not off and ``drafter.train``): every rank trains a replica,
   data-parallel. Its states stay allocated: its own weights ``P_d = 2*H*H (fc) + one decoder layer`` in fp32
-  with their gradients and AdamW moments ``16*P_d``, and fp32 copies of the embedding and LM head ``8*V*H``.
+  with their gradients and AdamW moments ``16*P_d``, and copies of the embedding and LM head in the model's
+  dtype ``2*V*H*b``.
   Its training step (while the engines generate) holds, for ``S = ceil(drafter.batch_size / ranks)`` sequences
   of up to ``rollout.max_model_len`` tokens, the fp32 activations of one layer plus its inputs per position
   ``4*(2*q + 2*k + 4*I) + 4*H*4 + 6*H*4``, and about four fp32 ``[chunk, V]`` buffers of the token loss (chunks
@@ -662,7 +663,7 @@ def _drafter_memory(cfg, shape: ModelShape) -> dict[str, int]:
     positions = _ceil_div(d.batch_size, ranks) * cfg.rollout.max_model_len
     per_position = 4 * (2 * q + 2 * k + 4 * inter) + 4 * h * 4 + 6 * h * 4
     loss = 4 * min(DRAFTER_CHUNK_BYTES, positions * v * 4)
-    return {"states": 16 * own + 8 * v * h, "work": positions * per_position + loss,
+    return {"states": 16 * own + 2 * v * h * DTYPE_BYTES[cfg.model.dtype], "work": positions * per_position + loss,
             "buffer": _ceil_div(d.buffer_tokens, ranks) * h * DTYPE_BYTES[d.buffer_dtype]}
 
 

@@ -212,6 +212,12 @@ class Drafter(nn.Module):
         self.embed_tokens.weight.copy_(embed_weight)
         self.lm_head.weight.copy_(lm_head_weight)
 
+    def set_shared_dtype(self, dtype: torch.dtype) -> None:
+        """Keep the frozen embedding and LM head copies in ``dtype`` (the target's, e.g. bfloat16: half the memory
+        of float32 at a large vocabulary); the drafter's own weights stay as they are."""
+        self.embed_tokens.to(dtype)
+        self.lm_head.to(dtype)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith(self.SHARED_PREFIXES)]
 
@@ -234,15 +240,17 @@ class Drafter(nn.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        x = self.fc(torch.cat([self.embed_tokens(input_ids), target_hidden.to(self.fc.weight.dtype)], dim=-1))
+        dtype = self.fc.weight.dtype
+        x = self.fc(torch.cat([self.embed_tokens(input_ids).to(dtype), target_hidden.to(dtype)], dim=-1))
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., vocab]`` from predicted hidden states (the target's LM head, no norm: vLLM applies none)."""
-        return self.lm_head(hidden)
+        """``[..., vocab]`` from predicted hidden states (the target's LM head, no norm: vLLM applies none), in the
+        LM head's dtype."""
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
 
 def num_trainable_parameters(drafter: Drafter) -> int:

@@ -59,6 +59,7 @@ class OnlineDrafter:
         self.export_dtype = export_dtype
         self.rank, self.world_size = rank, world_size
         self.drafter = load_drafter(drafter_dir).to(device)
+        self.drafter.set_shared_dtype(export_dtype)  # the target's dtype: its embedding and LM head as they are
         self.trainer = DrafterTrainer(self.drafter, DrafterTrainerConfig(
             lr=config.lr, batch_size=config.batch_size, grad_clip=config.grad_clip,
             loss=DrafterLossConfig(feature_weight=config.feature_weight, token_weight=config.token_weight,

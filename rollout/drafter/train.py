@@ -103,9 +103,10 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         hits = torch.zeros((), dtype=torch.long, device=f.device)
         for lo in range(0, f.shape[0], chunk):
             part = slice(lo, lo + chunk)
-            logits = (f[part] @ weight.T).float()  # [c, V]
+            logits = (f[part].to(weight.dtype) @ weight.T).float()  # [c, V]
             logp = torch.log_softmax(logits, dim=-1)
-            target_logits = stored[part].float() if stored is not None else (target[part] @ weight.T).float()
+            target_logits = (stored[part].float() if stored is not None
+                             else (target[part].to(weight.dtype) @ weight.T).float())
             hits += (logits.argmax(-1) == target_logits.argmax(-1)).sum()
             if labels is None:  # soft: the target's distribution
                 q = torch.softmax(target_logits, dim=-1)

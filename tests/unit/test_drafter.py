@@ -223,6 +223,28 @@ def test_chunked_token_loss_equals_plain_autograd(target, labels, stored):
         assert drafter.lm_head.weight.grad is None and drafter.embed_tokens.weight.grad is None
 
 
+def test_bfloat16_shared_copies_halve_their_memory_and_train_alike(target):
+    """The embedding and LM head copies in the target's bfloat16: the loss stays within bf16 rounding of the fp32
+    copies', the drafter's own weights stay fp32 and train, the copies stay frozen."""
+    batch = collate(_sequences(target))
+    cfg = DrafterTrainerConfig(lr=1e-3, loss=DrafterLossConfig(token_weight=1.0))
+    full, half = Drafter.from_target(target, seed=4), Drafter.from_target(target, seed=4)
+    half.set_shared_dtype(torch.bfloat16)
+    assert half.lm_head.weight.dtype == half.embed_tokens.weight.dtype == torch.bfloat16
+    assert half.lm_head.weight.nbytes * 2 == full.lm_head.weight.nbytes and half.fc.weight.dtype == torch.float32
+    head = half.lm_head.weight.clone()
+    init = {k: v.clone() for k, v in full.trainable_state_dict().items()}
+    m_full = DrafterTrainer(full, cfg).train(lambda: batch, time_budget_s=60.0, max_steps=3)
+    m_half = DrafterTrainer(half, cfg).train(lambda: batch, time_budget_s=60.0, max_steps=3)
+    assert m_half["drafter/loss"] == pytest.approx(m_full["drafter/loss"], rel=2e-2)
+    assert m_half["drafter/loss_last"] < m_half["drafter/loss"]  # the mean of the 3 steps: it trains
+    assert torch.equal(half.lm_head.weight, head)
+    for (name, a), b in zip(full.trainable_state_dict().items(), half.trainable_state_dict().values()):
+        assert b.dtype == torch.float32, name
+        moved = (a - init[name]).norm()
+        assert moved > 0 and (b - a).norm() < 0.1 * moved, name  # the same updates, up to bf16 rounding
+
+
 def test_token_loss_by_hand_on_one_position(target):
     """One counted position: the soft loss is the cross-entropy to softmax(lm_head(h[1])), the sampled loss the
     NLL of x[2], the feature loss smooth L1 to h[1]."""

@@ -236,7 +236,8 @@ def test_deepspeed_zero3_keeps_fp32_master_and_gradients(capsys):
 def test_drafter_replica_by_hand(capsys):
     """The 8-GPU recipe with a drafter trained online: every rank holds a replica. Qwen2.5-Math-7B: one layer
     3584*3584*2 (q, o) + 2*3584*512 (k, v) + 3584+1024 (biases) + 3*3584*18944 (MLP) + 2*3584 (norms) = 233,057,792;
-    P_d = 2*3584^2 (fc) + that = 258,747,904; states 16*P_d + 8*152064*3584 = 4,139,966,464 + 4,359,979,008.
+    P_d = 2*3584^2 (fc) + that = 258,747,904; states 16*P_d + 2*152064*3584*2 (bf16 copies of the embedding and
+    the LM head) = 4,139,966,464 + 2,179,989,504.
     Step: ceil(16/8) = 2 sequences x 4096 tokens x (4*(2*3584 + 2*512 + 4*18944) + 40*3584 = 479,232 bytes) plus
     4 x 128 MiB of token-loss chunks. Buffer: ceil(200,000/8) = 25,000 tokens x 3584 x 2 bytes (bf16) in host RAM."""
     opts = ["--cluster-gpus", "8", "--json"]
@@ -246,7 +247,7 @@ def test_drafter_replica_by_hand(capsys):
     assert rc == 0
     mem = json.loads(out)["memory"]
     lr = mem["learner"]
-    assert lr["drafter"] == 4_139_966_464 + 4_359_979_008
+    assert lr["drafter"] == 4_139_966_464 + 2_179_989_504
     assert lr["drafter_work"] == 2 * 4096 * 479_232 + 4 * 128 * MIB
     assert lr["drafter_buffer_host"] == 25_000 * 3584 * 2
     assert lr["resident"] == without["learner"]["resident"] + lr["drafter"]
