@@ -741,12 +741,12 @@ def _memory(cfg, shape: ModelShape, gpu_memory_gib: float, host_memory_gib: floa
         f.notes.append("CPU-only config (learner.num_gpus=0, rollout.num_gpus_per_engine=0): the per-GPU estimate "
                        "does not apply; the numbers are host RAM")
         engine_host = engine["weights"] + (engine["kv_cache"] or 0)
+        per_rank = learner["peak"] + learner["drafter_buffer_host"]
         out["host"] = {
-            "per_learner_rank": learner["peak"] + learner["drafter_buffer_host"],
+            "per_learner_rank": per_rank,
             "per_engine_weights": engine["weights"],
             "per_engine_reserve": engine["budget"],
-            "total_known": lc.num_ranks * (learner["peak"] + learner["drafter_buffer_host"])
-            + r.num_engines * engine_host,
+            "total_known": lc.num_ranks * per_rank + r.num_engines * engine_host,
         }
         return out
 

@@ -412,7 +412,6 @@ class Learner:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(load_device)
         self.dtype = _DTYPES[dtype]
         self.drafter = None  # rollout.drafter.online.OnlineDrafter on every rank once drafter_setup ran
-        self._drafter_capture: dict | None = None  # on every rank once drafter_setup ran: dtype, token budget
         self.model.train()
         if learner_cfg.get("activation_checkpointing"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -504,8 +503,9 @@ class Learner:
                 for i, row in zip(mb.index, _gather_response(mb, local, logp.float().cpu())):
                     rows[mine[i]] = row
                 if capture is not None:
-                    budget = self._drafter_capture["max_tokens"] - sum(len(c) for c in capture)
-                    capture.extend(_drafter_sequences(mb, local, hidden[-1], self._drafter_capture["dtype"], budget))
+                    buffer = self.drafter.buffer  # this rank's share of drafter.buffer_tokens
+                    budget = buffer.max_tokens - sum(len(c) for c in capture)
+                    capture.extend(_drafter_sequences(mb, local, hidden[-1], buffer.storage_dtype, budget))
         finally:
             if hook is not None:
                 hook.remove()
@@ -715,15 +715,12 @@ class Learner:
         and the gradients are summed across ranks (``rollout.drafter.online``). Its copies of the shared weights
         arrive with the next weight export. Returns the drafter's trainable parameter count."""
         from rollout.drafter.model import num_trainable_parameters
-        from rollout.drafter.online import STORAGE_DTYPES, OnlineDrafter, OnlineDrafterConfig
+        from rollout.drafter.online import OnlineDrafter, OnlineDrafterConfig
 
         if self.cfg["old_logprob_source"] != "learner":
             raise ValueError("the drafter learns from the learner's old-log-prob pass: set "
                              "learner.old_logprob_source=learner")
-        cfg = OnlineDrafterConfig.from_section(section)
-        self._drafter_capture = {"dtype": STORAGE_DTYPES[cfg.buffer_dtype],
-                                 "max_tokens": -(-cfg.buffer_tokens // self.world_size)}
-        self.drafter = OnlineDrafter(drafter_dir, cfg, self.device, export_dtype=self.dtype, rank=self.rank,
+        self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device, export_dtype=self.dtype, rank=self.rank,
                                      world_size=self.world_size)
         return num_trainable_parameters(self.drafter.drafter)
 

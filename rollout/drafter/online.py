@@ -57,7 +57,6 @@ class OnlineDrafter:
         self.config = config
         self.device = device
         self.export_dtype = export_dtype
-        self.rank, self.world_size = rank, world_size
         self.drafter = load_drafter(drafter_dir).to(device)
         self.drafter.set_shared_dtype(export_dtype)  # the target's dtype: its embedding and LM head as they are
         self.trainer = DrafterTrainer(self.drafter, DrafterTrainerConfig(

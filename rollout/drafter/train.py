@@ -82,9 +82,10 @@ def _counted(batch: DrafterBatch, cfg: DrafterLossConfig) -> tuple[torch.Tensor,
 def loss_counts(batch: DrafterBatch | None, cfg: DrafterLossConfig) -> tuple[int, int]:
     """(counted positions, positions in the token loss) of ``batch`` (0, 0 for None): the denominators of the
     means, summed across ranks when training data-parallel."""
-    if batch is None:
-        return 0, 0
-    counted, has_next = _counted(batch, cfg)
+    return (0, 0) if batch is None else _counts(*_counted(batch, cfg))
+
+
+def _counts(counted: torch.Tensor, has_next: torch.Tensor | None) -> tuple[int, int]:
     n = int(counted.sum())
     return n, (n if has_next is None else int(has_next.sum()))
 
@@ -148,9 +149,9 @@ def drafter_loss(
     ids, hidden = batch.input_ids, batch.hidden_states.float()
     b, t = ids.shape
     counted, has_next = _counted(batch, cfg)
+    n_pos, n_tok = totals if totals is not None else _counts(counted, has_next)
     counted = counted.to(ids.device)
-    n_pos, n_tok = loss_counts(batch, cfg) if totals is None else totals
-    if not counted.any() and totals is None:
+    if n_pos == 0:
         raise ValueError("no position in the batch counts for the loss (all masked or too short)")
     if has_next is not None and n_tok == 0:
         raise ValueError("sampled token labels need sequences with at least 3 tokens")
