@@ -7,7 +7,7 @@ at 0 for each sequence (so RoPE sees per-sequence positions) and ``cu_seqlens [B
 (transformers passes them down to the attention call) and attends causally within each sequence only.
 Backends (``ATTENTION_BACKENDS``; :func:`select_attention_backend` picks the first that works):
 
-- ``flash_attn_varlen``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, when flash-attn is installed);
+- ``fa2_varlen``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, when flash-attn is installed);
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16);
 - ``sdpa_segments``: ``scaled_dot_product_attention`` with ``is_causal`` on each sequence's slice (any device
   and dtype; the CPU path and the reference).
@@ -68,8 +68,8 @@ def packed_forward_kwargs(position_ids: Tensor, cu_seqlens: Tensor, max_length: 
 
 
 # ---------------------------------------------------------------- backends: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]
-@ATTENTION_BACKENDS.register("flash_attn_varlen", needs_cuda=True, half_only=True, requires_module="flash_attn")
-def _flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float, dropout: float) -> Tensor:
+@ATTENTION_BACKENDS.register("fa2_varlen", needs_cuda=True, half_only=True, requires_module="flash_attn")
+def _fa2_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float, dropout: float) -> Tensor:
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale, causal=True)
@@ -81,7 +81,7 @@ def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, sca
     from torch.nn.attention.varlen import varlen_attn
 
     if dropout:
-        raise ValueError("the torch_varlen attention backend has no dropout; use flash_attn_varlen or sdpa_segments")
+        raise ValueError("the torch_varlen attention backend has no dropout; use fa2_varlen or sdpa_segments")
     # window (-1, 0): causal.
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0),
                        enable_gqa=q.shape[1] != k.shape[1])
@@ -115,7 +115,7 @@ def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> 
 def select_attention_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, list[str]]:
     """The first usable backend in order of preference, and why each earlier one was skipped."""
     skipped = []
-    for name in ("flash_attn_varlen", "torch_varlen", "sdpa_segments"):
+    for name in ("fa2_varlen", "torch_varlen", "sdpa_segments"):
         why = backend_unavailable(name, device, dtype)
         if why is None:
             return name, skipped

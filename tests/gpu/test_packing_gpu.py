@@ -59,7 +59,7 @@ def _run(model, samples, kernels):
 
 
 @pytest.mark.parametrize("backend,dtype,tol", [
-    ("flash_attn_varlen", torch.bfloat16, 5e-2),
+    ("fa2_varlen", torch.bfloat16, 5e-2),
     ("torch_varlen", torch.bfloat16, 5e-2),
     ("sdpa_segments", torch.bfloat16, 5e-2),
     ("sdpa_segments", torch.float32, 1e-4),

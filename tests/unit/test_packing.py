@@ -152,7 +152,7 @@ def test_packed_attention_without_cu_seqlens_is_plain_causal():
 
 
 def test_backend_choice_on_cpu():
-    assert ATTENTION_BACKENDS.names() == ["flash_attn_varlen", "sdpa_segments", "torch_varlen"]
+    assert ATTENTION_BACKENDS.names() == ["fa2_varlen", "sdpa_segments", "torch_varlen"]
     name, skipped = select_attention_backend(CPU, torch.float32)
     assert name == "sdpa_segments" and len(skipped) == 2
     assert "needs CUDA" in backend_unavailable("torch_varlen", CPU, torch.bfloat16)
