@@ -12,9 +12,13 @@ CPU peak RSS (``ru_maxrss``) above the RSS after the inputs were built. The meas
 ``sum(g * logp) + sum(e * entropy)`` forward + backward (random g, e), both gradients (hidden and weight);
 Liger's loss has no entropy, so it runs ``sum(-nll)`` (log-probs only) on ``hidden / temperature``.
 
-Columns: time and peak memory; ratios against naive measured in the same run; time / GEMM floor, where the floor
-is 3 x 2 T H V FLOPs (logits forward, two backward GEMMs) at ``--peak-tflops`` (H100 SXM bf16 dense: ~798).
-A kernel that does not store the logits recomputes them in backward (4 GEMMs), so its best ratio is ~1.33.
+Columns: time and peak memory; ratios against naive measured in the same run; time / GEMM floor. The floor is
+measured: the three plain matmuls any implementation needs, [T, H] x [H, V] forward and the two backward GEMMs
+(dz [T, V] x W [V, H] and dz^T x h), in the same dtype and process setup (row ``gemm floor``); the last column
+also gives the time / 3 x 2 T H V FLOPs at ``--peak-tflops`` (H100 SXM bf16 dense: ~798) on CUDA. A kernel that
+does not store the logits recomputes them in backward (4 GEMMs), so its best ratio is ~1.33.
+
+``--json PATH`` writes every row (shape, impl, ms, peak MiB, ratios or the error) and the run's settings.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 ALL_IMPLS = ("naive", "liger", "chunked", "triton")
-OUTPUTS = {"naive": "logp+entropy", "liger": "logp only", "chunked": "logp+entropy", "triton": "logp+entropy"}
+OUTPUTS = {"naive": "logp+entropy", "liger": "logp only", "chunked": "logp+entropy", "triton": "logp+entropy",
+           "gemm": "3 GEMMs"}
 
 
 def _rss_bytes() -> int:
@@ -79,15 +84,21 @@ def worker(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     try:
-        fn = _loss_fn(spec["impl"], spec.get("chunk_size"))
+        gemm = spec["impl"] == "gemm"
+        fn = None if gemm else _loss_fn(spec["impl"], spec.get("chunk_size"))
         torch.manual_seed(0)
-        hidden = torch.randn(t, h, device=device, dtype=dtype).requires_grad_()
-        weight = (torch.randn(v, h, device=device, dtype=dtype) * 0.02).requires_grad_()
+        hidden = torch.randn(t, h, device=device, dtype=dtype).requires_grad_(not gemm)
+        weight = (torch.randn(v, h, device=device, dtype=dtype) * 0.02).requires_grad_(not gemm)
         targets = torch.randint(0, v, (t,), device=device)
         g = torch.randn(t, device=device)
         e = torch.randn(t, device=device) * 0.01
+        dz = torch.randn(t, v, device=device, dtype=dtype) if gemm else None  # counted in the inputs
 
         def step():
+            if gemm:  # the floor: logits forward, dh = dz @ W, dW = dz^T @ h (each output dropped at once)
+                for a, b in ((hidden, weight.t()), (dz, weight), (dz.t(), hidden)):
+                    torch.mm(a, b)
+                return
             hidden.grad = None
             weight.grad = None
             fn(hidden, weight, targets, spec["temperature"], g, e).backward()
@@ -153,8 +164,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in each worker (CPU; 1 gives stable numbers on a shared machine)")
-    ap.add_argument("--peak-tflops", type=float, default=798.0, help="for the GEMM floor (H100 SXM bf16 dense)")
+    ap.add_argument("--peak-tflops", type=float, default=798.0,
+                    help="for the time / peak-FLOPs ratio on CUDA (H100 SXM bf16 dense)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per measurement")
+    ap.add_argument("--no-floor", action="store_true", help="skip the measured GEMM floor")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -164,7 +178,7 @@ def main() -> int:
 
     if args.smoke:
         args.device, args.dtype = args.device or "cpu", args.dtype or "float32"
-        args.vocab, args.hidden, args.tokens, args.repeats = 3001, "64", "64,256", 2
+        args.vocab, args.hidden, args.tokens, args.repeats = 3001, "64", "128", 2
         args.impls = "naive,chunked" if args.device == "cpu" else args.impls
         args.chunk_size = "32" if args.chunk_size == "auto" else args.chunk_size
         args.threads = args.threads or 1
@@ -182,30 +196,51 @@ def main() -> int:
           f"median of {args.repeats} after a warm-up\n")
     print("| H | T | impl | outputs | fwd+bwd ms | peak MiB | memory vs naive | time vs naive | time / GEMM floor |")
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for h in (int(x) for x in args.hidden.split(",")):
         for t in (int(x) for x in args.tokens.split(",")):
-            floor_ms = 1e3 * 3 * 2 * t * h * args.vocab / (args.peak_tflops * 1e12)
-            naive = None
-            for impl, chunk in runs:
+            peak_ms = 1e3 * 3 * 2 * t * h * args.vocab / (args.peak_tflops * 1e12)
+            naive = floor = None
+            for impl, chunk in ([] if args.no_floor else [("gemm", None)]) + runs:
                 why = available(impl, device)
                 res = {"ok": False, "error": why} if why else run_one(
                     dict(impl=impl, device=device, dtype=dtype, tokens=t, hidden=h, vocab=args.vocab,
                          temperature=args.temperature, chunk_size=chunk, repeats=args.repeats,
                          threads=args.threads), args.timeout)
-                if impl == "naive" and res["ok"]:
-                    naive = res
+                name = impl
                 if impl == "chunked":
                     from trainers.fused_logprob import auto_chunk_size
 
-                    impl = f"chunked ({chunk or auto_chunk_size(args.vocab)} rows/chunk)"
+                    name = f"chunked ({chunk or auto_chunk_size(args.vocab)} rows/chunk)"
+                elif impl == "gemm":
+                    name = "gemm floor"
+                row = dict(hidden=h, tokens=t, vocab=args.vocab, impl=impl, label=name, outputs=OUTPUTS[impl],
+                           chunk_size=chunk if impl == "chunked" else None, **res)
+                rows.append(row)
                 if not res["ok"]:
-                    print(f"| {h} | {t} | {impl} | {OUTPUTS[impl.split()[0]]} | - | - | - | - | {res['error']} |")
+                    print(f"| {h} | {t} | {name} | {OUTPUTS[impl]} | - | - | - | - | {res['error']} |", flush=True)
                     continue
-                mem = f"{res['peak_mib'] / naive['peak_mib']:.3f}" if naive else "-"
-                speed = f"{res['ms'] / naive['ms']:.2f}" if naive else "-"
-                floor = f"{res['ms'] / floor_ms:.2f}" if device == "cuda" else "n/a (CPU)"
-                print(f"| {h} | {t} | {impl} | {OUTPUTS[impl.split()[0]]} | {res['ms']:.1f} | {res['peak_mib']:.0f} | {mem} | "
-                      f"{speed} | {floor} |", flush=True)
+                if impl == "naive":
+                    naive = res
+                if impl == "gemm":
+                    floor = res
+                row["memory_vs_naive"] = res["peak_mib"] / naive["peak_mib"] if naive and naive["peak_mib"] else None
+                row["time_vs_naive"] = res["ms"] / naive["ms"] if naive else None
+                row["time_vs_gemm_floor"] = res["ms"] / floor["ms"] if floor else None
+                row["time_vs_peak_flops"] = res["ms"] / peak_ms if device == "cuda" else None
+                mem = f"{row['memory_vs_naive']:.3f}" if row["memory_vs_naive"] is not None else "-"
+                speed = f"{row['time_vs_naive']:.2f}" if row["time_vs_naive"] is not None else "-"
+                ratio = f"{row['time_vs_gemm_floor']:.2f}" if row["time_vs_gemm_floor"] is not None else "-"
+                if row["time_vs_peak_flops"] is not None:
+                    ratio += f" ({row['time_vs_peak_flops']:.2f} x {args.peak_tflops:.0f} TFLOP/s)"
+                print(f"| {h} | {t} | {name} | {OUTPUTS[impl]} | {res['ms']:.1f} | {res['peak_mib']:.0f} | {mem} | "
+                      f"{speed} | {ratio} |", flush=True)
+    if args.json:
+        settings = dict(device=device, device_name=where, dtype=dtype, vocab=args.vocab, temperature=args.temperature,
+                        repeats=args.repeats, threads=args.threads, peak_tflops=args.peak_tflops,
+                        torch=torch.__version__)
+        Path(args.json).write_text(json.dumps({"settings": settings, "results": rows}, indent=1) + "\n")
+        print(f"\n# wrote {args.json}")
     return 0
 
 

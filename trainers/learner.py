@@ -217,6 +217,10 @@ def token_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool
     hidden = model.get_decoder()(**fwd).last_hidden_state[:, :-1]  # [R, L-1, H]
     sel = mb.resp_pos
     weight = model.get_output_embeddings().weight  # [V, H]; the embedding itself when tied
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # mixed precision: the kernel's GEMMs in the compute dtype too
+        compute = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(compute), weight.to(compute)
     lp, ent = LOGPROB_KERNELS.get(kernels.logprob)(hidden[sel], weight, mb.targets[sel], temperature,
                                                    IGNORE_INDEX, kernels.chunk_size)
     logp = lp.new_zeros(sel.shape).index_put((sel,), lp)
@@ -300,14 +304,35 @@ def _mb_to(mb: MicroBatch, device: torch.device) -> MicroBatch:
     return dataclasses.replace(mb, **moved)
 
 
-def apply_kernels(model, kernels: KernelChoice, device: torch.device, logprobs_fn=None) -> KernelChoice:
+def apply_kernels(model, kernels: KernelChoice, device: torch.device, logprobs_fn=None,
+                  chunked_fallback: bool | None = None) -> KernelChoice:
     """Set ``model`` up for ``kernels`` (packed attention) and check it on a two-sequence probe against padded +
-    naive. A mismatch (a head or attention that breaks the assumptions) restores the model's own attention and
-    returns padded + naive, with the reason in ``notes``. ``logprobs_fn(mb, choice) -> logp`` runs the probe
-    (default: ``token_logprobs`` on ``model``; a sharded learner passes its wrapped policy, and then every rank
-    must call this)."""
+    naive (the model's own attention and head). ``logprobs_fn(mb, choice) -> logp`` runs the probe (default:
+    ``token_logprobs`` on ``model``; a sharded learner passes its wrapped policy, and then every rank must call
+    this: which probes run depends only on ``kernels`` and ``chunked_fallback``, never on their results).
+
+    On a mismatch the model's own attention is restored where packed attention is dropped, and the reasons go to
+    ``notes``. What replaces a failed choice:
+
+    - ``chunked_fallback`` (default: on CUDA): the log-prob kernel (with padded attention) and the packed attention
+      (with the model's own head) are probed separately as well, and what passes is kept. A failed fused
+      log-prob kernel falls back to ``chunked`` when chunked passes its own probe (naive holds the whole
+      [tokens, V] logits: tens of GB at 16K tokens x 152K vocabulary), to naive only when chunked fails too (a
+      head that transforms its logits undeclared); failed packed attention falls back to padded.
+    - otherwise (CPU, where the fused choices are chunked and the per-sequence attention): padded + naive.
+
+    Tolerance: ``floor + 2 eps L``. ``L`` is the largest |logit| the model's head returned on the probe, ``eps``
+    the machine epsilon of the dtype it returned them in. The reference's logits are rounded to that dtype, a
+    fused kernel's are not (Triton, fp32 accumulation) or are rounded from another GEMM (chunked): per logit they
+    differ by at most one ulp, eps * |z| <= eps L, and a log-prob z_y - logsumexp(z) by at most twice that. A
+    fixed absolute tolerance fails spuriously on bf16 logits above ~32 (ulp 0.25). ``floor`` (1e-3 for fp32
+    logits, 0.1 below) covers the rest, mainly another attention kernel's rounding in the hidden states. The
+    failures this check is for (an undeclared logit scale or soft-cap, a wrong attention mask) move log-probs by
+    several nats."""
     if kernels == KernelChoice(notes=kernels.notes):
         return kernels
+    if chunked_fallback is None:
+        chunked_fallback = device.type == "cuda"
     g = torch.Generator().manual_seed(1234)  # a local generator: the global RNG stream is left untouched
     vocab = min(model.config.vocab_size, _whole_shape(model.get_input_embeddings().weight)[0])
     probe = [TrainSample(torch.randint(0, vocab, (n,), generator=g).tolist(),
@@ -322,21 +347,76 @@ def apply_kernels(model, kernels: KernelChoice, device: torch.device, logprobs_f
         by_sample = dict(zip(mb.index, _gather_response(mb, probe, logp.float().cpu())))
         return [x for i in range(len(probe)) for x in by_sample[i]]
 
+    head_out: dict = {}
+
+    def record(_module, _inputs, out):
+        if isinstance(out, torch.Tensor) and out.numel() > 0:
+            head_out["max"] = max(head_out.get("max", 0.0), float(out.detach().abs().amax()))
+            head_out["dtype"] = out.dtype
+
     was_training, own_attention = model.training, model.config._attn_implementation
     model.eval()
-    want = run(KernelChoice())
+    hook = model.get_output_embeddings().register_forward_hook(record)
+    try:
+        want = run(KernelChoice())
+    finally:
+        hook.remove()
+    chunk = kernels.chunk_size
+    # fused log-prob kernels to try, in order of preference (naive, the model's own head, is the last resort)
+    fused = [] if LOGPROB_KERNELS.capabilities(kernels.logprob)["full_logits"] else [kernels.logprob]
+    if chunked_fallback and fused and fused[0] != "chunked":
+        fused.append("chunked")
+    if chunked_fallback:  # every part alone with padded attention, then with the packed attention
+        probes = [KernelChoice(name, "padded", chunk) for name in fused]
+        packed_probes = ([KernelChoice("naive", kernels.attention)]
+                         + [KernelChoice(name, kernels.attention, chunk) for name in fused]) if kernels.packed else []
+    else:  # the choice as a whole
+        probes, packed_probes = ([], [kernels]) if kernels.packed else ([kernels], [])
+    got = {(c.logprob, c.attention): run(c) for c in probes}
     if kernels.packed:
         use_packed_attention(model, kernels.attention)
-    got = run(kernels)
+        got.update({(c.logprob, c.attention): run(c) for c in packed_probes})
     model.train(was_training)
-    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
-    err = max(abs(a - b) for a, b in zip(got, want))
-    if err <= tol:
+    out_dtype = head_out.get("dtype", next(model.parameters()).dtype)
+    floor = 1e-3 if torch.finfo(out_dtype).bits >= 32 else 0.1
+    tol = floor + 2 * torch.finfo(out_dtype).eps * head_out.get("max", 0.0)
+    err = {key: max(abs(a - b) for a, b in zip(values, want)) for key, values in got.items()}
+
+    def passes(logprob: str, attention: str) -> bool:
+        return err[(logprob, attention)] <= tol
+
+    notes = list(kernels.notes)
+
+    def fail(logprob: str, attention: str, what: str) -> None:
+        notes.append(f"self-check: logprob={logprob} attention={attention} differs from padded+naive by "
+                     f"{err[(logprob, attention)]:.2e} > {tol:.2e}{what}")
+
+    if not chunked_fallback:
+        key = (kernels.logprob, kernels.attention)
+        if passes(*key):
+            return kernels
+        if kernels.packed:
+            model.set_attn_implementation(own_attention)
+        fail(*key, ", so padded+naive")
+        return KernelChoice(notes=tuple(notes))
+    logprob = "naive"
+    for name in fused:
+        if passes(name, "padded"):
+            logprob = name
+            break
+        fail(name, "padded", "")
+    attention = kernels.attention
+    if kernels.packed:  # the attention with the model's own head, then with the log-prob kernel kept
+        for name in dict.fromkeys(["naive", logprob]):
+            if not passes(name, attention):
+                fail(name, attention, "")
+                attention = "padded"
+                model.set_attn_implementation(own_attention)
+                break
+    if (logprob, attention) == (kernels.logprob, kernels.attention):
         return kernels
-    if kernels.packed:
-        model.set_attn_implementation(own_attention)
-    note = f"self-check: {kernels.describe()} differs from padded+naive by {err:.2e} > {tol}, so padded+naive"
-    return KernelChoice(notes=kernels.notes + (note,))
+    notes.append(f"so logprob={logprob} attention={attention}")
+    return KernelChoice(logprob, attention, chunk, tuple(notes))
 
 
 _LAYER_PREFIX = re.compile(r"^(.*?\.layers\.\d+)\.")
@@ -385,10 +465,14 @@ class Learner:
         temperature: float,
         seed: int = 0,
         dtype: str = "float32",
+        export_dtype: str | None = None,
         rank: int = 0,
         world_size: int = 1,
         master: tuple[str, int] | None = None,
     ) -> None:
+        """``dtype``: the compute dtype (``model.dtype``); the parameters, gradients and AdamW state are held in
+        ``learner_cfg["param_dtype"]`` (float32 when absent: fp32 master weights); ``export_dtype``: the engines'
+        dtype, which the weight export casts to on the device (None: ``dtype``)."""
         from transformers import AutoModelForCausalLM
 
         self.cfg = learner_cfg
@@ -409,15 +493,16 @@ class Learner:
             D.init_process_group(rank, world_size, master or ("127.0.0.1", 29500), self.device)
         # Sharded strategies load the whole model into host memory and move only their shard to the device.
         load_device = self.device if self.strategy == "single" else torch.device("cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(load_device)
-        self.dtype = _DTYPES[dtype]
+        self._set_dtypes(dtype, export_dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self._load_dtype()).to(load_device)
         self.drafter = None  # rollout.drafter.online.OnlineDrafter on every rank once drafter_setup ran
         self.model.train()
         if learner_cfg.get("activation_checkpointing"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if self.algo.kl_coef > 0:  # KL to the initial policy, as a loss term or a reward penalty (algorithm.kl_in)
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            # frozen, so no master copy: held in the compute dtype
+            self.ref_model = copy.deepcopy(self.model).to(self.compute_dtype).eval().requires_grad_(False)
         self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
         self.kernels = KernelChoice()  # until checked below
         self._setup_policy()
@@ -433,16 +518,40 @@ class Learner:
                   flush=True)
         self.num_updates = 0
 
+    # ---------------------------------------------------------------- dtypes
+    def _set_dtypes(self, dtype: str, export_dtype: str | None) -> None:
+        """``param_dtype`` (parameters, gradients, AdamW state), ``compute_dtype`` (forward and backward) and
+        ``export_dtype`` (the engines' weights)."""
+        fsdp_cfg = self.cfg.get("fsdp") or {}
+        # a learner_cfg dict written before learner.param_dtype existed: fsdp.param_dtype was FSDP2's compute dtype
+        legacy = fsdp_cfg.get("param_dtype") if self.strategy == "fsdp2" else None
+        self.compute_dtype = _DTYPES[legacy or dtype]
+        self.param_dtype = _DTYPES[self.cfg.get("param_dtype") or "float32"]
+        self.export_dtype = _DTYPES[export_dtype or dtype]
+        if self.param_dtype != torch.float32 and self.param_dtype != self.compute_dtype:
+            raise ValueError(f"learner.param_dtype={self.cfg.get('param_dtype')} with model.dtype={dtype}: 16-bit "
+                             "parameters compute in their own dtype; set learner.param_dtype=float32 (master weights "
+                             f"with {dtype} compute) or model.dtype={self.cfg.get('param_dtype')}")
+
+    def _load_dtype(self) -> torch.dtype:
+        """The dtype the model's parameters are held in (the master copy)."""
+        return self.param_dtype
+
     # ---------------------------------------------------------------- strategy hooks
     # The strategy-specific parts: how the policy is wrapped, backward, the optimizer step, the whole weights.
     # Everything else (micro-batches, losses, metrics, data split over ranks) is shared by every strategy.
     def _setup_policy(self) -> None:
-        """``self.policy`` / ``self.ref_policy`` (callables: micro-batch -> log-probs) and ``self.optimizer``."""
-        self.policy = D.LogProbModule(self.model)
+        """``self.policy`` / ``self.ref_policy`` (callables: micro-batch -> log-probs) and ``self.optimizer``. With
+        ``compute_dtype`` below ``param_dtype``: ``single`` runs its forward under autocast, FSDP2 gathers its
+        parameters in the compute dtype (mixed precision); the parameters and AdamW state stay in ``param_dtype``."""
+        mixed = self.compute_dtype if self.compute_dtype != self.param_dtype else None
+        single = self.strategy == "single"
+        self.policy = D.LogProbModule(self.model, autocast_dtype=mixed if single else None)
+        # the reference is held in the compute dtype: nothing to cast
         self.ref_policy = D.LogProbModule(self.ref_model) if self.ref_model is not None else None
         if self.strategy == "fsdp2":
             fsdp_cfg = self.cfg.get("fsdp") or {}
-            D.shard_with_fsdp2(self.policy, fsdp_cfg, self.device)
+            D.shard_with_fsdp2(self.policy, fsdp_cfg, self.device, compute_dtype=mixed)
             if self.ref_policy is not None:
                 D.shard_with_fsdp2(self.ref_policy, fsdp_cfg, self.device, trainable=False)
         self.optimizer = torch.optim.AdamW(
@@ -465,12 +574,20 @@ class Learner:
         return float(grad_norm)
 
     def _full_weights(self, everywhere: frozenset[str] = frozenset()):
-        """(HF name, whole tensor on the CPU) for every entry of the model's state dict, on rank 0 (and on every
-        rank for the names in ``everywhere``); (name, None) on the others. A collective when sharded: every rank
-        iterates to the end."""
+        """(HF name, whole tensor on the CPU in ``export_dtype``) for every entry of the model's state dict, on rank
+        0 (and on every rank for the names in ``everywhere``); (name, None) on the others. A collective when
+        sharded: every rank iterates to the end. The cast to the engines' dtype happens on the device, before the
+        gather and the host copy, so fp32 master weights cost no more bytes than the engines' weights."""
         for k, v in self.model.state_dict().items():
-            full = D.full_tensor(v.detach())  # gathers one tensor at a time
-            yield k, (full.to("cpu").clone().contiguous() if self.rank == 0 or k in everywhere else None)
+            cast = v.detach().to(self.export_dtype)
+            full = D.full_tensor(cast)  # gathers one tensor at a time
+            if self.rank != 0 and k not in everywhere:
+                yield k, None
+                continue
+            out = full.to("cpu")
+            if out.dtype == v.dtype and v.device.type == "cpu":  # neither the cast nor the move copied: a copy
+                out = out.clone()
+            yield k, out.contiguous()
 
     # ---------------------------------------------------------------- log-probs
     @torch.no_grad()
@@ -546,6 +663,8 @@ class Learner:
         """One RL step's update. ``samples`` hold whole groups in order; mini-batches are consecutive slices.
         With a drafter, each rank keeps its share's hidden states from the old-log-prob pass for its replica."""
         t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         capture = [] if self.drafter is not None else None
         if self.cfg["old_logprob_source"] == "learner":
             old = self.compute_logprobs(samples, capture=capture)
@@ -585,9 +704,19 @@ class Learner:
                 "perf/learner_tokens_per_s": train_tokens / max(elapsed, 1e-9),
                 "rollout/logprob_abs_diff_mean": float(np.mean(drift)) if drift else 0.0,
                 "rollout/logprob_abs_diff_max": float(np.max(drift)) if drift else 0.0,
+                # this step's peak of the caching allocator on this rank (0 on CPU), before it is released below
+                "perf/learner_max_reserved_gib": (torch.cuda.max_memory_reserved(self.device) / 2**30
+                                                  if self.device.type == "cuda" else 0.0),
             }
         )
+        self._release_cached_memory()
         return metrics
+
+    def _release_cached_memory(self) -> None:
+        """Give the caching allocator's free blocks back to the device (CUDA only), so that an engine sharing the
+        GPU can use what the learner's peak held."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _update(self, samples, idx, old, ref) -> dict[str, float]:
         """One optimizer step on the mini-batch ``samples[idx]``. The loss is normalized by the whole mini-batch's
@@ -652,6 +781,7 @@ class Learner:
             for key, value in out.metrics.items():  # every loss metric, token-share weighted over the mini-batch
                 weighted[f"loss/{key}"] = weighted.get(f"loss/{key}", 0.0) + share * float(value)
         grad_norm = self._optimizer_step()
+        self._zero_grad()  # free the gradients now, not at the next update: the engines need the memory meanwhile
         self.num_updates += 1
         if self.world_size > 1:  # every term is this rank's share of a mini-batch-normalized sum
             totals, weighted = D.sum_over_ranks({**totals, **weighted}), {}
@@ -661,7 +791,8 @@ class Learner:
     def _weight_sizes(self) -> list[tuple[str, int]]:
         """(HF name, whole tensor's bytes) for every state-dict entry, in the order ``_full_weights`` yields them;
         read from metadata, nothing gathered."""
-        return [(k, v.numel() * v.element_size()) for k, v in self.model.state_dict().items()]
+        size = torch.empty(0, dtype=self.export_dtype).element_size()
+        return [(k, v.numel() * size) for k, v in self.model.state_dict().items()]
 
     def begin_weight_export(self, bucket_bytes: int = 0) -> int:
         """Start an export of the whole weights in buckets of about ``bucket_bytes`` (0: one bucket), cut only
@@ -693,6 +824,8 @@ class Learner:
             if index == len(self._export_plan) - 1:
                 self.drafter.set_shared_weights(*(self._export_shared[n] for n in shared))
                 self._export_shared = {}
+        if index == len(self._export_plan) - 1:
+            self._release_cached_memory()  # the gathers' blocks go back to the device (the engines wake next)
         if self.rank != 0:
             return None
         return st_save(bucket)
@@ -720,7 +853,7 @@ class Learner:
         if self.cfg["old_logprob_source"] != "learner":
             raise ValueError("the drafter learns from the learner's old-log-prob pass: set "
                              "learner.old_logprob_source=learner")
-        self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device, export_dtype=self.dtype, rank=self.rank,
+        self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device, export_dtype=self.export_dtype, rank=self.rank,
                                      world_size=self.world_size)
         return num_trainable_parameters(self.drafter.drafter)
 
@@ -729,7 +862,10 @@ class Learner:
         the same on every rank."""
         if self.drafter is None:
             return {}
-        return self.drafter.train(time_budget_s, max_steps)
+        try:
+            return self.drafter.train(time_budget_s, max_steps)
+        finally:
+            self._release_cached_memory()  # it trains while the engines generate beside it
 
     def export_drafter(self) -> bytes | None:
         """The drafter's weights for ``Engine.load_drafter_weights`` (rank 0; None elsewhere: the replicas are

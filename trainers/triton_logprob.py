@@ -9,10 +9,20 @@ feed per-row online statistics: running max m, s = sum exp(z - m), a = sum exp(z
 logit. Splits give small partial statistics [T, splits], merged in torch: lse = M + log S, ent = log S - A / S
 (the centred form keeps the entropy accurate when one token dominates).
 
-Backward, grid (row blocks, vocabulary tiles): each program recomputes its [BLOCK_T, BLOCK_V] logits tile from
+Backward, one program per (row block, vocabulary tile): each recomputes its [BLOCK_T, BLOCK_V] logits tile from
 h and W, forms dz in registers, and for every H slice adds dz @ W_tile into dh [T, H] and dz^T @ h_block into
 dW [V, H] (fp32 buffers, atomic adds). Nothing of size [T, V] is stored. The order of atomic adds depends on
 scheduling, so gradients are not bit-reproducible run to run (differences at fp32 rounding level).
+Programs are numbered in groups of ``GROUP_T`` row blocks: consecutive programs (those resident on the GPU at the
+same time) cycle through the group's row blocks and then step to the next vocabulary tile. Row-major or
+column-major order would make every resident program add into the same dW tile (row blocks fastest) or the same
+dh rows (vocabulary tiles fastest); grouped, each dh tile has about resident/GROUP_T concurrent writers and
+each dW tile about GROUP_T, and the group's h rows and W tiles stay in L2.
+
+Tiles (``_blocks``): the forward and the backward have separate defaults. The backward holds the logits tile,
+dz and two dot accumulators at once, so it needs smaller tiles than the forward to stay inside 255 registers
+per thread without spilling to local memory on sm_90; ``tests/unit/test_triton_sm90.py`` compiles the defaults
+for sm_90 and checks the register count and the stack (spill) size.
 """
 
 from __future__ import annotations
@@ -79,9 +89,17 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
 def _backward_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g1_ptr, g2_ptr, dh_ptr, dw_ptr,
                      T, V, H, stride_h, stride_w, temperature,
                      HAS_G2: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
+                     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                     GROUP_T: tl.constexpr):
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(T, BLOCK_T)
+    n_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_T * n_v
+    first_t = (pid // per_group) * GROUP_T
+    group_rows = tl.minimum(n_t - first_t, GROUP_T)  # the last group may hold fewer row blocks
+    in_group = pid % per_group
+    pid_t = first_t + in_group % group_rows
+    pid_v = in_group // group_rows
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < T
@@ -116,11 +134,28 @@ def _backward_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g1_ptr, g2_ptr, dh
             tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw_part, mask=col_ok[:, None] & k_ok[None, :])
 
 
+# Default tiles (BLOCK_T, BLOCK_V, BLOCK_H, num_warps). Compiled for sm_90 (Triton 3.9, its bundled ptxas), with
+# both gradients and the entropy term, registers / stack (spill) bytes per thread:
+#   16-bit forward  64/128/64, 8 warps: 254 / 0       16-bit backward 64/128/32, 8 warps: 219 / 0
+#   fp32   forward  32/64/32,  4 warps: 178 / 0       fp32   backward 32/64/32,  8 warps: 139 / 0
+# The backward spills at the forward's tiles (16-bit 64/128/64: 255 / 200; fp32 at 4 warps: 255 / 24). Of the
+# spill-free 16-bit backward tiles, 64/128/32 does a quarter fewer atomic adds than 64/64/64 (210 / 0): dh gets
+# one add per vocabulary tile, so the wider BLOCK_V halves those.
+FORWARD_TILES = {torch.float32: (32, 64, 32, 4), None: (64, 128, 64, 8)}
+BACKWARD_TILES = {torch.float32: (32, 64, 32, 8), None: (64, 128, 32, 8)}
+BACKWARD_GROUP_T = 8  # row blocks per group of backward programs (see the module docstring)
+
+
 def _blocks(dtype: torch.dtype, block_t: int | None, block_v: int | None, block_h: int | None) -> tuple:
-    """Tile sizes: large bf16/fp16 tiles for tensor cores; smaller fp32 tiles (exact fp32 dots need more
-    registers). Untuned defaults: tune on the target GPU with benchmarks/fused_logprob.py."""
-    base = (32, 64, 32, 4) if dtype == torch.float32 else (64, 128, 64, 8)
-    return (block_t or base[0], block_v or base[1], block_h or base[2], base[3])
+    """(forward tiles, backward tiles), each (BLOCK_T, BLOCK_V, BLOCK_H, num_warps): fp32 or 16-bit defaults,
+    with explicit block sizes applied to both. Not autotuned: tune on the target GPU with
+    benchmarks/fused_logprob.py, and recheck spills with tests/unit/test_triton_sm90.py."""
+    key = torch.float32 if dtype == torch.float32 else None
+
+    def pick(base: tuple) -> tuple:
+        return (block_t or base[0], block_v or base[1], block_h or base[2], base[3])
+
+    return pick(FORWARD_TILES[key]), pick(BACKWARD_TILES[key])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -141,7 +176,7 @@ class TritonLinearLogprob(torch.autograd.Function):
         v = weight.shape[0]
         valid = targets != ignore_index
         tgt = torch.where(valid, targets, torch.full_like(targets, -1)).contiguous()
-        bt, bv, bh, warps = blocks
+        bt, bv, bh, warps = blocks[0]
         row_blocks = triton.cdiv(n, bt)
         # Enough programs to fill the GPU when there are few row blocks: split V, merge the splits in torch.
         splits = max(1, min(triton.cdiv(4 * _num_sms(hidden.device), max(row_blocks, 1)), triton.cdiv(v, bv)))
@@ -177,14 +212,15 @@ class TritonLinearLogprob(torch.autograd.Function):
         g2 = None if g_ent is None else g_ent.float().masked_fill(~valid, 0.0).contiguous()
         dh = torch.zeros(n, h_dim, dtype=torch.float32, device=hidden.device) if need_h else None
         dw = torch.zeros(v, h_dim, dtype=torch.float32, device=weight.device) if need_w else None
-        bt, bv, bh, warps = ctx.blocks
+        bt, bv, bh, warps = ctx.blocks[1]
         if n > 0 and (need_h or need_w):
-            _backward_kernel[(triton.cdiv(n, bt), triton.cdiv(v, bv))](
+            _backward_kernel[(triton.cdiv(n, bt) * triton.cdiv(v, bv),)](
                 hidden, weight, tgt, lse, ent, g1, g2 if g2 is not None else g1,
                 dh if need_h else lse, dw if need_w else lse,
                 n, v, h_dim, hidden.stride(0), weight.stride(0), ctx.temperature,
                 HAS_G2=g2 is not None, NEED_DH=need_h, NEED_DW=need_w,
-                BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, PRECISION=_precision(hidden.dtype), num_warps=warps,
+                BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, PRECISION=_precision(hidden.dtype), GROUP_T=BACKWARD_GROUP_T,
+                num_warps=warps,
             )
         return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
                 None, None, None, None)

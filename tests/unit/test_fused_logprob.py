@@ -1,6 +1,6 @@
 """Fused linear log-prob/entropy (trainers.fused_logprob): the chunked path against a float64 reference, a
-hand-computed case, ignore-index masking, bf16, tied heads, input errors, and the Triton kernels under the Triton
-interpreter (CPU)."""
+hand-computed case, ignore-index masking, bf16, tied heads, input errors, the Triton kernels under the Triton
+interpreter (CPU), and the learner's start-up self-check of the chosen kernels (its fallbacks and tolerance)."""
 
 import math
 import os
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from rl.types import TrainSample
 from trainers.fused_logprob import (
     IGNORE_INDEX,
     LOGPROB_KERNELS,
@@ -21,6 +23,7 @@ from trainers.fused_logprob import (
     logprob_kernel_unavailable,
     naive_linear_logprobs,
 )
+from trainers.learner import KernelChoice, apply_kernels, make_micro_batches, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -234,7 +237,9 @@ from trainers.fused_logprob import naive_linear_logprobs, IGNORE_INDEX
 from trainers.triton_logprob import triton_linear_logprobs
 g = torch.Generator().manual_seed(0)
 worst = 0.0
-for t, h, v, temp, masked in [(1, 16, 23, 1.0, 0), (37, 40, 101, 0.7, 4), (20, 16, 64, 1.3, 19)]:
+# (150, 16, 40): 10 row blocks of 16, more than one group of backward programs (the last one partial)
+for t, h, v, temp, masked in [(1, 16, 23, 1.0, 0), (37, 40, 101, 0.7, 4), (20, 16, 64, 1.3, 19),
+                              (150, 16, 40, 0.9, 7)]:
     hid = torch.randn(t, h, generator=g, dtype=torch.float64)
     w = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.4
     tgt = torch.randint(0, v, (t,), generator=g)
@@ -263,3 +268,143 @@ def test_triton_kernels_under_interpreter():
     math, not GPU compilation or speed (tests/gpu does that)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, check=True, timeout=300)
+
+
+# ---------------------------------------------------------------- the learner's start-up self-check
+# apply_kernels probes the chosen kernels against padded attention + the model's own head. "triton" cannot run
+# on CPU, so these tests stand a torch function in for it (through the kernel registry) and break it, or the
+# packed attention, on purpose.
+
+_CPU = torch.device("cpu")
+
+
+def _tiny_qwen2(dtype=torch.float32, head_scale=None):
+    cfg = Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    if head_scale is not None:  # large logits: |z| up to ~head_scale * 20
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, head_scale)
+    return model.to(dtype)
+
+
+def _fp32_math_kernel(shift=0.0):
+    """A stand-in for the Triton kernel: logits in fp32 from the 16-bit inputs (no rounding of the logits to the
+    input dtype, as Triton's fp32 accumulators), plus ``shift`` on every log-prob (a broken kernel when != 0)."""
+
+    def kernel(hidden, weight, targets, temperature, ignore_index, chunk_size):
+        logp, ent = chunked_linear_logprobs(hidden.float(), weight.float(), targets, temperature, ignore_index)
+        return logp + shift * (targets != ignore_index), ent
+
+    return kernel
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    """``install(kernel)``: LOGPROB_KERNELS.get("triton") returns ``kernel`` for the rest of the test."""
+    real_get = LOGPROB_KERNELS.get
+
+    def install(kernel):
+        monkeypatch.setattr(LOGPROB_KERNELS, "get", lambda name: kernel if name == "triton" else real_get(name))
+
+    return install
+
+
+def _probe_fn(model, broken_attention=False, calls=None):
+    """logprobs_fn for apply_kernels: the real token_logprobs, with packed attention off by 0.5 nats if asked."""
+
+    def run(mb, choice):
+        if calls is not None:
+            calls.append((choice.logprob, choice.attention))
+        logp = token_logprobs(model, mb, 1.0, kernels=choice)[0]
+        return logp + 0.5 * mb.resp_mask if broken_attention and choice.packed else logp
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "broken_kernel,broken_attention,want",
+    [
+        (True, False, ("chunked", "sdpa_segments")),  # the kernel failed, the packed attention did not: keep it
+        (False, True, ("triton", "padded")),
+        (True, True, ("chunked", "padded")),
+        (False, False, ("triton", "sdpa_segments")),
+    ],
+)
+def test_failed_self_check_on_cuda_falls_back_to_chunked(fake_triton, broken_kernel, broken_attention, want):
+    model = _tiny_qwen2()
+    fake_triton(_fp32_math_kernel(shift=0.3 if broken_kernel else 0.0))
+    chosen = KernelChoice("triton", "sdpa_segments", 16)
+    calls = []
+    got = apply_kernels(model, chosen, _CPU, logprobs_fn=_probe_fn(model, broken_attention, calls),
+                        chunked_fallback=True)  # the CUDA default
+    assert (got.logprob, got.attention) == want
+    if want == ("triton", "sdpa_segments"):
+        assert got == chosen  # no notes when everything passes
+    else:
+        assert got.chunk_size == 16 and f"so logprob={want[0]} attention={want[1]}" in got.describe()
+        assert ("logprob=triton attention=padded differs" in got.describe()) == broken_kernel
+    # the same probes whatever the outcome (a collective on sharded learners): each part alone, then combined
+    assert calls == [("naive", "padded"), ("triton", "padded"), ("chunked", "padded"),
+                     ("naive", "sdpa_segments"), ("triton", "sdpa_segments"), ("chunked", "sdpa_segments")]
+    own = model.config._attn_implementation == "sdpa"
+    assert own == (want[1] == "padded")  # the model's own attention is restored only when packing is dropped
+
+
+def test_self_check_falls_back_to_naive_only_when_chunked_fails_too(fake_triton):
+    """An undeclared transform of the logits in the head: neither fused kernel can reproduce it."""
+    model = _tiny_qwen2()
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out * 2.0)
+    fake_triton(_fp32_math_kernel())
+    got = apply_kernels(model, KernelChoice("triton", "sdpa_segments"), _CPU, logprobs_fn=_probe_fn(model),
+                        chunked_fallback=True)
+    assert (got.logprob, got.attention) == ("naive", "sdpa_segments")  # the attention was fine
+    assert "logprob=chunked attention=padded differs" in got.describe()
+
+
+def test_failed_self_check_on_cpu_keeps_padded_naive(fake_triton):
+    model = _tiny_qwen2()
+    fake_triton(_fp32_math_kernel(shift=0.3))
+    got = apply_kernels(model, KernelChoice("triton", "sdpa_segments"), _CPU, logprobs_fn=_probe_fn(model))
+    assert (got.logprob, got.attention) == ("naive", "padded") and "so padded+naive" in got.describe()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_self_check_tolerance_scales_with_bf16_logits(fake_triton):
+    """bf16 logits up to ~60 (ulp 0.25-0.5): a kernel that keeps them in fp32 differs from the model's rounded
+    head by more than 0.1 (the old fixed tolerance) and must pass; a 2% error in the logits must still fail."""
+    model = _tiny_qwen2(torch.bfloat16, head_scale=3.0)
+    logits_max = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: logits_max.append(float(out.abs().max())))
+    calls = []
+    fake_triton(_fp32_math_kernel())
+    probe = _probe_fn(model, calls=calls)
+    chosen = KernelChoice("triton", "padded")
+    assert apply_kernels(model, chosen, _CPU, logprobs_fn=probe, chunked_fallback=True) == chosen
+    hook.remove()
+    assert max(logits_max) > 32
+    # what the probe saw: the fp32-logit kernel against the bf16 head, beyond 0.1 but inside the tolerance
+    gap = _probe_gap(model, probe, chosen)
+    assert 0.1 < gap < 2 * 2**-7 * max(logits_max) + 0.1
+
+    def scaled(hidden, weight, targets, temperature, ignore_index, chunk_size):
+        return chunked_linear_logprobs(hidden.float(), weight.float() * 1.02, targets, temperature, ignore_index)
+
+    fake_triton(scaled)
+    got = apply_kernels(model, chosen, _CPU, logprobs_fn=probe, chunked_fallback=True)
+    assert (got.logprob, got.attention) == ("chunked", "padded")
+
+
+def _probe_gap(model, probe_fn, choice):
+    """Largest |log-prob difference| between ``choice`` and padded + naive over the response positions of a
+    few random sequences (as in apply_kernels' probe)."""
+    g = torch.Generator().manual_seed(1234)
+    samples = [TrainSample(torch.randint(0, 61, (n,), generator=g).tolist(),
+                           torch.randint(0, 61, (m,), generator=g).tolist(), [0.0] * m, 0.0, "probe")
+               for n, m in ((3, 5), (4, 2))]
+    mb = make_micro_batches(samples, 1 << 20)[0]
+    with torch.no_grad():
+        want = probe_fn(mb, KernelChoice())
+        got = probe_fn(mb, choice)
+    return float(((got - want).abs() * mb.resp_mask).max())
