@@ -1,7 +1,8 @@
 """Learner step throughput: packed + fused log-probs vs padded + naive, on a random-init Qwen2.5-1.5B-shaped model.
 
     python benchmarks/learner_step.py                 # H100: bf16, 64 samples, lengths mean ~2k, max 16k
-    python benchmarks/learner_step.py --smoke         # a tiny model on CPU: proves the script runs
+    python benchmarks/learner_step.py --smoke         # a tiny model on CPU, in one process: proves the script runs
+    python benchmarks/learner_step.py --num-samples 32 --steps 1 --json OUT.json   # shorter; results as JSON too
 
 One ``Learner.train_step`` = old log-prob recompute (a forward pass) + one PPO update (forward + backward) over all
 samples, cut into micro-batches of ``--micro-batch-tokens`` (padded tokens count in padded mode, real tokens in
@@ -13,7 +14,9 @@ Reported: median step time over ``--steps`` after a warm-up step; tokens/s (real
 step time); MFU = model FLOPs / step time / ``--peak-tflops`` (H100 SXM bf16 dense: 989), where model FLOPs =
 4 forward passes' worth (1 for the old log-probs, 3 for forward + backward) of 2 N l + 2 H V l + 2 L H l^2
 (causal attention) per sequence of length l, N the non-embedding parameters (gradient-checkpoint recompute and
-padding are not counted); peak GPU memory (``max_memory_allocated``).
+padding are not counted); peak GPU memory (``max_memory_allocated``). ``--json`` writes the same numbers (plus the
+policy-loss difference between the two configurations, which compute the same loss) after every configuration, so
+a run stopped part-way keeps what it measured.
 """
 
 from __future__ import annotations
@@ -70,11 +73,10 @@ def worker(spec: dict) -> dict:
         samples.append(TrainSample(ids[:p], ids[p:], [0.0] * r, advantage=float(i % 2) * 2 - 1, group_id=f"g{i // 8}"))
     cfg = dict(lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=spec["mbt"],
                mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner",
-               num_gpus=1 if cuda else 0, torch_threads=spec.get("threads"), kernels=spec["kernels"])
+               num_gpus=1 if cuda else 0, torch_threads=spec.get("threads"), kernels=spec["kernels"],
+               activation_checkpointing=spec["grad_ckpt"])
     try:
         learner = Learner(spec["model_dir"], cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=spec["dtype"])
-        if spec["grad_ckpt"]:
-            learner.model.gradient_checkpointing_enable()
         model = learner.model
         n_nonemb = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
         h, layers = model.config.hidden_size, model.config.num_hidden_layers
@@ -126,6 +128,7 @@ def main() -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100 SXM bf16 dense)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here (after each configuration)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -145,9 +148,22 @@ def main() -> int:
     grad_ckpt = device == "cuda" and not args.no_grad_ckpt
     lengths = make_lengths(args.num_samples, args.mean_len, args.max_len, seed=0)
     tokens = sum(p + r for p, r in lengths)
+    report = {"device": device, "dtype": dtype, "model": "tiny" if args.smoke else "Qwen2.5-1.5B-shaped",
+              "num_samples": len(lengths), "tokens": tokens, "max_len": max(p + r for p, r in lengths),
+              "micro_batch_tokens": args.micro_batch_tokens, "grad_ckpt": grad_ckpt, "steps": args.steps,
+              "peak_tflops": args.peak_tflops, "configs": {}}
+
+    def write_json() -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        Qwen2ForCausalLM(Qwen2Config(**shape)).to(getattr(torch, dtype)).save_pretrained(tmp)
+        with torch.device(device):  # random init on the GPU: seconds instead of a minute on the host
+            model = Qwen2ForCausalLM(Qwen2Config(**shape)).to(getattr(torch, dtype))
+        model.save_pretrained(tmp)
+        del model
         where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
         print(f"# learner step: {where}, {dtype}, {'tiny' if args.smoke else 'Qwen2.5-1.5B-shaped'} random model, "
               f"{args.num_samples} samples, {tokens} tokens (mean {tokens / len(lengths):.0f}, max "
@@ -162,12 +178,22 @@ def main() -> int:
             spec = dict(device=device, dtype=dtype, model_dir=tmp, vocab=shape["vocab_size"], lengths=lengths,
                         mbt=args.micro_batch_tokens, steps=args.steps, grad_ckpt=grad_ckpt, kernels=kernels,
                         threads=args.threads)
-            res = run_one(spec, args.timeout)
+            # --smoke runs in this process: two more interpreter starts would double a smoke run's time
+            res = worker(spec) if args.smoke else run_one(spec, args.timeout)
+            report["configs"][name] = res
             if not res["ok"]:
+                write_json()
                 print(f"| {name} | - | - | - | - | - | - | {res['error']} | |", flush=True)
                 continue
             base = base or res
-            mfu = f"{100 * res['flops'] / res['step_s'] / (args.peak_tflops * 1e12):.1f}%" if device == "cuda" else "n/a"
+            res["tokens_per_s"] = tokens / res["step_s"]
+            res["mfu"] = res["flops"] / res["step_s"] / (args.peak_tflops * 1e12) if device == "cuda" else None
+            ok = [c for c in report["configs"].values() if c["ok"]]
+            if len(ok) == 2:
+                report["loss_abs_diff"] = abs(ok[0]["loss"] - ok[1]["loss"])
+                report["speedup"] = ok[0]["step_s"] / ok[1]["step_s"]
+            write_json()
+            mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a"
             peak = f"{res['peak_gib']:.1f}" if res["peak_gib"] is not None else "n/a"
             print(f"| {name} | {res['kernels']} | {res['step_s']:.2f} | {tokens / res['step_s']:.0f} | {mfu} | {peak} | "
                   f"{base['step_s'] / res['step_s']:.2f}x | {res['loss']:.4f} | {res['entropy']:.4f} |", flush=True)
