@@ -54,7 +54,13 @@ class ModelConfig(_Section):
     )
     build_tiny: bool = Field(False, description="Build the embedded tiny arithmetic model when `path` is None.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for learner and engine.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="The dtype the policy computes in: the learner's forward and backward (autocast under "
+        "learner.strategy=single, FSDP2's mixed-precision parameter dtype, DeepSpeed's bf16/fp16 mode) and, unless "
+        "rollout.dtype says otherwise, the engines' weights. The learner's own parameters, gradients and AdamW state "
+        "are held in learner.param_dtype (float32 by default: fp32 master weights with bfloat16 compute).",
+    )
 
     @model_validator(mode="after")
     def _need_a_model(self) -> "ModelConfig":
@@ -131,6 +137,12 @@ class RolloutConfig(_Section):
     )
     enforce_eager: bool = Field(False, description="Disable torch.compile/graphs in the engine (faster start, slower run).")
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor parallel degree of each engine.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="The engines' weights dtype (None: model.dtype). The learner casts its weights to it on its "
+        "device before each sync (fp32 master weights are sent as bfloat16 to bfloat16 engines), and the drafter's "
+        "weights follow it too.",
+    )
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
 
 
@@ -159,7 +171,10 @@ class FsdpConfig(_Section):
     """FSDP2 settings (learner.strategy=fsdp2)."""
 
     param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="Dtype the gathered parameters compute in (mixed precision); None: the model's dtype.",
+        None,
+        description="Removed (setting it is an error that says what to set instead): FSDP2 computes in model.dtype "
+        "(its MixedPrecisionPolicy parameter dtype) and keeps its shards, gradients and AdamW state in "
+        "learner.param_dtype.",
     )
     reduce_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype of the gradient reduce-scatter (float32 keeps the sum exact enough).",
@@ -170,6 +185,15 @@ class FsdpConfig(_Section):
     cpu_offload: bool = Field(
         False, description="Keep sharded parameters, gradients and optimizer state in host memory (GPU runs).",
     )
+
+    @model_validator(mode="after")
+    def _removed_param_dtype(self) -> "FsdpConfig":
+        if self.param_dtype is not None:
+            raise ValueError(
+                f"learner.fsdp.param_dtype={self.param_dtype} was removed: set model.dtype={self.param_dtype} (the "
+                "dtype FSDP2 computes in) and learner.param_dtype (the dtype of the sharded master weights, gradients "
+                "and AdamW state; float32 by default)")
+        return self
 
 
 class DeepSpeedConfig(_Section):
@@ -191,6 +215,15 @@ class DeepSpeedConfig(_Section):
 
 class LearnerConfig(_Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    param_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="The dtype of the learner's own parameters (the master weights), their gradients and AdamW "
+        "state; the forward and backward run in model.dtype. float32 (default) with model.dtype=bfloat16 is mixed "
+        "precision: fp32 masters, bf16 compute, weights cast to rollout.dtype for the engines. Equal to a 16-bit "
+        "model.dtype it is pure low precision: half the state memory, but AdamW then steps bf16 weights and rounds "
+        "away most updates at small learning rates (rl plan warns). DeepSpeed keeps fp32 master partitions in its "
+        "bf16/fp16 mode either way. A 16-bit param_dtype needs the same model.dtype (the learner refuses others).",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")

@@ -322,7 +322,7 @@ class Trainer:
                 # vLLM CPU engines bind their threads to the same core by default; give each its own core(s)
                 opts["runtime_env"] = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": _cpu_binding(i, r.num_engines)}}
             engines.append(ray.remote(Engine).options(**opts).remote(
-                self.model_path, dtype=cfg.model.dtype, seed=cfg.run.seed + i, max_model_len=r.max_model_len,
+                self.model_path, dtype=r.dtype or cfg.model.dtype, seed=cfg.run.seed + i, max_model_len=r.max_model_len,
                 gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
                 tensor_parallel_size=r.tensor_parallel_size,
                 enable_sleep_mode=colocated and pc.engine_sleep_level > 0, speculative_config=speculative_config,
@@ -335,7 +335,8 @@ class Trainer:
                 num_cpus=lc.num_cpus, num_gpus=learner_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=k),
             ).remote(self.model_path, learner_cfg, cfg.algorithm.model_dump(), temperature=r.temperature,
-                     seed=cfg.run.seed, dtype=cfg.model.dtype, rank=k, world_size=lc.num_ranks, master=master)
+                     seed=cfg.run.seed, dtype=cfg.model.dtype, export_dtype=r.dtype or cfg.model.dtype, rank=k,
+                     world_size=lc.num_ranks, master=master)
             for k in range(lc.num_ranks)
         ]
         t0 = time.perf_counter()

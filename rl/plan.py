@@ -40,22 +40,27 @@ With H hidden, L layers, V vocab, I intermediate, d head dim, q = heads*d, k = k
     non-layer  = V*H (embedding)  +  V*H if untied (LM head)  +  H (final norm)
     P          = L * per layer + non-layer
 
-Learner, per rank (bytes; b = bytes of model.dtype, c = bytes of the compute dtype: learner.fsdp.param_dtype
-under fsdp2 when set, else b; N = learner.num_ranks under fsdp2 and deepspeed, 1 under single)
+Learner, per rank (bytes; b = bytes of learner.param_dtype, the master weights; c = bytes of model.dtype, the
+compute dtype; N = learner.num_ranks under fsdp2 and deepspeed, 1 under single)
 --------------------------------------------------------------------------------------------------------------
 - parameters ``P*b/N``; gradients ``P*b/N`` (FSDP2 keeps the sharded gradient in the parameter's dtype);
-  AdamW state ``2*P*b/N``: torch's AdamW keeps exp_avg and exp_avg_sq in the parameter dtype, and there is no
-  separate fp32 master copy (DeepSpeed ZeRO-3 in bf16/fp16 keeps one, and fp32 gradient partitions: gradients
-  ``4P/N``, optimizer ``12P/N``; its offload options move parameters, or gradients and optimizer state, to host
-  RAM; its gathered parameters are counted like FSDP2's with resharding); the frozen reference policy (``algorithm.kl_coef > 0``) ``P*b/N``. With
+  AdamW state ``2*P*b/N``: torch's AdamW keeps exp_avg and exp_avg_sq in the parameter dtype. With b = 4 and
+  c = 2 (the default for a bf16 model.dtype) these are fp32 master weights, gradients and moments, 16 bytes per
+  parameter; with b = c = 2 (pure bf16) 8 bytes, but AdamW then steps bf16 weights (a warning).
+  DeepSpeed ZeRO-3 holds its module in the compute dtype and, in bf16/fp16, keeps fp32 master weights and fp32
+  gradient partitions itself (whatever learner.param_dtype says): parameters ``P*c/N``, gradients ``4P/N``,
+  optimizer ``12P/N``; its offload options move parameters, or gradients and optimizer state, to host RAM; its
+  gathered parameters are counted like FSDP2's with resharding.
+  The frozen reference policy (``algorithm.kl_coef > 0``) is held in the compute dtype: ``P*c/N``. With
   ``learner.fsdp.cpu_offload`` on a GPU run these four live in host memory instead.
-- FSDP2 gathered parameters: the root unit (embedding, LM head, final norm) stays gathered from forward through
-  backward, two decoder layers are gathered at a time (the current one and the prefetched next), and the
-  unsharded gradients of the root and of one layer exist before their reduce-scatter:
-  ``c * (2*P_root + 3*P_layer)``. With ``reshard_after_forward: false`` every parameter stays gathered after the
-  forward: ``c * (P + P_root + P_layer)``. Zero under ``single``.
-- loading: ``single`` loads the whole model onto its device (and deep-copies it for the reference):
-  ``P*b*(1 + [kl_coef > 0])``; ``fsdp2`` loads it into host memory and moves only its shard to the device, so its
+- the compute copies of the parameters. FSDP2 gathered parameters (in the compute dtype): the root unit
+  (embedding, LM head, final norm) stays gathered from forward through backward, two decoder layers are gathered
+  at a time (the current one and the prefetched next), and the unsharded gradients of the root and of one layer
+  exist before their reduce-scatter: ``c * (2*P_root + 3*P_layer)``. With ``reshard_after_forward: false`` every
+  parameter stays gathered after the forward: ``c * (P + P_root + P_layer)``. Under ``single`` with c < b,
+  autocast keeps a compute-dtype copy of the weights from the forward to the backward: ``P*c``; zero when c = b.
+- loading: ``single`` loads the whole model onto its device (and a compute-dtype copy for the reference):
+  ``P*b + [kl_coef > 0]*P*c``; ``fsdp2`` loads it into host memory and moves only its shard to the device, so its
   device load is the resident state (the whole model passes through each rank's host RAM once).
 - activations of one micro-batch of T tokens, T = max(learner.micro_batch_tokens, rollout.max_model_len) (a
   sample longer than the budget gets a micro-batch of its own). Saved for backward per token and layer
@@ -75,8 +80,8 @@ under fsdp2 when set, else b; N = learner.num_ranks under fsdp2 and deepspeed, 1
 - a CUDA context of 0.5 GiB per process on a GPU.
 - the speculative drafter (``drafter.mode`` not off and ``drafter.train``): every rank trains a replica,
   data-parallel. Its states stay allocated: its own weights ``P_d = 2*H*H (fc) + one decoder layer`` in fp32
-  with their gradients and AdamW moments ``16*P_d``, and copies of the embedding and LM head in the model's
-  dtype ``2*V*H*b``.
+  with their gradients and AdamW moments ``16*P_d``, and copies of the embedding and LM head in the engines'
+  dtype (the weight export's) ``2*V*H*e``.
   Its training step (while the engines generate) holds, for ``S = ceil(drafter.batch_size / ranks)`` sequences
   of up to ``rollout.max_model_len`` tokens, the fp32 activations of one layer plus its inputs per position
   ``4*(2*q + 2*k + 4*I) + 4*H*4 + 6*H*4``, and about four fp32 ``[chunk, V]`` buffers of the token loss (chunks
@@ -84,11 +89,13 @@ under fsdp2 when set, else b; N = learner.num_ranks under fsdp2 and deepspeed, 1
   ``ceil(drafter.buffer_tokens / ranks) * H * bytes(drafter.buffer_dtype)``.
 
 train peak = states on the device + gathered + activations + log-prob + context; resident between updates =
-states on the device + context (gradients stay allocated until the next update's zero_grad); while the engines
-generate the learner holds its resident state plus the drafter's training step; the learner's peak is the largest
-of the train peak, the load and that.
+states on the device without the gradients + context (the learner frees its gradients at the end of each update
+and returns its cached blocks to the device; DeepSpeed's gradient partitions are one persistent buffer and stay);
+while the engines generate the learner holds its resident state plus the drafter's training step; the learner's
+peak is the largest of the train peak, the load and that.
 
-vLLM engine, per GPU (e = bytes of model.dtype, tp = rollout.tensor_parallel_size, G = --gpu-memory-gib)
+vLLM engine, per GPU (e = bytes of the engines' dtype: rollout.dtype, else model.dtype; tp =
+rollout.tensor_parallel_size, G = --gpu-memory-gib)
 ------------------------------------------------------------------------------------------------------------
 - weights ``P*e/tp``; vLLM claims ``gpu_memory_utilization * G`` in all; about 2 GiB of that go to its
   profiling run's activations, CUDA graphs and context (an estimate; it varies by model and version), the rest
@@ -357,10 +364,12 @@ def plan(cfg, *, cluster_gpus: int | None = None, nodes: int | None = None, gpu_
 
 
 def _model_section(cfg, shape: ModelShape | None, source: str, f: _Findings) -> dict[str, Any]:
+    dtypes = _dtypes(cfg, f)
     if shape is None:
         f.warn("model.path", f"model shape unknown: {source}; the memory estimate is skipped. Pass --model-shape "
                "(a known name or hidden=..,layers=..,heads=..,kv_heads=..,intermediate=..,vocab=..,tie=..)")
-        return {"name": cfg.model.path, "source": source, "shape": None, "params": None, "dtype": cfg.model.dtype}
+        return {"name": cfg.model.path, "source": source, "shape": None, "params": None, "dtype": cfg.model.dtype,
+                **dtypes}
     return {
         "name": shape.name,
         "source": source,
@@ -369,7 +378,37 @@ def _model_section(cfg, shape: ModelShape | None, source: str, f: _Findings) -> 
         "params_per_layer": shape.layer_params(),
         "params_non_layer": shape.root_params(),
         "dtype": cfg.model.dtype,
+        **dtypes,
     }
+
+
+def engine_dtype(cfg) -> str:
+    """The engines' weights dtype: rollout.dtype, else model.dtype."""
+    return cfg.rollout.dtype or cfg.model.dtype
+
+
+def master_dtype(cfg) -> str:
+    """The dtype the learner's optimizer steps: DeepSpeed keeps fp32 masters of a 16-bit module itself."""
+    return "float32" if cfg.learner.strategy == "deepspeed" else cfg.learner.param_dtype
+
+
+def _dtypes(cfg, f: _Findings) -> dict[str, str]:
+    """The learner's master and compute dtypes and the engines' dtype; a pure-16-bit AdamW is warned about, and a
+    16-bit param_dtype that differs from model.dtype (which the learner refuses) is an error."""
+    lc, compute = cfg.learner, cfg.model.dtype
+    master = master_dtype(cfg)
+    if lc.strategy != "deepspeed" and lc.param_dtype != "float32":
+        if lc.param_dtype != compute:
+            f.error("learner.param_dtype", f"learner.param_dtype={lc.param_dtype} with model.dtype={compute}: 16-bit "
+                    "parameters compute in their own dtype; set learner.param_dtype=float32 (fp32 master weights "
+                    f"with {compute} compute) or model.dtype={lc.param_dtype}")
+        else:
+            f.warn("learner.param_dtype", f"learner.param_dtype={lc.param_dtype}: AdamW steps {lc.param_dtype} "
+                   f"weights with no fp32 master copy; at learner.lr={lc.lr:g} most updates are smaller than half "
+                   f"a {lc.param_dtype} step of the weight and are rounded away (the weights barely train). Set "
+                   f"learner.param_dtype=float32 (fp32 master weights and AdamW state, {compute} compute, "
+                   f"{engine_dtype(cfg)} engines)")
+    return {"master_dtype": master, "compute_dtype": compute, "engine_dtype": engine_dtype(cfg)}
 
 
 def _gpu_counts(cfg) -> dict[str, Any]:
@@ -573,10 +612,10 @@ def _resolve_logprob_kernel(cfg, shape: ModelShape, learner_on_gpu: bool, tokens
 
 def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[str, Any]:
     lc = cfg.learner
-    b = DTYPE_BYTES[cfg.model.dtype]
     ds = lc.strategy == "deepspeed"
+    c = DTYPE_BYTES[cfg.model.dtype]  # the compute dtype
+    b = c if ds else DTYPE_BYTES[lc.param_dtype]  # the parameters' own (DeepSpeed: its module, in the compute dtype)
     fsdp = lc.strategy == "fsdp2" or ds  # both shard parameters, gradients and optimizer state over the ranks
-    c = DTYPE_BYTES[lc.fsdp.param_dtype] if lc.strategy == "fsdp2" and lc.fsdp.param_dtype else b
     n = lc.num_ranks if fsdp else 1
     p = shape.num_params()
     p_layer, p_root = shape.layer_params(), shape.root_params()
@@ -587,7 +626,7 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
         "parameters": params,
         "gradients": params,
         "optimizer": 2 * params,
-        "reference": params if ref else 0,
+        "reference": _ceil_div(p * c, n) if ref else 0,  # frozen: held in the compute dtype
     }
     if ds and b < 4:  # ZeRO-3 in bf16/fp16 keeps fp32 gradient partitions and fp32 master weights beside AdamW
         states["gradients"] = _ceil_div(p * 4, n)
@@ -601,7 +640,7 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
     offload = any(host.values())
     on_device = {k: (0 if host[k] else v) for k, v in states.items()}
     if not fsdp:
-        gathered = 0
+        gathered = p * c if c < b else 0  # autocast's compute-dtype copies of the weights, forward to backward
     elif ds or lc.fsdp.reshard_after_forward:  # ZeRO-3 gathers module by module, like FSDP2 with resharding
         gathered = c * (2 * p_root + 3 * p_layer)
     else:
@@ -615,10 +654,11 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
     kernel = _resolve_logprob_kernel(cfg, shape, on_gpu, tokens)
     logprob = tokens * v * (c + 8) if kernel == "naive" else FUSED_BUFFER_BYTES + v * h * 4
     context = CUDA_CONTEXT_BYTES if on_gpu else 0
-    whole = p * b * (2 if ref else 1)
+    whole = p * b + (p * c if ref else 0)
     drafter = _drafter_memory(cfg, shape)
     train = sum(on_device.values()) + drafter["states"] + gathered + activations + logprob + context
-    resident = sum(on_device.values()) + drafter["states"] + context
+    # the gradients are freed at the end of each update (DeepSpeed's partitions are one persistent buffer)
+    resident = sum(on_device.values()) - (0 if ds else on_device["gradients"]) + drafter["states"] + context
     generating = resident + drafter["work"]
     load = whole + context if not fsdp else resident  # fsdp2 loads into host RAM and moves only its shard
     return {
@@ -626,6 +666,8 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
         "shards": n,
         "param_bytes": b,
         "compute_bytes": c,
+        "master_dtype": master_dtype(cfg),
+        "compute_dtype": cfg.model.dtype,
         "cpu_offload": bool(offload),
         "reference_policy": ref,
         "logprob_kernel": kernel,
@@ -663,14 +705,14 @@ def _drafter_memory(cfg, shape: ModelShape) -> dict[str, int]:
     positions = _ceil_div(d.batch_size, ranks) * cfg.rollout.max_model_len
     per_position = 4 * (2 * q + 2 * k + 4 * inter) + 4 * h * 4 + 6 * h * 4
     loss = 4 * min(DRAFTER_CHUNK_BYTES, positions * v * 4)
-    return {"states": 16 * own + 2 * v * h * DTYPE_BYTES[cfg.model.dtype], "work": positions * per_position + loss,
+    return {"states": 16 * own + 2 * v * h * DTYPE_BYTES[engine_dtype(cfg)], "work": positions * per_position + loss,
             "buffer": _ceil_div(d.buffer_tokens, ranks) * h * DTYPE_BYTES[d.buffer_dtype]}
 
 
 def _engine_memory(cfg, shape: ModelShape, on_gpu: bool, gpu_bytes: float, host_bytes: float | None,
                    f: _Findings) -> dict[str, Any]:
     r = cfg.rollout
-    e = DTYPE_BYTES[cfg.model.dtype]
+    e = DTYPE_BYTES[engine_dtype(cfg)]
     tp = r.tensor_parallel_size if on_gpu else 1
     p = shape.num_params()
     weights = _ceil_div(p * e, tp)
@@ -685,6 +727,7 @@ def _engine_memory(cfg, shape: ModelShape, on_gpu: bool, gpu_bytes: float, host_
     seqs_per_engine = _ceil_div(per_round * n, r.num_engines)
     need_tokens = seqs_per_engine * r.max_model_len
     out: dict[str, Any] = {
+        "dtype": engine_dtype(cfg),
         "tensor_parallel_size": tp,
         "weights": weights,
         "kv_bytes_per_token": kv_per_token,
@@ -855,10 +898,11 @@ def format_plan(result: dict[str, Any], config_name: str | None = None) -> str:
     m = result["model"]
     if m["shape"] is not None:
         s = ModelShape(**m["shape"])
-        add(_wrap(f"model: {m['name']}, {_fmt_count(m['params'])} parameters in {m['dtype']} ({s.describe()}; "
+        add(_wrap(f"model: {m['name']}, {_fmt_count(m['params'])} parameters ({s.describe()}; "
                   f"shape from {m['source']})", "  ", first=""))
     else:
         add(_wrap(f"model: {m['name']}, shape unknown ({m['source']})", "  ", first=""))
+    add(_wrap(_describe_dtypes(m), "  ", first=""))
     pl = result["placement"]
     if pl["device"] == "gpu":
         cluster = f" of the cluster's {pl['cluster_gpus']}" if pl["cluster_gpus"] is not None else ""
@@ -889,6 +933,13 @@ def format_plan(result: dict[str, Any], config_name: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _describe_dtypes(m: dict[str, Any]) -> str:
+    master, compute = m["master_dtype"], m["compute_dtype"]
+    learner = (f"{master} parameters and AdamW state, computing in {compute}" if master == compute
+               else f"{master} master weights and AdamW state, {compute} compute")
+    return f"dtypes: learner {learner}; engines {m['engine_dtype']}"
+
+
 def _describe_need_from(pl: dict[str, Any]) -> str:
     return f"learner {pl['learner_gpus']:g} GPUs, engines {pl['engine_gpus']:g} GPUs"
 
@@ -907,15 +958,24 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
     shard = f" (1/{lr['shards']} shard)" if lr["shards"] > 1 else ""
     where = "per GPU" if lr["context"] else "host RAM"
     rows.append((f"learner rank ({lr['strategy']}, log-prob kernel {lr['logprob_kernel']}), {where}", ""))
-    for key, label in (("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "AdamW state"),
-                       ("reference", "reference policy")):
+    master, compute = lr["master_dtype"], lr["compute_dtype"]
+    ds = lr["strategy"] == "deepspeed"
+    zero_masters = ds and master != compute  # ZeRO-3 keeps the fp32 masters beside its 16-bit module
+    labels = (("parameters", f"parameters, {compute}" if zero_masters
+               else f"parameters, {master}{' masters' if master != compute else ''}"),
+              ("gradients", f"gradients, {'float32 partitions' if zero_masters else master}"),
+              ("optimizer", f"AdamW state, {'float32 masters + ' if zero_masters else ''}{master} moments"),
+              ("reference", f"reference policy, {compute}"))
+    for key, label in labels:
         if key == "reference" and not lr["reference_policy"]:
             continue
         rows.append((f"  {label}{shard}", "in host RAM" if lr["cpu_offload"] and not lr[key] else _size(lr[key])))
     if lr["offloaded_to_host"]:
         rows.append(("  (host RAM, offloaded)", _size(lr["offloaded_to_host"])))
     if lr["strategy"] in ("fsdp2", "deepspeed"):
-        rows.append(("  gathered units + their gradients", _size(lr["gathered"])))
+        rows.append((f"  gathered units + their gradients ({compute})", _size(lr["gathered"])))
+    elif lr["gathered"]:
+        rows.append((f"  {compute} compute copies (autocast)", _size(lr["gathered"])))
     rows.append(("  activations of one micro-batch", _size(lr["activations"])))
     rows.append(("  log-prob peak", _size(lr["logprob"])))
     if lr["drafter"]:
@@ -931,7 +991,8 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
     if lr["drafter"]:
         rows.append(("  while the engines generate", _size(lr["generating"])))
     tp = f", TP {en['tensor_parallel_size']}" if en["tensor_parallel_size"] > 1 else ""
-    rows.append((f"engine{tp}, {'per GPU' if en.get('awake') is not None else 'host RAM'}", ""))
+    rows.append((f"engine ({en['dtype']} weights{tp}), {'per GPU' if en.get('awake') is not None else 'host RAM'}",
+                 ""))
     rows.append(("  weights", _size(en["weights"])))
     if en.get("awake") is not None:
         rows.append(("  gpu_memory_utilization share", _size(en["budget"])))

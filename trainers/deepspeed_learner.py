@@ -23,9 +23,11 @@ destroyed and formed again within a process while a DeepSpeed learner may still 
 Checkpoints have the base format (``model/`` in safetensors with HF names, ``learner_state.pt`` with the AdamW
 state keyed by parameter name), gathered from the partitions one parameter at a time, so a checkpoint resumes
 under any strategy and any rank count. The optimizer is torch's AdamW on the fp32 partitions (also with
-``offload_optimizer``), whose state maps one to one to that format. With bf16/fp16 models ``learner_state.pt`` also
-holds the fp32 master weights keyed by name (``master_weights``), so a DeepSpeed resume continues bit-exactly;
-the other strategies keep no master copy and read only ``model/``.
+``offload_optimizer``), whose state maps one to one to that format. The module is held in the compute dtype
+(``model.dtype``); with bf16/fp16 ``model/`` holds those weights and ``learner_state.pt`` also the fp32 master
+weights keyed by name (``master_weights``), so a DeepSpeed resume continues bit-exactly. The other strategies hold
+their parameters in ``learner.param_dtype`` (the fp32 masters by default), write them to ``model/`` and read only
+``model/``. The weight export for the engines is cast to their dtype on the device, as the base class's.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def _host_copy(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A host copy of ``value`` in ``dtype``, cast on its device first (one copy to the host, not two)."""
+    out = value.detach().to(dtype or value.dtype).to("cpu")
+    return out.clone() if out.dtype == value.dtype and value.device.type == "cpu" else out
+
+
 class DeepSpeedLearner(Learner):
     """A learner rank whose policy is a DeepSpeed ZeRO-3 engine. Every public method that touches the model is a
     collective (as under fsdp2): the driver calls it on all ranks with the same arguments."""
@@ -75,6 +83,11 @@ class DeepSpeedLearner(Learner):
     STRATEGIES: tuple[str, ...] = ("deepspeed",)
 
     # ---------------------------------------------------------------- strategy hooks
+    def _load_dtype(self) -> torch.dtype:
+        """The module is held in the compute dtype: in its bf16/fp16 mode ZeRO-3 keeps the fp32 master partitions
+        (and fp32 gradient partitions and AdamW state) itself, whatever ``learner.param_dtype`` says."""
+        return self.compute_dtype
+
     def _ds_config(self, trainable: bool) -> dict:
         ds = {**_DS_DEFAULTS, **(self.cfg.get("deepspeed") or {})}
         dtype = next(self.model.parameters()).dtype
@@ -158,11 +171,11 @@ class DeepSpeedLearner(Learner):
         self.policy.step()
         return float(self.policy.get_global_grad_norm())
 
-    def _gathered_parameters(self, everywhere: frozenset[str] = frozenset()):
+    def _gathered_parameters(self, everywhere: frozenset[str] = frozenset(), dtype: torch.dtype | None = None):
         """(HF name, whole tensor or None, parameter) for every state-dict entry, in state-dict order, gathering one
         parameter at a time (a collective: every rank iterates to the end). Tied entries yield the same tensor
         object; the whole tensor is on the CPU on rank 0 (on every rank for the names in ``everywhere``), None
-        elsewhere."""
+        elsewhere; cast to ``dtype`` (None: as it is) on the device, before the host copy."""
         deepspeed = _import_deepspeed(self.device)
         done: dict[int, torch.Tensor | None] = {}
         entries = self.model.state_dict(keep_vars=True)
@@ -172,19 +185,20 @@ class DeepSpeedLearner(Learner):
             if id(value) not in done:  # the gathers are collectives: the same ones on every rank
                 if hasattr(value, "ds_id"):
                     with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
-                        full = value.detach().to("cpu").clone() if keep else None
+                        full = _host_copy(value, dtype) if keep else None
                 else:  # a buffer: whole on every rank
-                    full = value.detach().to("cpu").clone() if keep else None
+                    full = _host_copy(value, dtype) if keep else None
                 done[id(value)] = full
             yield name, done[id(value)], value
 
     def _weight_sizes(self) -> list[tuple[str, int]]:
-        return [(name, (v.ds_numel if hasattr(v, "ds_id") else v.numel()) * v.element_size())
+        size = torch.empty(0, dtype=self.export_dtype).element_size()
+        return [(name, (v.ds_numel if hasattr(v, "ds_id") else v.numel()) * size)
                 for name, v in self.model.state_dict(keep_vars=True).items()]
 
     def _full_weights(self, everywhere: frozenset[str] = frozenset()):
         yielded: set[int] = set()
-        for name, full, _ in self._gathered_parameters(everywhere):
+        for name, full, _ in self._gathered_parameters(everywhere, self.export_dtype):
             if full is not None and id(full) in yielded:
                 full = full.clone()  # a tied head gets a tensor of its own, as safetensors wants
             elif full is not None:
@@ -254,7 +268,7 @@ class DeepSpeedLearner(Learner):
     def _master_weights(self) -> dict[str, torch.Tensor] | None:
         """The fp32 master weights, whole and keyed like the optimizer state (on rank 0; {} elsewhere), gathered one
         parameter at a time; None when the model itself is fp32 (its weights are the master copy). A collective."""
-        if self.dtype == torch.float32:
+        if self.compute_dtype == torch.float32:
             return None
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -267,7 +281,7 @@ class DeepSpeedLearner(Learner):
 
     def _load_master_weights(self, masters: dict | None, path: Path) -> None:
         """Overwrite the master partitions (refreshed from the low-precision weights) with the saved fp32 copy."""
-        if self.dtype == torch.float32:
+        if self.compute_dtype == torch.float32:
             return
         if not masters:
             print(f"[learner] {path} has no fp32 master weights (saved by another strategy or an fp32 run): "

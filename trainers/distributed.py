@@ -28,16 +28,25 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class LogProbModule(torch.nn.Module):
     """Wraps the causal LM so the whole log-prob computation (decoder, LM head or fused kernel) is one forward:
-    under FSDP2 this module is the root unit, so the LM-head weight is gathered while the kernels read it."""
+    under FSDP2 this module is the root unit, so the LM-head weight is gathered while the kernels read it.
 
-    def __init__(self, lm: torch.nn.Module) -> None:
+    ``autocast_dtype``: run the forward under ``torch.autocast`` in this dtype (mixed precision of the unsharded
+    ``single`` strategy: fp32 parameters, bf16 matmuls; the backward follows the forward's dtypes). None: the
+    parameters' own dtype (FSDP2 casts its gathered parameters itself)."""
+
+    def __init__(self, lm: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.lm = lm
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, mb, temperature: float, with_entropy: bool, kernels):
         from trainers.learner import token_logprobs
 
-        logp, entropy = token_logprobs(self.lm, mb, temperature, with_entropy=with_entropy, kernels=kernels)
+        if self.autocast_dtype is None:
+            logp, entropy = token_logprobs(self.lm, mb, temperature, with_entropy=with_entropy, kernels=kernels)
+        else:
+            with torch.autocast(device_type=mb.input_ids.device.type, dtype=self.autocast_dtype):
+                logp, entropy = token_logprobs(self.lm, mb, temperature, with_entropy=with_entropy, kernels=kernels)
         # FSDP hooks the root's outputs for backward; return fresh tensors, not views of the logits
         return logp.clone(), entropy
 
@@ -80,13 +89,16 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def shard_with_fsdp2(root: LogProbModule, fsdp_cfg: dict, device: torch.device, trainable: bool = True) -> None:
-    """``fully_shard`` each decoder layer, then the root. Gradient reduction sums (divide factor 1): losses are
-    already normalized by global counts."""
+def shard_with_fsdp2(root: LogProbModule, fsdp_cfg: dict, device: torch.device, trainable: bool = True,
+                     compute_dtype: torch.dtype | None = None) -> None:
+    """``fully_shard`` each decoder layer, then the root. The shards (and so the gradients and the AdamW state)
+    keep the parameters' dtype; ``compute_dtype`` is the dtype the gathered parameters compute in (FSDP2's
+    ``MixedPrecisionPolicy.param_dtype``; None: the parameters' own). Gradients are reduced in
+    ``fsdp_cfg["reduce_dtype"]`` (float32 by default). Gradient reduction sums (divide factor 1): losses are already
+    normalized by global counts."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    param_dtype = _DTYPES[fsdp_cfg["param_dtype"]] if fsdp_cfg.get("param_dtype") else None
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[fsdp_cfg.get("reduce_dtype", "float32")])
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=_DTYPES[fsdp_cfg.get("reduce_dtype", "float32")])
     kwargs: dict[str, Any] = dict(mp_policy=mp, reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)))
     if fsdp_cfg.get("cpu_offload") and device.type == "cuda":
         kwargs["offload_policy"] = CPUOffloadPolicy()

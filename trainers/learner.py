@@ -471,7 +471,8 @@ class Learner:
         master: tuple[str, int] | None = None,
     ) -> None:
         """``dtype``: the compute dtype (``model.dtype``); the parameters, gradients and AdamW state are held in
-        ``learner_cfg["param_dtype"]`` (float32 when absent: fp32 master weights); ``export_dtype``: the engines'
+        ``learner_cfg["param_dtype"]`` (``learner.param_dtype``: float32 by default in the config, fp32 master
+        weights; a dict without the key keeps them in ``dtype``, with no master copy); ``export_dtype``: the engines'
         dtype, which the weight export casts to on the device (None: ``dtype``)."""
         from transformers import AutoModelForCausalLM
 
@@ -526,12 +527,13 @@ class Learner:
         # a learner_cfg dict written before learner.param_dtype existed: fsdp.param_dtype was FSDP2's compute dtype
         legacy = fsdp_cfg.get("param_dtype") if self.strategy == "fsdp2" else None
         self.compute_dtype = _DTYPES[legacy or dtype]
-        self.param_dtype = _DTYPES[self.cfg.get("param_dtype") or "float32"]
+        self.param_dtype = _DTYPES[self.cfg.get("param_dtype") or dtype]
         self.export_dtype = _DTYPES[export_dtype or dtype]
         if self.param_dtype != torch.float32 and self.param_dtype != self.compute_dtype:
-            raise ValueError(f"learner.param_dtype={self.cfg.get('param_dtype')} with model.dtype={dtype}: 16-bit "
-                             "parameters compute in their own dtype; set learner.param_dtype=float32 (master weights "
-                             f"with {dtype} compute) or model.dtype={self.cfg.get('param_dtype')}")
+            param, compute = (str(t).removeprefix("torch.") for t in (self.param_dtype, self.compute_dtype))
+            raise ValueError(f"learner.param_dtype={param} with model.dtype={compute}: 16-bit parameters compute in "
+                             f"their own dtype; set learner.param_dtype=float32 (master weights with {compute} "
+                             f"compute) or model.dtype={param}")
 
     def _load_dtype(self) -> torch.dtype:
         """The dtype the model's parameters are held in (the master copy)."""

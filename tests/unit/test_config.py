@@ -75,3 +75,16 @@ def test_resolved_config_round_trips(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_dtypes_master_compute_engine():
+    """model.dtype is the compute dtype, learner.param_dtype the master copy (fp32 by default), rollout.dtype the
+    engines' (None: model.dtype); the removed learner.fsdp.param_dtype says what to set instead."""
+    cfg = load_config(ROOT / "configs" / "cluster_8gpu_qwen2.5_math_7b.yaml")
+    assert (cfg.learner.param_dtype, cfg.model.dtype, cfg.rollout.dtype) == ("float32", "bfloat16", None)
+    cpu = load_config(ROOT / "configs" / "tiny_cpu.yaml")
+    assert (cpu.learner.param_dtype, cpu.model.dtype, cpu.rollout.dtype) == ("float32", "float32", None)
+    with pytest.raises(ConfigError, match=r"learner.fsdp.param_dtype=bfloat16 was removed: set model.dtype=bfloat16"):
+        load_config(None, ["learner.fsdp.param_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="rollout.dtype"):
+        load_config(None, ["rollout.dtype=int8"])

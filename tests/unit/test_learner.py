@@ -208,3 +208,30 @@ def test_bucketed_export_equals_the_whole_export(model_dir):
     merged = {k: v for b in buckets for k, v in b.items()}
     assert sum(len(b) for b in buckets) == len(merged) == len(whole)
     assert all(torch.equal(merged[k], whole[k]) for k in whole)
+
+
+def test_memory_released_after_the_step_and_the_export(model_dir):
+    """Gradients are freed at the end of the update (not only at the next one), the caching allocator is released
+    after train_step and after the export's last bucket, and the step reports its allocator peak (0 on CPU)."""
+    learner = Learner(model_dir, {**LEARNER_CFG, "mini_batches_per_step": 2}, ALGO, temperature=1.0)
+    released = []
+    learner._release_cached_memory = lambda: released.append(len(released))
+    seen = []
+    step = learner._optimizer_step
+
+    def optimizer_step():
+        seen.append(sum(p.grad is not None for p in learner.model.parameters()))
+        return step()
+
+    learner._optimizer_step = optimizer_step
+    metrics = learner.train_step(_samples(6))
+    assert seen == [len(list(learner.model.parameters()))] * 2  # two mini-batches, each with every gradient
+    assert all(p.grad is None for p in learner.model.parameters())
+    assert metrics["perf/learner_max_reserved_gib"] == 0.0
+    assert len(released) == 1
+    n = learner.begin_weight_export(1)
+    for b in range(n - 1):
+        learner.next_weight_bucket(b)
+    assert len(released) == 1  # not between buckets: the engines load them meanwhile
+    learner.next_weight_bucket(n - 1)
+    assert len(released) == 2

@@ -53,8 +53,9 @@ def test_cluster_recipes_fit_their_cluster(name, gpus, extra, capsys):
 
 def test_eight_gpu_recipe_by_hand(capsys):
     """configs/cluster_8gpu_qwen2.5_math_7b.yaml: Qwen2.5-Math-7B (H=3584, L=28, 28 heads, 4 KV heads, d=128,
-    I=18944, V=152064, untied), bf16, colocated 8 FSDP2 ranks + 8 engines, micro-batches of 16384 tokens with
-    activation checkpointing, gpu_memory_utilization 0.7 of 80 GiB, 128 prompts x 8 samples."""
+    I=18944, V=152064, untied), fp32 master weights with bf16 compute and bf16 engines, colocated 8 FSDP2 ranks + 8
+    engines, micro-batches of 16384 tokens with activation checkpointing, gpu_memory_utilization 0.7 of 80 GiB,
+    128 prompts x 8 samples."""
     rc, out, _ = run_plan(capsys, EIGHT_GPU, "--cluster-gpus", "8", "--json")
     assert rc == 0
     r = json.loads(out)
@@ -76,16 +77,20 @@ def test_eight_gpu_recipe_by_hand(capsys):
     assert r["model"]["params"] == params
     assert r["model"]["params_per_layer"] == per_layer and r["model"]["params_non_layer"] == non_layer
 
-    # Sharded over 8 ranks, bf16 (2 bytes): 7,615,616,512 * 2 / 8 = 1,903,904,128 bytes (1.77 GiB) of parameters,
-    # the same of gradients, twice that of AdamW state (exp_avg, exp_avg_sq in bf16); kl_coef 0: no reference.
+    # Sharded over 8 ranks, fp32 masters (learner.param_dtype, 4 bytes): 7,615,616,512 * 4 / 8 = 3,807,808,256 bytes
+    # (3.55 GiB) of parameters, the same of gradients, twice that of AdamW state (exp_avg, exp_avg_sq in fp32):
+    # 16 bytes per parameter, twice the pure-bf16 8 (1,903,904,128 each before); kl_coef 0: no reference.
+    assert (r["model"]["master_dtype"], r["model"]["compute_dtype"], r["model"]["engine_dtype"]) == (
+        "float32", "bfloat16", "bfloat16")
     learner = r["memory"]["learner"]
-    assert learner["parameters"] == 1_903_904_128
-    assert learner["gradients"] == 1_903_904_128
-    assert learner["optimizer"] == 3_807_808_256
+    assert (learner["param_bytes"], learner["compute_bytes"]) == (4, 2)
+    assert learner["parameters"] == 3_807_808_256
+    assert learner["gradients"] == 3_807_808_256
+    assert learner["optimizer"] == 7_615_616_512
     assert learner["reference"] == 0
 
-    # Gathered: root unit (non-layer params) + its gradient, two layers + one layer's gradient, in bf16:
-    # 2 * (2 * 1,089,998,336 + 3 * 233,057,792) = 5,758,340,096
+    # Gathered: root unit (non-layer params) + its gradient, two layers + one layer's gradient, in the bf16 compute
+    # dtype (FSDP2's MixedPrecisionPolicy): 2 * (2 * 1,089,998,336 + 3 * 233,057,792) = 5,758,340,096
     assert learner["gathered"] == 5_758_340_096
 
     # Activations with checkpointing, T = 16384 tokens:
@@ -99,10 +104,12 @@ def test_eight_gpu_recipe_by_hand(capsys):
     assert learner["logprob_kernel"] == "triton"
     assert learner["logprob"] == 2_448_424_960
 
-    # vLLM engine, TP 1: weights 7,615,616,512 * 2 = 15,231,233,024; budget 0.7 * 80 GiB = 56 GiB
+    # vLLM engine, TP 1, bf16 (rollout.dtype None: model.dtype): weights 7,615,616,512 * 2 = 15,231,233,024; budget
+    # 0.7 * 80 GiB = 56 GiB
     # = 60,129,542,144; KV = 60,129,542,144 - 15,231,233,024 - 2 GiB (2,147,483,648) = 42,750,825,472.
     # KV per token: 2 (K and V) * 28 layers * 4 KV heads * 128 * 2 bytes = 57,344 -> 745,515 tokens (floor).
     engine = r["memory"]["engine"]
+    assert engine["dtype"] == "bfloat16"
     assert engine["weights"] == 15_231_233_024
     assert engine["budget"] == 60_129_542_144
     assert engine["kv_cache"] == 42_750_825_472
@@ -111,11 +118,16 @@ def test_eight_gpu_recipe_by_hand(capsys):
     # A round: 128 prompts * 8 samples / 8 engines = 128 sequences * 4096 tokens = 524,288 tokens per engine.
     assert engine["concurrent_need_tokens"] == 524_288
 
-    # Colocated, sleep level 2: max(train peak + 0.5 GiB asleep engine, resident + 56 GiB).
-    train = 1_903_904_128 * 4 + 5_758_340_096 + 6_979_321_856 + 2_448_424_960 + GIB // 2
-    resident = 1_903_904_128 * 4 + GIB // 2
+    # Colocated, sleep level 2: max(train peak + 0.5 GiB asleep engine, resident + 56 GiB). Train peak: parameters,
+    # gradients and AdamW (3,807,808,256 * 4 = 15,231,233,024) + gathered + activations + log-prob + context
+    # = 30,954,190,848 (28.83 GiB; 21.74 GiB in pure bf16). Resident: the gradients are freed after each update,
+    # so parameters + AdamW 3,807,808,256 * 3 = 11,423,424,768 + 0.5 GiB = 11,960,295,680 (11.14 GiB).
+    train = 3_807_808_256 * 4 + 5_758_340_096 + 6_979_321_856 + 2_448_424_960 + GIB // 2
+    resident = 3_807_808_256 * 3 + GIB // 2
+    assert (train, resident) == (30_954_190_848, 11_960_295_680)
     assert learner["train_peak"] == train and learner["resident"] == resident
-    assert r["memory"]["peak"] == max(train + GIB // 2, resident + 60_129_542_144)
+    # 11,960,295,680 + 60,129,542,144 = 72,089,837,824 (67.14 GiB) while generating is the peak
+    assert r["memory"]["peak"] == max(train + GIB // 2, resident + 60_129_542_144) == 72_089_837_824
 
     # Batch: 1024 responses, 4 mini-batches of 256 (32 groups), 32 responses per rank.
     b = r["batch"]
@@ -219,13 +231,18 @@ def test_model_shapes(tmp_path):
 
 
 def test_deepspeed_zero3_keeps_fp32_master_and_gradients(capsys):
-    # P = 7,615,616,512 (see above), bf16 model, 8 ranks: parameters 2P/8 = 1,903,904,128; ZeRO-3 in bf16 keeps fp32
-    # gradient partitions 4P/8 = 3,807,808,256 and fp32 master + two fp32 Adam moments 12P/8 = 11,423,424,768.
+    # P = 7,615,616,512 (see above), bf16 compute, 8 ranks: the module in bf16, parameters 2P/8 = 1,903,904,128;
+    # ZeRO-3 in bf16 keeps fp32 gradient partitions 4P/8 = 3,807,808,256 and fp32 master + two fp32 Adam moments
+    # 12P/8 = 11,423,424,768 (learner.param_dtype does not change that). Its gradient partitions are one persistent
+    # buffer, so they stay in the resident state: 1,903,904,128 + 3,807,808,256 + 11,423,424,768 + 0.5 GiB.
     rc, out, _ = run_plan(capsys, EIGHT_GPU, "learner.strategy=deepspeed", "--json")
     assert rc == 0
-    learner = json.loads(out)["memory"]["learner"]
+    r = json.loads(out)
+    learner = r["memory"]["learner"]
+    assert r["model"]["master_dtype"] == "float32" and not r["warnings"]
     assert (learner["parameters"], learner["gradients"], learner["optimizer"]) == (
         1_903_904_128, 3_807_808_256, 11_423_424_768)
+    assert learner["resident"] == 1_903_904_128 + 3_807_808_256 + 11_423_424_768 + GIB // 2
     rc, out, _ = run_plan(capsys, EIGHT_GPU, "learner.strategy=deepspeed", "learner.deepspeed.offload_optimizer=true",
                           "--json")
     learner = json.loads(out)["memory"]["learner"]
@@ -259,3 +276,43 @@ def test_drafter_replica_by_hand(capsys):
     rc, out, _ = run_plan(capsys, EIGHT_GPU, "drafter.mode=fixed", "drafter.train=false",
                           "drafter.init_path=/ckpt/drafter", "placement.engine_sleep_level=1", *opts)
     assert json.loads(out)["memory"]["learner"]["drafter"] == 0  # served as it is: no replica on the learner
+
+
+def test_pure_bf16_adamw_warns_and_mixed_dtypes_are_counted(capsys):
+    """learner.param_dtype=bfloat16 (the recipes' old pure-bf16 setting): a warning naming the fix, and the states of
+    the 8-GPU recipe back at 2 bytes: 7,615,616,512 * 2 / 8 = 1,903,904,128 each for parameters and gradients,
+    twice that for AdamW (8 bytes per parameter against 16 with fp32 masters)."""
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "learner.param_dtype=bfloat16", "--cluster-gpus", "8", "--json")
+    r = json.loads(out)
+    assert rc == 0 and r["model"]["master_dtype"] == "bfloat16"
+    (w,) = r["warnings"]
+    assert w["key"] == "learner.param_dtype" and "learner.param_dtype=float32" in w["message"]
+    lr = r["memory"]["learner"]
+    assert (lr["parameters"], lr["gradients"], lr["optimizer"]) == (1_903_904_128, 1_903_904_128, 3_807_808_256)
+    # the same with --strict fails (the cluster recipes themselves plan with no warning: test above)
+    rc, _, _ = run_plan(capsys, EIGHT_GPU, "learner.param_dtype=bfloat16", "--strict")
+    assert rc == 1
+    # a 16-bit param_dtype that differs from the compute dtype is refused (as the learner does)
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "learner.param_dtype=float16", "--json")
+    r = json.loads(out)
+    assert rc == 1 and r["errors"][0]["key"] == "learner.param_dtype"
+
+
+def test_engine_dtype_and_single_strategy_compute_copies(capsys):
+    """rollout.dtype=float32 engines: weights 7,615,616,512 * 4 = 30,462,466,048 bytes. The single strategy with fp32
+    masters and bf16 compute (Qwen2.5-Math-1.5B recipe, P = 1,543,714,304, tied) keeps autocast's bf16 copy of the
+    weights, P * 2 = 3,087,428,608, and its reference policy (kl_coef 0.001 here) in bf16 too."""
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "rollout.dtype=float32", "--json")
+    r = json.loads(out)
+    assert r["model"]["engine_dtype"] == "float32" and r["memory"]["engine"]["weights"] == 30_462_466_048
+    rc, out, _ = run_plan(capsys, str(ROOT / "configs" / "qwen2.5_math_1.5b_grpo.yaml"), "algorithm.kl_coef=0.001",
+                          "--json")
+    lr = json.loads(out)["memory"]["learner"]
+    assert lr["strategy"] == "single" and (lr["param_bytes"], lr["compute_bytes"]) == (4, 2)
+    assert lr["parameters"] == 1_543_714_304 * 4 and lr["optimizer"] == 1_543_714_304 * 8
+    assert lr["gathered"] == 3_087_428_608 and lr["reference"] == 3_087_428_608
+    # loads the fp32 model and a bf16 reference: P * 4 + P * 2 + 0.5 GiB context
+    assert lr["load"] == 1_543_714_304 * 6 + GIB // 2
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "--cluster-gpus", "8")
+    assert "dtypes: learner float32 master weights and AdamW state, bfloat16 compute; engines bfloat16" in out
+    assert "engine (bfloat16 weights), per GPU" in out
