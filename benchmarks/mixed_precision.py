@@ -2,7 +2,7 @@
 compute, with the project's ``Learner`` (``single`` and ``fsdp2`` on one rank).
 
     python benchmarks/mixed_precision.py --device cpu                   # tiny model, about 10 s
-    python benchmarks/mixed_precision.py --device cuda --json out.json  # a larger random model on the GPU
+    python benchmarks/mixed_precision.py --device cuda --json out.json  # a larger random model (~20M) on the GPU
 
 For each strategy and each setting (``fp32``: fp32 parameters and compute; ``pure bf16``: bf16 parameters and AdamW
 state, the GPU recipes' old setting; ``fp32 master + bf16 compute``: learner.param_dtype=float32 with
@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO_ROOT))
 SHAPES = {  # Qwen2Config fields; head_dim 64 (vLLM's CPU attention needs it, and it is the real models')
     "cpu": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=64, max_position_embeddings=256, tie_word_embeddings=True),
-    "cuda": dict(vocab_size=32768, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                 num_attention_heads=16, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+    "cuda": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
                  tie_word_embeddings=False),
 }
 SETTINGS = {  # name -> (learner.param_dtype, model.dtype)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     ap.add_argument("--strategies", default="single,fsdp2", help="comma-separated: single, fsdp2")
     ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--num-samples", type=int, default=None, help="default: 8 on CPU, 32 on CUDA")
+    ap.add_argument("--num-samples", type=int, default=None, help="default: 8 on CPU, 16 on CUDA")
     ap.add_argument("--min-changed", type=float, default=0.9, help="the mixed setting must change more than this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     shape = SHAPES[device]
-    n = args.num_samples or (8 if device == "cpu" else 32)
-    samples = _samples(n, shape["vocab_size"], 48 if device == "cpu" else 1024, args.seed)
+    n = args.num_samples or (8 if device == "cpu" else 16)
+    samples = _samples(n, shape["vocab_size"], 48 if device == "cpu" else 512, args.seed)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(args.seed)
