@@ -353,6 +353,58 @@ class PlacementConfig(_Section):
     ready_timeout_s: float = Field(
         600.0, gt=0, description="How long to wait for Ray to reserve the bundles before failing with what is missing.",
     )
+    learner_node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels a node must carry to host learner ranks, e.g. {rl-role: learner} for nodes "
+        "started with `ray start --labels rl-role=learner` (a Ray label selector on every learner bundle; a value "
+        "may also be `!v`, `in(a,b)` or `!in(a,b)`). Empty: any node. Needs ray.address (a local Ray is one node "
+        "without labels). Colocated bundles hold an engine too and carry both label sets.",
+    )
+    engine_node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels a node must carry to host engines, e.g. {rl-role: rollout}; as "
+        "learner_node_labels, for the engine bundles. Colocated: a key set in both must have the same value.",
+    )
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> "PlacementConfig":
+        for name in ("learner_node_labels", "engine_node_labels"):
+            for key, value in getattr(self, name).items():
+                problem = _label_selector_problem(key, value)
+                if problem:
+                    raise ValueError(f"placement.{name}: {problem}")
+        if self.mode == "colocated":
+            clash = {k for k in self.learner_node_labels.keys() & self.engine_node_labels.keys()
+                     if self.learner_node_labels[k] != self.engine_node_labels[k]}
+            if clash:
+                k = sorted(clash)[0]
+                raise ValueError(
+                    f"placement.mode=colocated puts engine i and learner rank i in one bundle on one node, but "
+                    f"placement.learner_node_labels[{k!r}]={self.learner_node_labels[k]!r} and "
+                    f"placement.engine_node_labels[{k!r}]={self.engine_node_labels[k]!r}: no node can satisfy both; "
+                    "give the key one value or use placement.mode=disaggregated")
+        return self
+
+
+def _label_selector_problem(key: str, value: str) -> str | None:
+    """Why ``key: value`` is not a Ray node-label selector (None when it is): the key is a label name of at most 63
+    characters, optionally behind a DNS-style prefix and ``/``; the value is a label value, optionally negated
+    (``!v``), or a set ``in(a,b)`` / ``!in(a,b)``."""
+    import re
+
+    name = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+    prefix, _, base = key.rpartition("/")
+    if not re.fullmatch(name, base) or (prefix and (len(prefix) > 253 or not re.fullmatch(
+            r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*", prefix))):
+        return (f"label key {key!r} is not a node-label name (letters, digits, '-', '_', '.', at most 63 "
+                "characters, alphanumeric at both ends, optionally behind a DNS prefix and '/')")
+    body = value[1:] if value.startswith("!") else value
+    items = re.fullmatch(r"in\((.*)\)", body)
+    values = [v.strip() for v in items.group(1).split(",")] if items else [body]
+    if not values or not all(re.fullmatch(name, v) for v in values):
+        return (f"label value {value!r} of {key!r} is not a selector: give a value (letters, digits, '-', '_', "
+                "'.', at most 63 characters), optionally as !value, in(a,b) or !in(a,b)")
+    return None
 
 
 class AsyncConfig(_Section):

@@ -66,16 +66,27 @@ def _dapo_metrics(rounds: int, generated: int, dropped: int, kept: int, target: 
     }
 
 
+# The driver's communication settings reach every actor on every node: network interfaces, InfiniBand, debug
+# output and timeouts of NCCL (learner process group, tensor-parallel engines) and gloo (the CPU-side group).
+_FORWARDED_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_")
+# Learner ranks only: an allocator setting such as expandable_segments conflicts with vLLM's sleep-mode allocator.
+_LEARNER_ONLY = ("PYTORCH_CUDA_ALLOC_CONF",)
+
+
 def actor_env_vars() -> dict[str, str]:
-    """Environment variables the driver passes to every actor. Inside a ``ray job submit`` job, keys the job's
+    """Environment variables the driver passes to every actor (the ``ray.init`` runtime env): a few fixed keys and
+    everything named ``NCCL_*``, ``GLOO_*`` or ``TORCH_NCCL_*``. Inside a ``ray job submit`` job, keys the job's
     runtime env already sets are left out (Ray refuses a key set both by the job and by ``ray.init``; the job's
-    value reaches the actors anyway)."""
+    value reaches the actors anyway). ``PYTORCH_CUDA_ALLOC_CONF`` is never here: see ``learner_env_vars``."""
     env = {
         "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(Path.cwd() / ".cache" / "vllm")),
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "RL_DATA_DIR", "PYTHONPATH"):
         if key in os.environ:
+            env[key] = os.environ[key]
+    for key in sorted(os.environ):
+        if key.startswith(_FORWARDED_PREFIXES):
             env[key] = os.environ[key]
     job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if job:
@@ -84,12 +95,46 @@ def actor_env_vars() -> dict[str, str]:
     return env
 
 
+def learner_env_vars() -> dict[str, str]:
+    """The learner actors' own environment (their ``runtime_env``): ``PYTORCH_CUDA_ALLOC_CONF`` when the driver has
+    it, so the learner's allocator can be tuned without touching the engines'."""
+    return {k: os.environ[k] for k in _LEARNER_ONLY if k in os.environ}
+
+
+def engine_env_vars() -> dict[str, str]:
+    """The engine actors' own environment: learner-only keys the driver has are blanked, because a local Ray's
+    workers inherit the driver's environment (an empty ``PYTORCH_CUDA_ALLOC_CONF`` is PyTorch's default)."""
+    return {k: "" for k in _LEARNER_ONLY if k in os.environ}
+
+
 def _cpu_binding(index: int, count: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for CPU engine ``index`` of ``count`` on this machine: a disjoint core range."""
     cores = os.cpu_count() or 1
     per = max(1, cores // count)
     first = (index * per) % cores
     return str(first) if per == 1 else f"{first}-{first + per - 1}"
+
+
+def engine_actor_options(cfg: Config, placed, index: int) -> dict:
+    """Ray ``.options(...)`` of engine ``index``: its resources in bundle ``index`` of the engine group
+    (``rl.placement``) and its own environment (learner-only keys blanked; on a local CPU Ray, its own cores)."""
+    from rl import placement
+
+    r = cfg.rollout
+    env = engine_env_vars()
+    if (not cfg.ray.address and r.num_gpus_per_engine == 0 and r.num_engines > 1
+            and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
+        # vLLM CPU engines bind their threads to the same core by default; give each its own core(s)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_binding(index, r.num_engines)
+    return placement.engine_options(cfg, placed, index, env)
+
+
+def learner_actor_options(cfg: Config, placed, rank: int) -> dict:
+    """Ray ``.options(...)`` of learner rank ``rank``: its resources in bundle ``rank`` of the learner group
+    (``rl.placement``) and its own environment (``learner_env_vars``)."""
+    from rl import placement
+
+    return placement.learner_options(cfg, placed, rank, learner_env_vars())
 
 
 def request_seed(run_seed: int, step: int, index: int) -> int:
@@ -143,10 +188,6 @@ def push_weights(learner: LearnerGroup, engines: list, version: int, bucket_byte
     return {"perf/weight_sync_s": time.perf_counter() - t0, "perf/weight_load_s": max(per_engine),
             "sync/weight_version": float(version), "sync/buckets": float(n),
             "sync/bytes": float(sum(i["bytes"] for i in infos[::len(engines)]))}
-
-
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    return {"CPU": max(float(cpus), 0.001), **({"GPU": float(gpus)} if gpus > 0 else {})}
 
 
 class Trainer:
@@ -250,6 +291,10 @@ class Trainer:
         if self.cfg.ray.address:
             ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": env})
         else:
+            pc = self.cfg.placement
+            if pc.learner_node_labels or pc.engine_node_labels:
+                raise ValueError("placement.learner_node_labels / engine_node_labels choose among a cluster's labelled "
+                                 "nodes: set ray.address (a local Ray is one node without labels) or clear them")
             r, lc = self.cfg.rollout, self.cfg.learner
             need = int(np.ceil(r.num_engines * r.num_cpus_per_engine + lc.num_ranks * lc.num_cpus)) + 1
             num_cpus = self.cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
@@ -266,34 +311,18 @@ class Trainer:
                           seed=self.cfg.run.seed)
 
     def _placement_groups(self):
-        """(learner group, engine group) placement groups: one bundle per learner rank and per engine
+        """The run's reserved placement groups (``rl.placement``): one bundle per learner rank and per engine
         (disaggregated), or one shared bundle per (rank i, engine i) pair (colocated)."""
-        import ray
-        from ray.util.placement_group import placement_group
+        from rl.placement import reserve
 
-        lc, r, pc = self.cfg.learner, self.cfg.rollout, self.cfg.placement
-        if pc.mode == "colocated":
-            bundles = [_bundle(lc.num_cpus + r.num_cpus_per_engine, max(lc.num_gpus, r.num_gpus_per_engine))
-                       for _ in range(lc.num_ranks)]
-            groups = [placement_group(bundles, strategy=pc.strategy)]
-        else:
-            groups = [placement_group([_bundle(lc.num_cpus, lc.num_gpus)] * lc.num_ranks, strategy=pc.strategy),
-                      placement_group([_bundle(r.num_cpus_per_engine, r.num_gpus_per_engine)] * r.num_engines,
-                                      strategy=pc.strategy)]
-        try:
-            ray.get([g.ready() for g in groups], timeout=pc.ready_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"placement ({pc.mode}) could not reserve {[g.bundle_specs for g in groups]} within "
-                f"placement.ready_timeout_s={pc.ready_timeout_s}: the cluster has {ray.cluster_resources()}. "
-                "Lower learner.num_ranks / rollout.num_engines or their num_cpus/num_gpus, or add nodes "
-                "(`rl plan` checks this before a run)") from None
-        return groups[0], groups[-1]
+        return reserve(self.cfg)
 
     def _start_actors(self):
+        """Reserve the placement groups, start the engines and wait until they are up (vLLM sizes its KV cache from
+        the device's free memory, so no learner may be loading beside it), then start the learner ranks."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from rl import placement
         from rollout.engine import Engine
         from trainers.distributed import free_address
         from trainers.learner import learner_class
@@ -301,12 +330,7 @@ class Trainer:
         cfg = self.cfg
         r, lc, pc = cfg.rollout, cfg.learner, cfg.placement
         colocated = pc.mode == "colocated"
-        learner_pg, engine_pg = self._placement_groups()
-        # Colocated on GPUs: rank i and engine i share bundle i's GPU, half each as far as Ray counts.
-        shared_gpu = colocated and lc.num_gpus > 0 and r.num_gpus_per_engine > 0
-        engine_gpus = 0.5 if shared_gpu else r.num_gpus_per_engine
-        learner_gpus = 0.5 if shared_gpu else lc.num_gpus
-        local_cpu = not cfg.ray.address and r.num_gpus_per_engine == 0 and r.num_engines > 1
+        placed = self._placement_groups()
         speculative_config = None
         if cfg.drafter.mode != "off":
             from rl.spec_decode import DrafterController
@@ -314,35 +338,31 @@ class Trainer:
             resume_from = CheckpointManager(self.run_dir, cfg.run.keep_last_checkpoints).latest() if self.resume else None
             self.spec = DrafterController(cfg.drafter, self.run_dir, self.model_path, cfg.run.seed, resume_from)
             speculative_config = self.spec.speculative_config()
+        t0 = time.perf_counter()
         engines = []
         for i in range(r.num_engines):
-            opts = dict(num_cpus=r.num_cpus_per_engine, num_gpus=engine_gpus,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(engine_pg, placement_group_bundle_index=i))
-            if local_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-                # vLLM CPU engines bind their threads to the same core by default; give each its own core(s)
-                opts["runtime_env"] = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": _cpu_binding(i, r.num_engines)}}
-            engines.append(ray.remote(Engine).options(**opts).remote(
+            engines.append(ray.remote(Engine).options(**engine_actor_options(cfg, placed, i)).remote(
                 self.model_path, dtype=r.dtype or cfg.model.dtype, seed=cfg.run.seed + i, max_model_len=r.max_model_len,
                 gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
                 tensor_parallel_size=r.tensor_parallel_size,
                 enable_sleep_mode=colocated and pc.engine_sleep_level > 0, speculative_config=speculative_config,
             ))
-        rank0 = PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=0)
-        master = ray.get(ray.remote(free_address).options(num_cpus=0, scheduling_strategy=rank0).remote())
+        ray.get([e.ping.remote() for e in engines])
+        t1 = time.perf_counter()
+        # The rendezvous port is picked on rank 0's node just before the ranks bind it (a port free now may not be
+        # free minutes later).
+        master = ray.get(ray.remote(free_address).options(**placement.rank0_options(placed)).remote())
         learner_cfg = {**lc.model_dump(), "tis_cap": cfg.async_mode.tis_cap if cfg.async_mode.enabled else None}
         actors = [
-            ray.remote(learner_class(lc.strategy)).options(
-                num_cpus=lc.num_cpus, num_gpus=learner_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, placement_group_bundle_index=k),
-            ).remote(self.model_path, learner_cfg, cfg.algorithm.model_dump(), temperature=r.temperature,
-                     seed=cfg.run.seed, dtype=cfg.model.dtype, export_dtype=r.dtype or cfg.model.dtype, rank=k,
-                     world_size=lc.num_ranks, master=master)
+            ray.remote(learner_class(lc.strategy)).options(**learner_actor_options(cfg, placed, k)).remote(
+                self.model_path, learner_cfg, cfg.algorithm.model_dump(), temperature=r.temperature,
+                seed=cfg.run.seed, dtype=cfg.model.dtype, export_dtype=r.dtype or cfg.model.dtype, rank=k,
+                world_size=lc.num_ranks, master=master)
             for k in range(lc.num_ranks)
         ]
-        t0 = time.perf_counter()
-        ray.get([e.ping.remote() for e in engines] + [a.ping.remote() for a in actors])
-        print(f"[rl] {len(engines)} engine(s) and {len(actors)} learner rank(s) ({lc.strategy}, {pc.mode}) are up "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        ray.get([a.ping.remote() for a in actors])
+        print(f"[rl] {len(engines)} engine(s) up in {t1 - t0:.0f} s, then {len(actors)} learner rank(s) "
+              f"({lc.strategy}, {pc.mode}) in {time.perf_counter() - t1:.0f} s", flush=True)
         if colocated and pc.engine_sleep_level > 0 and not ray.get(engines[0].sleep_supported.remote()):
             print("[rl] placement colocated: this vLLM build has no sleep mode (CPU), so engines stay resident while "
                   "the learner trains (placement.engine_sleep_level is not applied)", flush=True)
