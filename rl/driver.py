@@ -190,6 +190,14 @@ def push_weights(learner: LearnerGroup, engines: list, version: int, bucket_byte
             "sync/bytes": float(sum(i["bytes"] for i in infos[::len(engines)]))}
 
 
+def canary_gap(want: list[list[float]], got: list[list[float]]) -> tuple[float, float]:
+    """(mean, max) absolute difference of two sets of per-token log-probs of the same sequences."""
+    if [len(w) for w in want] != [len(g) for g in got]:
+        raise ValueError(f"canary: token counts differ ({[len(w) for w in want]} vs {[len(g) for g in got]})")
+    diffs = [abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g)]
+    return sum(diffs) / max(len(diffs), 1), max(diffs, default=0.0)
+
+
 class Trainer:
     """Owns the actors and the loop. ``run()`` trains; ``close()`` releases everything."""
 
@@ -346,6 +354,7 @@ class Trainer:
                 gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
                 tensor_parallel_size=r.tensor_parallel_size,
                 enable_sleep_mode=colocated and pc.engine_sleep_level > 0, speculative_config=speculative_config,
+                model_runner=r.model_runner,
             ))
         ray.get([e.ping.remote() for e in engines])
         t1 = time.perf_counter()
@@ -364,8 +373,8 @@ class Trainer:
         print(f"[rl] {len(engines)} engine(s) up in {t1 - t0:.0f} s, then {len(actors)} learner rank(s) "
               f"({lc.strategy}, {pc.mode}) in {time.perf_counter() - t1:.0f} s", flush=True)
         if colocated and pc.engine_sleep_level > 0 and not ray.get(engines[0].sleep_supported.remote()):
-            print("[rl] placement colocated: this vLLM build has no sleep mode (CPU), so engines stay resident while "
-                  "the learner trains (placement.engine_sleep_level is not applied)", flush=True)
+            print("[rl] placement colocated: this vLLM build has no sleep mode (CPU), so a sleeping engine only pauses "
+                  "its scheduler while the learner trains (no memory is freed)", flush=True)
         group = LearnerGroup(actors)
         if self.spec is not None:
             self._drafter_start_metrics = self.spec.attach(engines, group)
@@ -408,29 +417,42 @@ class Trainer:
         return self.reward_pool.score(reqs)
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        """Learner -> engines through the object store (``push_weights``), then the canary."""
+        """``push`` then ``canary``: for engines that are awake."""
+        return {**self.push(version), **self.canary(version)}
+
+    def push(self, version: int) -> dict[str, float]:
+        """Learner -> engines through the object store (``push_weights``). A sleeping engine needs its weights awake
+        for this, and every tag awake before anything generates (``canary``)."""
         out = push_weights(self.learner, self.engines, version, int(self.cfg.sync.bucket_mb * 2**20))
         self.engine_version = version
-        if self.cfg.sync.canary and self.probe is not None:
-            out["sync/canary_max_abs_diff"] = self.check_canary(version)
         return out
 
-    def check_canary(self, version: int) -> float:
+    def canary(self, version: int) -> dict[str, float]:
+        """The canary's metrics after a sync (nothing when ``sync.canary`` is off); raises ``CanaryError``."""
+        if not self.cfg.sync.canary or self.probe is None:
+            return {}
+        return self.check_canary(version)
+
+    def check_canary(self, version: int) -> dict[str, float]:
+        """Engine vs learner log-probs on the fixed probe, per engine: the mean and the largest absolute difference,
+        each against its bound (``SyncConfig.canary_bounds``, per dtype by default). Generates on every engine, so
+        every engine must be fully awake."""
         import ray
 
         want = self.learner.call("probe_logprobs", self.probe)
-        worst = 0.0
-        for i, engine in enumerate(self.engines):
-            got = ray.get(engine.score_tokens.remote(self.probe))
-            diff = max(abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g))
-            worst = max(worst, diff)
-            if diff > self.cfg.sync.canary_tolerance:
+        mean_bound, max_bound = self.cfg.sync.canary_bounds(self.cfg.canary_dtype())
+        worst_mean = worst_max = 0.0
+        for i, got in enumerate(ray.get([e.score_tokens.remote(self.probe) for e in self.engines])):
+            mean, largest = canary_gap(want, got)
+            worst_mean, worst_max = max(worst_mean, mean), max(worst_max, largest)
+            if mean > mean_bound or largest > max_bound:
                 raise CanaryError(
                     f"weight sync canary failed on engine {i} at version {version}: engine and learner log-probs on "
-                    f"the probe differ by {diff:.3g} > sync.canary_tolerance={self.cfg.sync.canary_tolerance}. "
-                    "The engine is not serving the learner's weights (or runs a different dtype/kernel)."
-                )
-        return worst
+                    f"the probe differ by {mean:.3g} on average (bound {mean_bound:.3g}) and {largest:.3g} at most "
+                    f"(bound {max_bound:.3g}; sync.canary_mean_abs_diff / sync.canary_max_abs_diff, defaults for "
+                    f"{self.cfg.canary_dtype()}). The engine is not serving the learner's weights (or runs another "
+                    "dtype or kernel).")
+        return {"sync/canary_mean_abs_diff": worst_mean, "sync/canary_max_abs_diff": worst_max}
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out accuracy of the current policy (greedy by default)."""
@@ -959,14 +981,19 @@ class Trainer:
         if self.spec is not None:
             metrics.update(self.spec.collect_training(drafter_refs, drafter_interval))
         metrics["perf/learner_wall_s"] = time.perf_counter() - t_learn
+        # Colocated engines sleep while the learner trains. Their scheduler stays paused until every tag is awake
+        # (vLLM), so the order is: weights awake, push, KV cache awake, and only then anything that generates.
         if colocated:
             metrics["perf/engine_wake_s"] = self._engines_call("wake_up", ["weights"])
-        if not cfg.async_mode.enabled or self.engine_version < step + 1 - lag_bound or self._eval_due(step):
-            metrics.update(self.sync_weights(version=step))
+        synced = not cfg.async_mode.enabled or self.engine_version < step + 1 - lag_bound or self._eval_due(step)
+        if synced:
+            metrics.update(self.push(version=step))
             if self.spec is not None:  # the drafter goes with the target weights it was trained against
                 metrics.update(self.spec.publish(step))
         if colocated:
             metrics["perf/engine_wake_s"] += self._engines_call("wake_up", ["kv_cache"])
+        if synced:
+            metrics.update(self.canary(version=step))
         metrics["async/policy_lag"] = float(step - 1 - batch["engine_version"])
         if batch["gdro_feed"] is not None:
             seen, raw_adv, decisions = batch["gdro_feed"]

@@ -83,10 +83,11 @@ class DrafterController:
         save_drafter(drafter, path)
 
     def speculative_config(self) -> dict:
-        """The engines' ``speculative_config``: our EAGLE drafter, K, and the first schedule."""
+        """The engines' ``speculative_config``: our EAGLE drafter, K, and a start-up schedule in which every K the
+        policy can choose has a batch size (``SpecPolicy.startup_schedule``; ``attach`` sets the first real one)."""
         return {"method": "eagle", "model": self.drafter_dir,
                 "num_speculative_tokens": self.cfg.num_speculative_tokens,
-                "num_speculative_tokens_per_batch_size": [list(r) for r in self.policy.next_schedule()]}
+                "num_speculative_tokens_per_batch_size": [list(r) for r in self.policy.startup_schedule()]}
 
     def attach(self, engines: list, learner) -> dict[str, float]:
         """Engines and the learner group are up: the learner takes the drafter, the engines the schedule."""
@@ -97,7 +98,7 @@ class DrafterController:
         if self.cfg.train:
             out["drafter/trainable_params"] = float(
                 learner.call("drafter_setup", self.cfg.model_dump(), self.drafter_dir))
-        ray.get([e.set_spec_schedule.remote(self.policy.current) for e in engines])
+        ray.get([e.set_spec_schedule.remote(self.policy.next_schedule()) for e in engines])
         ray.get([e.spec_step_stats.remote() for e in engines])  # starts the step timers
         print(f"[rl] drafter: mode={self.cfg.mode} K={self.cfg.num_speculative_tokens} "
               f"long_tail_threshold={self.cfg.long_tail_threshold} train={self.cfg.train} "

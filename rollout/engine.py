@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from rl.types import Rollout
 
 WORKER_EXTENSION = "rollout.worker_ext.WeightSyncExtension"
+SLEEP_TAGS = ("weights", "kv_cache")
+"""What ``Engine.sleep`` puts to sleep; vLLM resumes scheduling only once every one of them is awake again."""
+MODEL_RUNNERS = {"auto": None, "v1": "0", "v2": "1"}
+"""``rollout.model_runner`` -> ``VLLM_USE_V2_MODEL_RUNNER`` (None: vLLM's choice: V2 on CUDA with Triton, V1 on
+the CPU build)."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,13 @@ class Engine:
         tensor_parallel_size: int = 1,
         speculative_config: dict | None = None,
         enable_sleep_mode: bool = False,
+        model_runner: str = "auto",
     ) -> None:
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.getcwd(), ".cache", "vllm"))
+        if model_runner not in MODEL_RUNNERS:
+            raise ValueError(f"model_runner={model_runner!r}: use one of {list(MODEL_RUNNERS)}")
+        if MODEL_RUNNERS[model_runner] is not None:  # read by vLLM in this process and the ones it spawns
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = MODEL_RUNNERS[model_runner]
         from vllm import LLM
 
         from rollout.vllm_plugin import register
@@ -73,12 +83,23 @@ class Engine:
         )
         if speculative_config:
             kwargs["speculative_config"] = speculative_config
+        if tensor_parallel_size > 1:
+            # Inside a Ray actor vLLM would pick its Ray executor, whose workers then wait for GPUs this actor
+            # already holds; the actor sees its TP GPUs, so the workers are local processes.
+            kwargs["distributed_executor_backend"] = "mp"
         import torch
 
-        # vLLM's CPU build has no sleep mode (it rejects enable_sleep_mode); colocated CPU runs never sleep.
+        # Colocated engines sleep while the learner trains. vLLM's CPU build has no sleep mode (it rejects
+        # enable_sleep_mode), so there a sleep is vLLM's level 0, a scheduler pause that frees nothing, kept until
+        # every tag is awake, exactly as a GPU engine's scheduler is: the driver's order runs the same on both.
+        self.sleep_mode = bool(enable_sleep_mode)
         self.can_sleep = bool(enable_sleep_mode and torch.cuda.is_available())
+        self.asleep: set[str] = set()
         if self.can_sleep:
             kwargs["enable_sleep_mode"] = True
+            if speculative_config:
+                # level 2 would discard the drafter's own weights; vLLM keeps parameters named here through it
+                kwargs["sleep_preserve_parameter_names"] = ["draft.*"]
         if not torch.cuda.is_available():
             # vLLM's CPU build fails ("CPU Generator does not use offset") when a request with its own seed has
             # its prompt prefilled in chunks, which happens once a batch's prompts exceed the token budget. We seed
@@ -89,6 +110,21 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
         self.start_s = time.perf_counter() - t0
+        self.runner = self.model_runner_name()
+        print(f"[engine] vLLM model runner {self.runner} (rollout.model_runner={model_runner}), dtype {dtype}, "
+              f"started in {self.start_s:.0f} s", flush=True)
+
+    def model_runner_name(self) -> str:
+        """``v1`` or ``v2``: the model runner vLLM chose (V2 is vLLM's CUDA default; the CPU build runs V1)."""
+        module = self.llm.collective_rpc("rl_model_runner_module")[0]
+        return "v2" if ".worker.gpu." in module else "v1"
+
+    def _require_awake(self, what: str) -> None:
+        if self.asleep:
+            raise RuntimeError(
+                f"engine asked to {what} while {sorted(self.asleep)} is asleep: vLLM keeps its scheduler paused "
+                "until every tag is awake, so the request would wait forever. Wake every tag first "
+                "(wake_up(['weights']), push the weights, wake_up(['kv_cache']), then generate).")
 
     # ---------------------------------------------------------------- generation
     def generate(self, requests: list[GenerationRequest], settings: SamplingSettings) -> list[list[Rollout]]:
@@ -97,6 +133,7 @@ class Engine:
 
         if not requests:
             return []
+        self._require_awake("generate")
         params = [
             SamplingParams(
                 n=r.n,
@@ -154,6 +191,7 @@ class Engine:
                              f"{len(stops)} stop lists" + ("" if prompt_ids is None else f", {len(prompt_ids)} ids"))
         if not prompts:
             return []
+        self._require_awake("generate")
         params = [
             SamplingParams(
                 n=1,
@@ -195,6 +233,7 @@ class Engine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_awake("score tokens")
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
         prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in sequences]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -268,23 +307,43 @@ class Engine:
         return list(self._core_call("rl_spec_step_stats", bool(reset)))
 
     def sleep_supported(self) -> bool:
+        """Whether a sleep frees device memory (a CUDA engine with sleep mode); a CPU engine only pauses."""
         return self.can_sleep
 
     def sleep(self, level: int) -> float:
         """Free device memory while a colocated learner trains (level 1: offload weights, drop the KV cache;
-        level 2: drop both; the next sync brings the weights back). Returns seconds; 0 when not applicable."""
-        if not self.can_sleep or level == 0:
+        level 2: drop both; the next sync brings the weights back). Without sleep mode on this build (CPU) the
+        scheduler is paused instead. Either way nothing is scheduled until ``wake_up`` has woken every tag.
+        Returns seconds; 0 when the engine was started without sleep mode or ``level`` is 0."""
+        if not self.sleep_mode or level == 0:
             return 0.0
+        if self.asleep:
+            raise RuntimeError(f"engine is already asleep ({sorted(self.asleep)} not woken)")
         t0 = time.perf_counter()
-        self.llm.sleep(level=level)
+        self.llm.sleep(level=level if self.can_sleep else 0)
+        self.asleep = set(SLEEP_TAGS)
         return time.perf_counter() - t0
 
     def wake_up(self, tags: list[str] | None = None) -> float:
-        """Re-allocate what ``sleep`` freed (``["weights"]`` before a sync, ``["kv_cache"]`` after it)."""
-        if not self.can_sleep:
+        """Re-allocate what ``sleep`` freed: ``["weights"]`` before a sync, ``["kv_cache"]`` after it (None: both).
+        The engine schedules again once every tag is awake; vLLM's own answer to that is checked. Returns
+        seconds; 0 when the engine is not asleep."""
+        if not self.asleep:
             return 0.0
+        tags = list(SLEEP_TAGS) if tags is None else list(tags)
+        unknown = sorted(set(tags) - set(SLEEP_TAGS))
+        if unknown:
+            raise ValueError(f"wake_up tags {unknown}: use {list(SLEEP_TAGS)}")
         t0 = time.perf_counter()
-        self.llm.wake_up(tags=tags)
+        remaining = self.asleep - set(tags)
+        if self.can_sleep:
+            fully_awake = bool(self.llm.wake_up(tags=tags))
+        else:
+            fully_awake = bool(self.llm.wake_up(tags=["scheduling"])) if not remaining else False
+        if fully_awake != (not remaining):
+            raise RuntimeError(f"engine wake_up({tags}): vLLM reports fully awake={fully_awake}, while "
+                               f"{sorted(remaining) or 'nothing'} should still be asleep")
+        self.asleep = remaining
         return time.perf_counter() - t0
 
     def worker_weight_versions(self) -> list[int]:

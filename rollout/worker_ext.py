@@ -12,7 +12,13 @@ rebuilt as tensors on the CPU build. Two ways to load them, chosen by the device
   re-runs the repacking.
 - CUDA: the model's ``load_weights`` works on live CUDA parameters (tensors copied to the device first).
 
-``rl_load_drafter_weights`` does the same for the speculative drafter module (``model_runner.drafter.model``).
+Every sync is checked for completeness: the names the model's ``load_weights`` reports loaded, over all buckets,
+must cover every parameter of the model, so a tensor missing from the learner's export fails the sync instead of
+leaving a stale layer behind (vLLM itself only logs that).
+
+``rl_load_drafter_weights`` does the same for the speculative drafter module, found through the worker's
+``get_draft_model()`` (Model Runner V1 keeps it in ``model_runner.drafter``, V2, the CUDA default, in
+``model_runner.speculator``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ class WeightSyncExtension:
                 return p.device
         return torch.device("cpu")
 
+    def _rl_draft_model(self):
+        """The drafter module of a model-based speculative config, or None (the worker's ``get_draft_model``, which
+        knows V1's ``drafter`` and V2's ``speculator`` and unwraps CUDA-graph wrappers)."""
+        return self.get_draft_model() if hasattr(self, "get_draft_model") else self.model_runner.get_draft_model()
+
+    def rl_model_runner_module(self) -> str:
+        """The module of the worker's model runner (``vllm.v1.worker.gpu.model_runner`` is V2)."""
+        return type(self.model_runner).__module__
+
     def rl_load_weight_bucket(self, blob: bytes, version: int, final: bool) -> dict:
         """Load one bucket of the weights (safetensors bytes, HF names, whole decoder layers); ``final`` marks the
         last bucket of a sync, after which the worker reports ``version``. On CUDA each bucket goes into the live
@@ -44,18 +59,25 @@ class WeightSyncExtension:
 
         t0 = time.perf_counter()
         items = list(st_load(bytes(blob)).items())
+        model = self._rl_model()
         device = self._rl_device()
+        if getattr(self, "_rl_staged_version", None) != int(version):  # a new sync (or one that broke off)
+            self._rl_staged, self._rl_loaded, self._rl_staged_version = [], set(), int(version)
         if device.type == "cpu":
-            if getattr(self, "_rl_staged_version", None) != int(version):  # a new sync (or one that broke off)
-                self._rl_staged, self._rl_staged_version = [], int(version)
             self._rl_staged.extend(items)
             if final:
-                staged, self._rl_staged, self._rl_staged_version = self._rl_staged, [], None
-                self.model_runner.reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)
+                staged, self._rl_staged = self._rl_staged, []
+                self._rl_loaded |= _loaded_names(model, lambda: self.model_runner.reload_weights(
+                    weights_iterator=iter(staged), is_checkpoint_format=True))
         else:
-            self._rl_model().load_weights(weights=[(n, t.to(device, non_blocking=True)) for n, t in items])
+            self._rl_loaded |= set(model.load_weights(weights=[(n, t.to(device, non_blocking=True)) for n, t in items]))
             torch.cuda.synchronize(device)
         if final:
+            loaded, self._rl_loaded, self._rl_staged_version = self._rl_loaded, set(), None
+            missing = sorted({n for n, _ in model.named_parameters()} - loaded)
+            if missing:
+                raise RuntimeError(f"weight sync to version {version} left {len(missing)} parameter(s) of the engine's "
+                                   f"model unloaded (the learner's export lacks them): {missing[:8]}")
             self._rl_weight_version = int(version)
         return {"version": self.rl_weight_version(), "load_s": time.perf_counter() - t0, "num_tensors": len(items)}
 
@@ -67,8 +89,7 @@ class WeightSyncExtension:
         ``fc.weight``, ``layers.0.*``; the shared embedding and LM head stay the target's)."""
         from safetensors.torch import load as st_load
 
-        drafter = getattr(self.model_runner, "drafter", None)
-        model = getattr(drafter, "model", None)
+        model = self._rl_draft_model()
         if model is None:
             raise RuntimeError("this engine has no model-based speculative drafter (start it with a "
                                "speculative_config of method 'eagle')")
@@ -86,3 +107,22 @@ class WeightSyncExtension:
             model.load_weights([(n, t.to(device, non_blocking=True)) for n, t in items])
             torch.cuda.synchronize(device)
         return {"load_s": time.perf_counter() - t0, "num_tensors": len(items)}
+
+
+def _loaded_names(model: torch.nn.Module, run) -> set[str]:
+    """The parameter names ``model.load_weights`` reports while ``run()`` reloads it (vLLM's in-place reload calls
+    it and drops the answer)."""
+    own = model.load_weights
+    seen: set[str] = set()
+
+    def load_weights(weights):
+        names = own(weights)
+        seen.update(names or ())
+        return names
+
+    model.load_weights = load_weights
+    try:
+        run()
+    finally:
+        del model.load_weights
+    return seen

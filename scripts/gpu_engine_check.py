@@ -13,10 +13,12 @@ still reports what it reached):
    must stay at its pre-sync size, the gap to the old weights must grow, and every worker must report the version.
 4. ``drafter_reload``: new EAGLE drafter weights through ``Engine.load_drafter_weights``, then a greedy generation
    with the drafter must still work.
-5. ``sleep_wake`` (engines with sleep mode, i.e. CUDA): sleep level 2, wake the weights, push the weights, wake the
-   KV cache, then the canary; each call runs in a thread with a time limit, so a hang is reported as TIMEOUT.
+5. ``sleep_wake``: sleep level 2, wake the weights, push the weights, a request while half awake must be refused,
+   wake the KV cache, then the canary; the drafter's own weights must survive the level-2 sleep (the engine keeps
+   them with ``sleep_preserve_parameter_names``). On CUDA the sleep frees memory; on the CPU build it is vLLM's
+   scheduler pause. Each call runs in a thread with a time limit, so a hang is reported as TIMEOUT.
 
-Without vLLM the check is reported as skipped. ``--smoke``: a tiny fp32 model, eager, on CPU (no sleep mode there).
+Without vLLM the check is reported as skipped. ``--smoke``: a tiny fp32 model, eager, on CPU.
 Exit code 0 when every check that ran passed, 1 otherwise.
 """
 
@@ -104,6 +106,25 @@ def gap(a, b) -> dict:
     return {"mean": sum(d) / len(d), "max": max(d), "n": len(d)}
 
 
+def _refused(fn) -> str:
+    """``fn`` must raise the engine's half-awake error at once (a request would wait forever in vLLM's paused
+    scheduler)."""
+    try:
+        fn()
+    except RuntimeError as e:
+        if "asleep" in str(e):
+            return "refused"
+        raise
+    raise AssertionError("a half-awake engine accepted a request")
+
+
+def _drafter_checksum(worker) -> float:
+    """Sum of the drafter's own parameters (those it does not share with the target), on the worker."""
+    model = worker.get_draft_model()
+    shared = {id(p) for p in worker.get_model().parameters()}
+    return float(sum(p.float().sum() for p in model.parameters() if id(p) not in shared))
+
+
 def _runner_name(worker) -> str:
     runner = getattr(worker, "model_runner", None)
     return f"{type(runner).__module__}.{type(runner).__name__}"
@@ -171,7 +192,7 @@ def run_checks(args, rep: Report, work: Path) -> bool:
     spec = {"method": "eagle", "model": str(drafter_dir), "num_speculative_tokens": 2}
     t0 = time.perf_counter()
     eng = Engine(str(model_dir), dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.3 if gpu else 0.15,
-                 enforce_eager=not gpu, enable_sleep_mode=gpu, speculative_config=spec)
+                 enforce_eager=not gpu, enable_sleep_mode=True, speculative_config=spec)
     rep.put("engine_start_s", round(time.perf_counter() - t0, 1))
     status, runner, _ = timed(lambda: eng.llm.collective_rpc(_runner_name)[0], limit)
     rep.put("runner", runner if status == "OK" else f"{status}: {runner}")
@@ -246,16 +267,17 @@ def run_checks(args, rep: Report, work: Path) -> bool:
         failed = True
         rep.fail("drafter_reload", f"{status} / generate {g_status}: {info if status != 'OK' else g_out}")
 
-    # Sleep level 2 -> wake weights -> push -> wake KV cache -> canary (the driver's colocated order).
-    if not eng.sleep_supported():
-        rep.put("sleep_wake", {"status": "skipped", "reason": "this engine has no sleep mode (vLLM's CPU build)"})
-        return failed
-    steps = {}
+    # Sleep level 2 -> wake weights -> push -> wake KV cache -> canary (the driver's colocated order). On a GPU the
+    # sleep frees memory; on the CPU build it is vLLM's scheduler pause, held until every tag is awake.
+    status, sum_before, _ = timed(lambda: eng.llm.collective_rpc(_drafter_checksum)[0], limit)
+    steps = {"sleep_frees_memory": eng.sleep_supported(), "drafter_checksum_before": sum_before}
     for name, fn in (("sleep_level2", lambda: eng.sleep(2)),
                      ("wake_weights", lambda: eng.wake_up(["weights"])),
                      ("push", lambda: push(2)),
+                     ("half_awake_generate_refused", lambda: _refused(lambda: eng.score_tokens(probe))),
                      ("wake_kv_cache", lambda: eng.wake_up(["kv_cache"])),
-                     ("canary", lambda: eng.score_tokens(probe))):
+                     ("canary", lambda: eng.score_tokens(probe)),
+                     ("drafter_checksum_after", lambda: eng.llm.collective_rpc(_drafter_checksum)[0])):
         status, value, dt = timed(fn, limit)
         steps[name] = {"status": status, "s": dt}
         if status != "OK":
@@ -265,10 +287,18 @@ def run_checks(args, rep: Report, work: Path) -> bool:
             return True
         if name == "canary":
             steps[name]["gap"] = gap(value, new_ref)
+        if name == "drafter_checksum_after":
+            steps[name]["value"] = value
+    kept = steps["drafter_checksum_after"]["value"] == sum_before  # sleep_preserve_parameter_names
     canary_ok = steps["canary"]["gap"]["max"] <= bound
-    rep.put("sleep_wake", {"ok": canary_ok, "steps": steps, "versions": eng.worker_weight_versions()})
+    rep.put("sleep_wake", {"ok": canary_ok and kept, "drafter_kept_through_level2": kept, "steps": steps,
+                           "versions": eng.worker_weight_versions()})
     if not canary_ok:
         rep.fail("sleep_wake", f"canary gap after wake {steps['canary']['gap']['max']:.3g} > {bound:.3g}")
+        return True
+    if not kept:
+        rep.fail("sleep_wake", f"the drafter's own weights changed across a level-2 sleep ({sum_before} -> "
+                 f"{steps['drafter_checksum_after']['value']}): publish the drafter after every sync")
         return True
     return failed
 

@@ -66,15 +66,39 @@ def free_address() -> tuple[str, int]:
 
 
 def init_process_group(rank: int, world_size: int, master: tuple[str, int], device: torch.device,
-                       timeout_s: float = 1800.0) -> None:
-    """Join the learners' process group (gloo on CPU, NCCL on CUDA)."""
+                       timeout_s: float = 1800.0, init_timeout_s: float = 300.0) -> None:
+    """Join the learners' process group (gloo on CPU, NCCL on CUDA). The rendezvous at rank 0's ``master`` must
+    complete within ``init_timeout_s``: a rank that never arrives (wrong address, a firewall, a dead node) is an
+    error naming the address, not a silent wait. On CUDA the group is bound to this process's device
+    (``device_id``), so NCCL's communicator is created here, eagerly, and not at the first collective.
+    ``timeout_s`` bounds every later collective."""
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", master[0])
     os.environ.setdefault("MASTER_PORT", str(master[1]))
-    dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        store = dist.TCPStore(master[0], int(master[1]), world_size, is_master=rank == 0,
+                              timeout=timedelta(seconds=init_timeout_s))
+        store.set(f"rl_rank_{rank}", "up")
+        store.wait([f"rl_rank_{r}" for r in range(world_size)], timedelta(seconds=init_timeout_s))
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"learner rank {rank}/{world_size}: the process group's rendezvous at {master[0]}:{master[1]} did not "
+            f"complete within {init_timeout_s:.0f} s (learner.init_timeout_s): {str(e).splitlines()[0][:200]}. "
+            "Check that every learner node reaches that address (firewall, NCCL_SOCKET_IFNAME / "
+            "GLOO_SOCKET_IFNAME on multi-NIC nodes) and that every rank started.") from None
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s), **group_device_kwargs(device))
+
+
+def group_device_kwargs(device: torch.device) -> dict:
+    """``device_id`` for ``init_process_group`` on CUDA (the process's current device), nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_device(index)
+    return {"device_id": torch.device("cuda", index)}
 
 
 def is_distributed() -> bool:

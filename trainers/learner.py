@@ -258,9 +258,12 @@ def fused_head_unsupported(model) -> str | None:
     return None
 
 
-def select_kernels(cfg: KernelsConfig, model, device: torch.device, micro_batch_tokens: int) -> KernelChoice:
+def select_kernels(cfg: KernelsConfig, model, device: torch.device, micro_batch_tokens: int,
+                   compute_dtype: torch.dtype | None = None) -> KernelChoice:
     """Resolve ``learner.kernels`` for this model and device. An explicit choice that cannot run here is an error;
-    a model the fused head or packing cannot reproduce falls back (naive / padded) with the reason in ``notes``."""
+    a model the fused head or packing cannot reproduce falls back (naive / padded) with the reason in ``notes``.
+    ``compute_dtype``: the dtype the forward runs in (None: the parameters'; fp32 master weights computing in bf16
+    under autocast or FSDP2 mixed precision get the half-precision attention kernels)."""
     notes: list[str] = []
     logprob = cfg.logprob
     if logprob == "auto":
@@ -292,7 +295,7 @@ def select_kernels(cfg: KernelsConfig, model, device: torch.device, micro_batch_
             notes.append(f"attention packed -> padded: {why}")
             attention = "padded"
         else:
-            attention, skipped = select_attention_backend(device, next(model.parameters()).dtype)
+            attention, skipped = select_attention_backend(device, compute_dtype or next(model.parameters()).dtype)
             if device.type == "cuda":  # on CPU only the per-sequence path exists; nothing to explain
                 notes.extend(skipped)
     return KernelChoice(logprob, attention, cfg.logprob_chunk_size, tuple(notes))
@@ -491,7 +494,8 @@ class Learner:
         self.device = torch.device("cuda" if torch.cuda.is_available() and learner_cfg.get("num_gpus", 0) > 0 else "cpu")
         self.rank, self.world_size = rank, world_size
         if self.strategy != "single":
-            D.init_process_group(rank, world_size, master or ("127.0.0.1", 29500), self.device)
+            D.init_process_group(rank, world_size, master or ("127.0.0.1", 29500), self.device,
+                                 init_timeout_s=float(learner_cfg.get("init_timeout_s", 300.0)))
         # Sharded strategies load the whole model into host memory and move only their shard to the device.
         load_device = self.device if self.strategy == "single" else torch.device("cpu")
         self._set_dtypes(dtype, export_dtype)
@@ -508,7 +512,8 @@ class Learner:
         self.kernels = KernelChoice()  # until checked below
         self._setup_policy()
         kernel_cfg = KernelsConfig.model_validate(learner_cfg.get("kernels") or {})
-        chosen = select_kernels(kernel_cfg, self.model, self.device, learner_cfg["micro_batch_tokens"])
+        chosen = select_kernels(kernel_cfg, self.model, self.device, learner_cfg["micro_batch_tokens"],
+                                compute_dtype=self.compute_dtype)
         # checked through the wrapped (possibly sharded) policy: a collective, every rank runs the same probe
         self.kernels = apply_kernels(self.model, chosen, self.device,
                                      logprobs_fn=lambda mb, choice: self.policy(mb, 1.0, False, choice)[0])

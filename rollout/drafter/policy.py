@@ -120,6 +120,22 @@ class SpecPolicy:
     def in_long_tail(self, lo: int) -> bool:
         return self.threshold is None or lo <= self.threshold
 
+    def startup_schedule(self) -> list[tuple[int, int, int]]:
+        """The schedule an engine starts with: every K this policy can choose (the bandit's arms, or K) runs at
+        least at one batch size in the last ``len(Ks)`` sizes of the long tail, the largest K at its top, so an
+        engine that captures CUDA graphs per K (vLLM's Model Runner V2) captures each K up to about the widest long-tail
+        batch. Batch sizes past the long tail draft nothing. Not used for decoding: ``next_schedule`` replaces it
+        once the engines are up."""
+        top = min(self.threshold or self.max_batch_size, self.max_batch_size)
+        ks = sorted(set(self.bandit.config.arms) if self.bandit is not None else {self.k})
+        ks = ks[-top:]  # a long tail shorter than the number of Ks keeps the largest
+        first_solo = top - len(ks) + 2  # ks[1:] take one batch size each, ending at `top`
+        sched = [(1, first_solo - 1, ks[0])]
+        sched += [(first_solo + i, first_solo + i, k) for i, k in enumerate(ks[1:])]
+        if top < self.max_batch_size:
+            sched.append((top + 1, self.max_batch_size, 0))
+        return sched
+
     def next_schedule(self) -> list[tuple[int, int, int]]:
         """The schedule for the next generation (adaptive: the bandit's choice per long-tail bucket, exploring)."""
         sched = []

@@ -211,3 +211,15 @@ def test_config_section_and_errors():
         load_config(overrides=["learner.kernels.logprob=fused"])
     with pytest.raises(ConfigError, match=r"did you mean 'learner.kernels.attention'"):
         load_config(overrides=["learner.kernels.atention=packed"])
+
+
+def test_fp32_master_weights_computing_in_bf16_get_the_half_precision_attention():
+    """Mixed precision keeps fp32 parameters and computes in bf16: the attention backend is picked for the compute
+    dtype (the varlen kernels need fp16/bf16), not the parameters' (which left CUDA on per-sequence SDPA)."""
+    model = _qwen2()
+    assert next(model.parameters()).dtype == torch.float32
+    cuda = torch.device("cuda")
+    kernels = KernelsConfig(logprob="chunked", attention="packed")
+    assert select_kernels(kernels, model, cuda, 4096).attention == "sdpa_segments"
+    mixed = select_kernels(kernels, model, cuda, 4096, compute_dtype=torch.bfloat16)
+    assert mixed.attention == "torch_varlen"

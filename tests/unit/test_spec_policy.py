@@ -141,8 +141,9 @@ def test_drafter_config_errors_name_the_fix():
         load_config(None, ["drafter.mode=fixed", "drafter.train=false"])
     with pytest.raises(ConfigError, match="old_logprob_source=learner"):
         load_config(None, ["drafter.mode=fixed", "learner.old_logprob_source=engine"])
-    with pytest.raises(ConfigError, match="engine_sleep_level=2 discards"):
-        load_config(None, ["drafter.mode=fixed", "drafter.publish_every=2", "placement.mode=colocated"])
+    # level-2 sleep keeps the drafter's own weights (sleep_preserve_parameter_names), so any publish_every works
+    cfg = load_config(None, ["drafter.mode=fixed", "drafter.publish_every=2", "placement.mode=colocated"])
+    assert cfg.placement.engine_sleep_level == 2 and cfg.drafter.publish_every == 2
     with pytest.raises(ConfigError, match="unknown config key 'drafter.num_spec_tokens'"):
         load_config(None, ["drafter.num_spec_tokens=3"])
     cfg = load_config("configs/drafter_tiny_cpu.yaml")
@@ -331,3 +332,25 @@ def test_two_learner_ranks_train_drafter_replicas_on_their_own_shares(tmp_path, 
         changed += not torch.equal(v, init.trainable_state_dict()[k])
     assert changed > 0
     assert ranks[0]["blob"] is not None and ranks[1]["blob"] is None
+
+
+def test_startup_schedule_gives_every_k_a_batch_size_at_the_top_of_the_long_tail():
+    """vLLM's Model Runner V2 captures the target's verify graphs per K only up to the widest batch size that K has
+    in the start-up schedule (read here off vLLM's own dense lookup): each arm must reach the top of the tail."""
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    bandit = SpecTokensBanditConfig(arms=(0, 1, 2, 3, 4), batch_size_bounds=(8, 32, 1024))
+    p = SpecPolicy("adaptive", 4, long_tail_threshold=32, bandit=bandit, max_batch_size=1024)
+    sched = p.startup_schedule()
+    assert sched == [(1, 28, 0), (29, 29, 1), (30, 30, 2), (31, 31, 3), (32, 32, 4), (33, 1024, 0)]
+    dense = build_dynamic_sd_schedule_lookup([list(r) for r in sched], vllm_max_batch_size=1024,
+                                             vllm_num_speculative_tokens=4)
+    widest = {}
+    for batch, k in enumerate(dense[1:], start=1):
+        widest[k] = batch
+    assert {k: widest[k] for k in (1, 2, 3, 4)} == {1: 29, 2: 30, 3: 31, 4: 32}
+    # the bandit's first choice has not been made: start-up does not consume a draw
+    assert p.current == []
+    # fixed mode: the long tail at K, as before
+    assert SpecPolicy("fixed", 3, 16, max_batch_size=256).startup_schedule() == [(1, 16, 3), (17, 256, 0)]
+    assert SpecPolicy("fixed", 2, None, max_batch_size=64).startup_schedule() == [(1, 64, 2)]
