@@ -1,7 +1,9 @@
 """Learner step throughput: packed + fused log-probs vs padded + naive, on a random-init Qwen2.5-1.5B-shaped model.
 
-    python benchmarks/learner_step.py                 # H100: bf16, 64 samples, lengths mean ~2k, max 16k
+    python benchmarks/learner_step.py                 # H100: bf16 compute, fp32 masters, 64 samples, mean ~2k, max 16k
+    python benchmarks/learner_step.py --param-dtype bfloat16          # pure bf16 (no fp32 master weights)
     python benchmarks/learner_step.py --smoke         # a tiny model on CPU, in one process: proves the script runs
+    python benchmarks/learner_step.py --smoke --dtype bfloat16        # the same with bf16 autocast on CPU
     python benchmarks/learner_step.py --num-samples 32 --steps 1 --json OUT.json   # shorter; results as JSON too
 
 One ``Learner.train_step`` = old log-prob recompute (a forward pass) + one PPO update (forward + backward) over all
@@ -10,11 +12,17 @@ packed mode). Each configuration runs in its own subprocess (fresh model, optimi
 are long-tailed: prompt 64-512 tokens, response log-normal, so that prompt+response has mean ~2k and is capped at
 16k (seeded, the same for every configuration).
 
+Precision is a run's default: ``--dtype`` is the compute dtype (``model.dtype``; bfloat16 on CUDA, float32 on CPU)
+and ``--param-dtype`` holds the master weights, gradients and AdamW state (``learner.param_dtype``; float32), so
+on a GPU the learner keeps fp32 masters and computes in bf16 under autocast. ``--param-dtype bfloat16`` measures
+pure bf16 (half the state memory, but AdamW then steps bf16 weights).
+
 Reported: median step time over ``--steps`` after a warm-up step; tokens/s (real prompt+response tokens per step /
 step time); MFU = model FLOPs / step time / ``--peak-tflops`` (H100 SXM bf16 dense: 989), where model FLOPs =
 4 forward passes' worth (1 for the old log-probs, 3 for forward + backward) of 2 N l + 2 H V l + 2 L H l^2
 (causal attention) per sequence of length l, N the non-embedding parameters (gradient-checkpoint recompute and
-padding are not counted); peak GPU memory (``max_memory_allocated``). ``--json`` writes the same numbers (plus the
+padding are not counted); peak GPU memory (``max_memory_allocated``) and the allocator's peak reservation
+(the learner's ``perf/learner_max_reserved_gib``). ``--json`` writes the same numbers (plus the
 policy-loss difference between the two configurations, which compute the same loss) after every configuration, so
 a run stopped part-way keeps what it measured.
 """
@@ -74,7 +82,7 @@ def worker(spec: dict) -> dict:
     cfg = dict(lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=spec["mbt"],
                mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner",
                num_gpus=1 if cuda else 0, torch_threads=spec.get("threads"), kernels=spec["kernels"],
-               activation_checkpointing=spec["grad_ckpt"])
+               activation_checkpointing=spec["grad_ckpt"], param_dtype=spec["param_dtype"])
     try:
         learner = Learner(spec["model_dir"], cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=spec["dtype"])
         model = learner.model
@@ -95,6 +103,7 @@ def worker(spec: dict) -> dict:
             times.append(time.perf_counter() - t0)
         return {"ok": True, "step_s": statistics.median(times), "flops": 4 * fwd, "kernels": learner.kernels.describe(),
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "reserved_gib": metrics.get("perf/learner_max_reserved_gib") if cuda else None,
                 "loss": metrics["loss/policy"], "entropy": metrics["loss/entropy"]}
     except Exception as exc:
         kind = "OOM" if "out of memory" in str(exc).lower() else type(exc).__name__
@@ -119,6 +128,11 @@ def main() -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="tiny model, short sequences, CPU")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="compute dtype, model.dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="learner.param_dtype: master weights, gradients and AdamW state (default float32, a run's "
+                         "default; bfloat16 = pure bf16, needs --dtype bfloat16 on CPU)")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--mean-len", type=int, default=2048)
     ap.add_argument("--max-len", type=int, default=16384)
@@ -144,11 +158,17 @@ def main() -> int:
     if args.smoke:
         args.num_samples, args.mean_len, args.max_len, args.micro_batch_tokens = 12, 48, 256, 512
         args.steps, args.threads = 1, args.threads or 1
-    dtype = "bfloat16" if device == "cuda" else "float32"
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if args.param_dtype != "float32" and args.param_dtype != dtype:
+        ap.error(f"--param-dtype {args.param_dtype} needs the same compute dtype (--dtype {args.param_dtype}); "
+                 "16-bit master weights compute in their own dtype")
+    precision = (dtype if args.param_dtype == dtype
+                 else f"{dtype} compute, {args.param_dtype} master weights and AdamW state")
     grad_ckpt = device == "cuda" and not args.no_grad_ckpt
     lengths = make_lengths(args.num_samples, args.mean_len, args.max_len, seed=0)
     tokens = sum(p + r for p, r in lengths)
-    report = {"device": device, "dtype": dtype, "model": "tiny" if args.smoke else "Qwen2.5-1.5B-shaped",
+    report = {"device": device, "dtype": dtype, "param_dtype": args.param_dtype,
+              "model": "tiny" if args.smoke else "Qwen2.5-1.5B-shaped",
               "num_samples": len(lengths), "tokens": tokens, "max_len": max(p + r for p, r in lengths),
               "micro_batch_tokens": args.micro_batch_tokens, "grad_ckpt": grad_ckpt, "steps": args.steps,
               "peak_tflops": args.peak_tflops, "configs": {}}
@@ -165,17 +185,19 @@ def main() -> int:
         model.save_pretrained(tmp)
         del model
         where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-        print(f"# learner step: {where}, {dtype}, {'tiny' if args.smoke else 'Qwen2.5-1.5B-shaped'} random model, "
+        print(f"# learner step: {where}, {precision}, {'tiny' if args.smoke else 'Qwen2.5-1.5B-shaped'} random model, "
               f"{args.num_samples} samples, {tokens} tokens (mean {tokens / len(lengths):.0f}, max "
               f"{max(p + r for p, r in lengths)}), micro-batch budget {args.micro_batch_tokens}, "
               f"gradient checkpointing {'on' if grad_ckpt else 'off'}, median of {args.steps} step(s)\n")
-        print("| config | kernels | step s | tokens/s | MFU | peak GiB | speed-up | loss/policy | loss/entropy |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| config | kernels | step s | tokens/s | MFU | peak GiB | reserved GiB | speed-up | loss/policy | "
+              "loss/entropy |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         base = None
         for name, kernels in CONFIGS.items():
             if args.smoke and kernels["logprob"] == "auto":
                 kernels = {**kernels, "logprob": "chunked"}  # CPU auto keeps naive for a small vocabulary
-            spec = dict(device=device, dtype=dtype, model_dir=tmp, vocab=shape["vocab_size"], lengths=lengths,
+            spec = dict(device=device, dtype=dtype, param_dtype=args.param_dtype, model_dir=tmp,
+                        vocab=shape["vocab_size"], lengths=lengths,
                         mbt=args.micro_batch_tokens, steps=args.steps, grad_ckpt=grad_ckpt, kernels=kernels,
                         threads=args.threads)
             # --smoke runs in this process: two more interpreter starts would double a smoke run's time
@@ -183,7 +205,7 @@ def main() -> int:
             report["configs"][name] = res
             if not res["ok"]:
                 write_json()
-                print(f"| {name} | - | - | - | - | - | - | {res['error']} | |", flush=True)
+                print(f"| {name} | - | - | - | - | - | - | - | {res['error']} | |", flush=True)
                 continue
             base = base or res
             res["tokens_per_s"] = tokens / res["step_s"]
@@ -195,7 +217,9 @@ def main() -> int:
             write_json()
             mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a"
             peak = f"{res['peak_gib']:.1f}" if res["peak_gib"] is not None else "n/a"
+            reserved = f"{res['reserved_gib']:.1f}" if res["reserved_gib"] is not None else "n/a"
             print(f"| {name} | {res['kernels']} | {res['step_s']:.2f} | {tokens / res['step_s']:.0f} | {mfu} | {peak} | "
+                  f"{reserved} | "
                   f"{base['step_s'] / res['step_s']:.2f}x | {res['loss']:.4f} | {res['entropy']:.4f} |", flush=True)
     return 0
 

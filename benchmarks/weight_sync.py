@@ -3,13 +3,20 @@
     python benchmarks/weight_sync.py                   # CPU: a 156M-parameter Qwen2 shape in fp32 (0.62 GB)
     python benchmarks/weight_sync.py --smoke           # a tiny shape: proves the script runs
     python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --gpu   # GPU machine
+    python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --param-dtype bfloat16 --gpu  # pure bf16
 
 One learner actor (single strategy) and one vLLM engine actor on local Ray; ``rl.driver.push_weights`` does the
 sync exactly as ``rl train`` does, with ``--buckets-mb`` (0: one piece). Each setting runs ``--repeats`` syncs
 after a warm-up sync. Reported per setting: median sync time, the engine's own loading time, and the learner
 process's peak resident memory above its level before the sync (sampled every 2 ms during the syncs), which is
 what the bucketing bounds (the whole model serialized in one piece vs at most two buckets in flight). After every
-sync the engine's log-probs on a probe are compared with the learner's (max |diff|).
+sync the engine's log-probs on a probe are compared with the learner's (mean and max |diff|, against the run's
+default canary bounds for the dtype, ``rl.config.CANARY_BOUNDS``).
+
+Precision is a run's default: ``--dtype`` is ``model.dtype``, the learner's compute dtype and the engine's weights
+dtype; the learner holds fp32 master weights (``--param-dtype``, ``learner.param_dtype``: float32) and the export
+casts them to ``--dtype`` on the learner's device before the gather, so a bf16 sync moves bf16 bytes either way.
+``--param-dtype bfloat16`` measures pure bf16 (the learner holds bf16 weights; needs ``--dtype bfloat16``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from rl.config import CANARY_BOUNDS  # noqa: E402
 from trainers.tiny_model import QWEN25_1_5B_SHAPE, build_random_model  # noqa: E402
 
 SHAPES = {
@@ -93,9 +101,10 @@ def run_setting(model_dir: str, args, bucket_mb: float) -> dict:
 
     gpus = 1 if args.gpu else 0
     cfg = dict(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
-               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=gpus)
+               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=gpus,
+               param_dtype=args.param_dtype)
     learner = ray.remote(MeasuredLearner).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
-        model_dir, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=args.dtype)
+        model_dir, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=args.dtype, export_dtype=args.dtype)
     engine = ray.remote(Engine).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
         model_dir, dtype=args.dtype, max_model_len=256, gpu_memory_utilization=args.gpu_memory_utilization)
     group = LearnerGroup([learner])
@@ -110,7 +119,8 @@ def run_setting(model_dir: str, args, bucket_mb: float) -> dict:
         out["learner_rss_peak_mb"] = ray.get(learner.rss_stop.remote()) / 2**20
         want = ray.get(learner.probe_logprobs.remote(probe))
         got = ray.get(engine.score_tokens.remote(probe))
-        out["canary_max_abs_diff"] = max(abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g))
+        diffs = [abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g)]
+        out["canary_mean_abs_diff"], out["canary_max_abs_diff"] = sum(diffs) / len(diffs), max(diffs)
         rows.append(out)
     ray.kill(engine)
     ray.kill(learner)
@@ -118,6 +128,7 @@ def run_setting(model_dir: str, args, bucket_mb: float) -> dict:
     return {"bucket_mb": bucket_mb, "buckets": int(rows[0]["sync/buckets"]), "bytes": rows[0]["sync/bytes"],
             "sync_s": med["perf/weight_sync_s"], "engine_load_s": med["perf/weight_load_s"],
             "learner_rss_peak_mb": med["learner_rss_peak_mb"],
+            "canary_mean_abs_diff": max(r["canary_mean_abs_diff"] for r in rows),
             "canary_max_abs_diff": max(r["canary_max_abs_diff"] for r in rows)}
 
 
@@ -125,13 +136,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu-156m")
     ap.add_argument("--smoke", action="store_true", help="the tiny shape, 2 repeats")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="model.dtype: the learner's compute dtype and the engine's weights")
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="learner.param_dtype: the learner's master weights (default float32, a run's default; "
+                         "bfloat16 = pure bf16, needs --dtype bfloat16)")
     ap.add_argument("--gpu", action="store_true", help="learner and engine share one GPU")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.15)
     ap.add_argument("--buckets-mb", type=float, nargs="+", default=[0, 64])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = ap.parse_args()
+    if args.param_dtype != "float32" and args.param_dtype != args.dtype:
+        ap.error(f"--param-dtype {args.param_dtype} needs --dtype {args.param_dtype}: 16-bit master weights compute "
+                 "in their own dtype")
     if args.smoke:
         args.shape, args.repeats, args.buckets_mb = "tiny", 2, [0, 0.05]
     import ray
@@ -139,24 +157,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="weight_sync_") as tmp:
         model_dir = str(Path(tmp) / "model")
         n = build_random_model(model_dir, SHAPES[args.shape], args.dtype)
-        print(f"[bench] {args.shape}: {n / 1e6:.1f}M parameters, {args.dtype}", flush=True)
+        masters = "" if args.param_dtype == args.dtype else f", learner {args.param_dtype} master weights"
+        print(f"[bench] {args.shape}: {n / 1e6:.1f}M parameters, {args.dtype}{masters}", flush=True)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         results = [run_setting(model_dir, args, mb) for mb in args.buckets_mb]
         ray.shutdown()
     base = results[0]
     print(f"\n| bucket MiB | buckets | sync s | engine load s | learner peak RSS +MiB | vs {base['bucket_mb']:g} MiB: "
-          "time, memory | canary |\n|---|---|---|---|---|---|---|")
+          "time, memory | canary mean, max |\n|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['bucket_mb']:g} | {r['buckets']} | {r['sync_s']:.3f} | {r['engine_load_s']:.3f} | "
               f"{r['learner_rss_peak_mb']:.0f} | {r['sync_s'] / base['sync_s']:.2f}x, "
               f"{r['learner_rss_peak_mb'] / max(base['learner_rss_peak_mb'], 1e-9):.2f}x | "
-              f"{r['canary_max_abs_diff']:.1e} |")
-    record = {"shape": args.shape, "dtype": args.dtype, "parameters": n, "gpu": args.gpu, "results": results}
+              f"{r['canary_mean_abs_diff']:.1e}, {r['canary_max_abs_diff']:.1e} |")
+    mean_bound, max_bound = CANARY_BOUNDS[args.dtype]  # engine and learner both compute in --dtype
+    record = {"shape": args.shape, "dtype": args.dtype, "param_dtype": args.param_dtype, "parameters": n,
+              "gpu": args.gpu, "canary_bounds": [mean_bound, max_bound], "results": results}
     if args.out:
         args.out.write_text(json.dumps(record, indent=1))
-    bad = [r for r in results if r["canary_max_abs_diff"] > 1e-3]
+    bad = [r for r in results if r["canary_mean_abs_diff"] > mean_bound or r["canary_max_abs_diff"] > max_bound]
     if bad:
-        sys.exit(f"canary failed for bucket sizes {[r['bucket_mb'] for r in bad]}")
+        sys.exit(f"canary failed for bucket sizes {[r['bucket_mb'] for r in bad]} (bounds for {args.dtype}: mean "
+                 f"{mean_bound:g}, max {max_bound:g})")
 
 
 if __name__ == "__main__":
