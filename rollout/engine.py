@@ -39,6 +39,43 @@ class SamplingSettings:
     """Tokens before a stop token may end a response (benchmarks set it to max_tokens for equal-length runs)."""
 
 
+def llm_kwargs(model_path: str, *, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float,
+               enforce_eager: bool, tensor_parallel_size: int, speculative_config: dict | None, sleep_mode: bool,
+               cuda: bool) -> dict:
+    """Keyword arguments of ``vllm.LLM`` for an engine (``sleep_mode``: vLLM's sleep mode, CUDA only)."""
+    kwargs = dict(
+        model=model_path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        tensor_parallel_size=tensor_parallel_size,
+        # Log-probs after temperature, as the learner computes them: needed for exact importance ratios.
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls=WORKER_EXTENSION,
+        disable_log_stats=speculative_config is None,
+    )
+    if speculative_config:
+        kwargs["speculative_config"] = speculative_config
+    if tensor_parallel_size > 1:
+        # Inside a Ray actor vLLM would pick its Ray executor, whose workers then wait for GPUs this actor already
+        # holds; the actor sees its TP GPUs, so the workers are local processes.
+        kwargs["distributed_executor_backend"] = "mp"
+    if sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+        if speculative_config:
+            # level 2 would discard the drafter's own weights; vLLM keeps parameters named here through it
+            kwargs["sleep_preserve_parameter_names"] = ["draft.*"]
+    if not cuda:
+        # vLLM's CPU build fails ("CPU Generator does not use offset") when a request with its own seed has its
+        # prompt prefilled in chunks, which happens once a batch's prompts exceed the token budget. We seed every
+        # request, so prompts are never chunked on CPU: whole prompts, budget >= the context length.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+    return kwargs
+
+
 class Engine:
     """Owns a vLLM engine. Construct inside the process that will use it (vLLM spawns workers)."""
 
@@ -67,45 +104,20 @@ class Engine:
 
         register()  # the engine-core calls, for an engine core in this process (a spawned one loads the plugin)
 
-        t0 = time.perf_counter()
-        kwargs = dict(
-            model=model_path,
-            dtype=dtype,
-            seed=seed,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            tensor_parallel_size=tensor_parallel_size,
-            # Log-probs after temperature, as the learner computes them: needed for exact importance ratios.
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=WORKER_EXTENSION,
-            disable_log_stats=speculative_config is None,
-        )
-        if speculative_config:
-            kwargs["speculative_config"] = speculative_config
-        if tensor_parallel_size > 1:
-            # Inside a Ray actor vLLM would pick its Ray executor, whose workers then wait for GPUs this actor
-            # already holds; the actor sees its TP GPUs, so the workers are local processes.
-            kwargs["distributed_executor_backend"] = "mp"
         import torch
 
         # Colocated engines sleep while the learner trains. vLLM's CPU build has no sleep mode (it rejects
         # enable_sleep_mode), so there a sleep is vLLM's level 0, a scheduler pause that frees nothing, kept until
         # every tag is awake, exactly as a GPU engine's scheduler is: the driver's order runs the same on both.
+        cuda = torch.cuda.is_available()
         self.sleep_mode = bool(enable_sleep_mode)
-        self.can_sleep = bool(enable_sleep_mode and torch.cuda.is_available())
+        self.can_sleep = bool(enable_sleep_mode and cuda)
         self.asleep: set[str] = set()
-        if self.can_sleep:
-            kwargs["enable_sleep_mode"] = True
-            if speculative_config:
-                # level 2 would discard the drafter's own weights; vLLM keeps parameters named here through it
-                kwargs["sleep_preserve_parameter_names"] = ["draft.*"]
-        if not torch.cuda.is_available():
-            # vLLM's CPU build fails ("CPU Generator does not use offset") when a request with its own seed has
-            # its prompt prefilled in chunks, which happens once a batch's prompts exceed the token budget. We seed
-            # every request, so prompts are never chunked on CPU: whole prompts, budget >= the context length.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+        t0 = time.perf_counter()
+        kwargs = llm_kwargs(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                            tensor_parallel_size=tensor_parallel_size, speculative_config=speculative_config,
+                            sleep_mode=self.can_sleep, cuda=cuda)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
