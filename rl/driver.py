@@ -23,7 +23,7 @@ from rl.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInput
 from rl.algorithms.dapo import keep_group, overlong_penalty
 from rl.algorithms.smoothing import shape_advantages
 from rl.config import Config, dump_config
-from rl.data.datasets import PromptSampler, load_dataset
+from rl.data.datasets import PromptSampler, load_dataset, resolve_dataset
 from rl.tracking import CheckpointManager, MetricsLogger, Progress
 from rl.types import PromptItem, RewardResult, Rollout, TrainSample
 
@@ -198,6 +198,35 @@ def canary_gap(want: list[list[float]], got: list[list[float]]) -> tuple[float, 
     return sum(diffs) / max(len(diffs), 1), max(diffs, default=0.0)
 
 
+def preflight(cfg: Config) -> None:
+    """Check what the config names on disk before anything heavy starts: the model directory, the JSONL data
+    files and benchmark names, reward plug-ins (their names, files and keyword arguments) and the drafter's initial
+    checkpoint. Raises ``ValueError`` listing every problem found, each naming its config key."""
+    from rewards import RewardSpec, check_spec
+
+    problems = []
+    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+        problems.append(f"model.path={cfg.model.path!r}: no config.json there; give a transformers checkpoint "
+                        "directory (use `rl convert-gguf` for a GGUF file)")
+    for split in ("train", "eval"):
+        ds = getattr(cfg.data, split)
+        if ds.kind == "jsonl" and ds.path:
+            try:
+                resolve_dataset(ds.path, cfg.data.data_dir)
+            except ValueError as e:
+                problems.append(f"data.{split}.path: {e}")
+    for i, r in enumerate(cfg.rewards):
+        try:
+            check_spec(RewardSpec(name=r.name, weight=r.weight, kwargs=dict(r.kwargs)))
+        except ValueError as e:
+            problems.append(f"rewards[{i}]: {e}")
+    if cfg.drafter.mode != "off" and cfg.drafter.init_path and not Path(cfg.drafter.init_path).is_dir():
+        problems.append(f"drafter.init_path={cfg.drafter.init_path!r} is not a directory (a drafter checkpoint: "
+                        "config.json + model.safetensors in vLLM's EAGLE format)")
+    if problems:
+        raise ValueError("the config names things that are not there:\n  - " + "\n  - ".join(problems))
+
+
 class Trainer:
     """Owns the actors and the loop. ``run()`` trains; ``close()`` releases everything."""
 
@@ -228,6 +257,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         cfg = self.cfg
+        preflight(cfg)  # before the tiny model's build, Ray and the engines: seconds, not a minute, to an error
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.model_path = self._resolve_model()
         self._start_ray()

@@ -1,0 +1,39 @@
+"""A config that names files which are not there fails in seconds, before the tiny model's build or Ray."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rl.config import load_config
+from rl.driver import preflight
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_missing_thing_is_named_at_once(tmp_path):
+    cfg = load_config("configs/tiny_cpu.yaml", [
+        f"model.path={tmp_path / 'no_model'}", "data.train.kind=jsonl", f"data.train.path={tmp_path / 'x.jsonl'}",
+        f"data.data_dir={tmp_path}",
+        "rewards=[{name: math_verify}, {name: 'plugins/missing.py:score'}]",
+    ])
+    with pytest.raises(ValueError) as err:
+        preflight(cfg)
+    text = str(err.value)
+    assert text.count("\n  - ") == 3
+    assert "model.path=" in text and "data.train.path: dataset" in text
+    assert "rewards[1]: reward spec 'plugins/missing.py:score': file 'plugins/missing.py' not found" in text
+    preflight(load_config("configs/tiny_cpu.yaml"))  # the shipped recipe passes
+
+
+def test_rl_train_stops_before_building_anything(tmp_path):
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
+                           "data.train.kind=jsonl", "data.train.path=missing_file.jsonl", f"data.data_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "data.train.path: dataset 'missing_file.jsonl' not found" in proc.stderr
+    assert not (out / "tiny_model").exists() and time.perf_counter() - t0 < 60
