@@ -200,7 +200,7 @@ def canary_gap(want: list[list[float]], got: list[list[float]]) -> tuple[float, 
 
 def preflight(cfg: Config) -> None:
     """Check what the config names on disk before anything heavy starts: the model directory, the JSONL data
-    files and benchmark names, reward plug-ins (their names, files and keyword arguments) and the drafter's initial
+    files, reward plug-ins (their names, files and keyword arguments) and the drafter's initial
     checkpoint. Raises ``ValueError`` listing every problem found, each naming its config key."""
     from rewards import RewardSpec, check_spec
 
