@@ -20,6 +20,7 @@ from rewards.base import (
     RewardSpec,
     call_reward,
     register_reward,
+    reward_request,
 )
 from rewards.extract import Extraction, extract_answer
 from rewards.math_verifier import MathVerifyConfig, grade_math
@@ -43,6 +44,7 @@ __all__ = [
     "grade_math",
     "load_reward",
     "register_reward",
+    "reward_request",
     "registered_names",
     "verify_main",
 ]

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Union
 
-from rl.types import STATUSES, RewardResult
+from rl.types import STATUSES, PromptItem, RewardResult, Rollout
 
 RewardReturn = Union[RewardResult, float, int, bool]
 
@@ -30,7 +30,8 @@ class RewardRequest:
     prompt:   the prompt text the model saw.
     response: the model's full response text (may contain ``<think>`` blocks).
     answer:   the gold answer as text (e.g. ``"68"``, ``"\\frac{1}{2}"``, ``"$[2,5)$"``).
-    metadata: free-form extras passed through to every reward function (e.g. ``num_response_tokens``).
+    metadata: extras passed through to every reward function: in a run, the prompt item's own metadata plus
+              ``REQUEST_METADATA_KEYS`` (see :func:`reward_request`).
     """
 
     prompt: str
@@ -192,10 +193,53 @@ def shorten(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
 
 
-# The fixed tiny example every configured reward is smoke-called on at start-up.
-SMOKE_REQUEST = RewardRequest(
-    prompt="What is 1 + 1?",
-    response="<think>1 + 1 = 2.</think>Adding the numbers gives 2, so the answer is $\\boxed{2}$.",
-    answer="2",
-    metadata={"num_response_tokens": 24, "smoke_test": True},
+# The keys every graded response of a run carries in ``RewardRequest.metadata`` (docs/rewards.md lists them);
+# DC-CoT trajectories add ``longest_path_tokens`` and ``num_spawn_blocks``.
+REQUEST_METADATA_KEYS = ("prompt_id", "sample_index", "num_response_tokens", "finish_reason")
+
+
+def reward_request(item: PromptItem, response: Any, sample_index: int) -> RewardRequest:
+    """The request that grades one sampled response to ``item``: what training, in-training evaluation and
+    ``rl eval`` all send, so the metadata a reward reads is the same everywhere.
+
+    response:     an ``rl.types.Rollout``, or a DC-CoT ``rollout.dccot.Trajectory`` (anything with
+                  ``response_text``, ``end_reason`` and ``reward_metadata()``).
+    sample_index: the response's index among the samples of ``item`` (0-based).
+
+    ``metadata`` is the item's metadata, then ``prompt_id`` (``item.id``), ``sample_index``,
+    ``num_response_tokens`` (sampled tokens; a trajectory's total) and ``finish_reason`` (``"stop"``, or
+    ``"length"`` when the response was cut at a token budget; for a trajectory, any end but ``"stop"``),
+    then a trajectory's path lengths.
+    """
+    if isinstance(response, Rollout):
+        num_tokens, finish_reason, extra = response.num_response_tokens, response.finish_reason, {}
+    else:
+        extra = dict(response.reward_metadata())
+        num_tokens = extra.pop("num_response_tokens")
+        finish_reason = "stop" if response.end_reason == "stop" else "length"
+    metadata = {
+        **item.metadata,
+        "prompt_id": item.id,
+        "sample_index": int(sample_index),
+        "num_response_tokens": int(num_tokens),
+        "finish_reason": finish_reason,
+        **extra,
+    }
+    return RewardRequest(item.prompt, response.response_text, item.answer, metadata)
+
+
+# The fixed tiny example every configured reward is smoke-called on at start-up, built like a run's requests so
+# that it carries exactly the metadata keys a run sends (a reward that reads one of them works in both).
+SMOKE_REQUEST = reward_request(
+    PromptItem(id="smoke-test", prompt="What is 1 + 1?", answer="2"),
+    Rollout(
+        prompt_id="smoke-test",
+        prompt_token_ids=[0] * 8,
+        response_token_ids=[0] * 24,
+        logprobs=[0.0] * 24,
+        finish_reason="stop",
+        policy_version=0,
+        response_text="<think>1 + 1 = 2.</think>Adding the numbers gives 2, so the answer is $\\boxed{2}$.",
+    ),
+    sample_index=0,
 )

@@ -198,6 +198,7 @@ class RewardPool:
         self._worker_count = 0
         self._consecutive_start_failures = 0
         self._stats = _PoolStats()
+        self._first_errors: dict[str, str] = {}  # reward name -> its first error text since take_first_errors()
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # Only takes effect if this process has not started its forkserver yet; otherwise workers start cold.
@@ -403,11 +404,14 @@ class RewardPool:
         status, error, extracted = "ok", None, None
         if verifier is not None:
             status, error, extracted = verifier.status, verifier.error, verifier.extracted
-        if status == "ok":
-            for name, part in zip(self.names, parts):
-                if part.status != "ok":
-                    status, error = part.status, f"{name}: {part.error}"
-                    break
+        # Every failing component's reason, so a sample shows all of them (the verifier's reason comes first).
+        reasons = [error] if error else []
+        for index, (name, part) in enumerate(zip(self.names, parts)):
+            if part.status != "ok" and index != self._verifier_index:
+                if status == "ok":
+                    status = part.status
+                reasons.append(f"{name}: {part.error}")
+        error = "; ".join(reasons) or None
         if extracted is None:
             extracted = next((part.extracted for part in parts if part.extracted is not None), None)
         return RewardResult(
@@ -428,6 +432,8 @@ class RewardPool:
             stats.score_sum += result.score
             for name, part in zip(self.names, parts):
                 stats.components[name].add(part)
+                if part.status == "error":
+                    self._first_errors.setdefault(name, part.error or "(no error text)")
             if self._verifier_index is not None:
                 verdict = parts[self._verifier_index]
                 if self._auditor.should_audit(verdict):
@@ -437,10 +443,17 @@ class RewardPool:
 
     # ------------------------------------------------------------------------------------------- metrics
 
+    def take_first_errors(self) -> dict[str, str]:
+        """Reward name -> the text of its first ``status="error"`` result since the last call (rewards without an
+        error are left out); clears. Independent of :meth:`metrics` resets."""
+        with self._lock:
+            out, self._first_errors = self._first_errors, {}
+            return out
+
     def metrics(self, reset: bool = True) -> dict[str, float]:
         """Counters since the last reset, namespaced ``reward/``.
 
-        Per reward ``<name>``: ``timeout_rate``, ``parse_fail_rate``, ``error_rate``, ``mean_time_s``,
+        Per reward ``<name>``: ``timeout_rate``, ``parse_fail_rate``, ``error_rate``, ``num_errors``, ``mean_time_s``,
         ``max_time_s``, ``mean_score``, and for the verifier ``audited``, ``audit_disagreements``.
         Pool-wide: ``num_graded``, ``accuracy``, ``mean_score``, ``audit_disagreements``, ``worker_restarts``.
         """
@@ -452,6 +465,7 @@ class RewardPool:
                 out[f"reward/{name}/timeout_rate"] = s.timeouts / n
                 out[f"reward/{name}/parse_fail_rate"] = s.parse_fails / n
                 out[f"reward/{name}/error_rate"] = s.errors / n
+                out[f"reward/{name}/num_errors"] = float(s.errors)
                 out[f"reward/{name}/mean_time_s"] = s.time_sum / n
                 out[f"reward/{name}/max_time_s"] = s.time_max
                 out[f"reward/{name}/mean_score"] = s.score_sum / n

@@ -278,6 +278,13 @@ class RewardPoolConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Grader worker processes.")
     timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit per grading call, enforced from outside.")
     audit_fraction: float = Field(0.0, ge=0, le=1, description="Share of `incorrect` verdicts re-checked by a second method.")
+    max_error_rate: float = Field(
+        1.0, gt=0, le=1,
+        description="Stop the run when one reward returns status `error` (it raised, crashed or returned no number) on "
+        "at least this share of a training step's graded responses, after saving a checkpoint of the last completed "
+        "step; 1.0: only when it errored on every one. Lower error rates are warned about on the console and counted "
+        "(reward/<name>/error_rate, num_errors).",
+    )
 
 
 class SyncConfig(_Section):

@@ -32,6 +32,15 @@ class CanaryError(RuntimeError):
     """The engines do not serve the weights the learner has: rollouts would be off-policy without anyone knowing."""
 
 
+class RewardError(ValueError):
+    """A configured reward errored on at least ``reward_pool.max_error_rate`` of a step's responses: training on
+    its fail-closed zeros would be a silent 0."""
+
+
+# A reward that keeps erroring below the stop threshold is warned about at most once per this many steps.
+_REWARD_WARN_EVERY_STEPS = 10
+
+
 def _split(flat: list, sizes: list[int]) -> list[list]:
     """Cut a flat list into consecutive chunks of the given sizes."""
     out, start = [], 0
@@ -441,9 +450,9 @@ class Trainer:
         return groups
 
     def score(self, items: list[PromptItem], groups: list[list[Rollout]]):
-        from rewards import RewardRequest
+        from rewards import reward_request
 
-        reqs = [RewardRequest(it.prompt, r.response_text, it.answer, dict(it.metadata)) for it, g in zip(items, groups) for r in g]
+        reqs = [reward_request(it, r, j) for it, g in zip(items, groups) for j, r in enumerate(g)]
         return self.reward_pool.score(reqs)
 
     def sync_weights(self, version: int) -> dict[str, float]:
@@ -679,10 +688,9 @@ class Trainer:
 
     def score_trajectories(self, items: list[PromptItem], trajs, n: int) -> list[RewardResult]:
         """Grade each trajectory's response text; the rewards see its path lengths in the metadata."""
-        from rewards import RewardRequest
+        from rewards import reward_request
 
-        reqs = [RewardRequest(it.prompt, t.response_text, it.answer, {**it.metadata, **t.reward_metadata()})
-                for i, it in enumerate(items) for t in trajs[i * n : (i + 1) * n]]
+        reqs = [reward_request(it, t, j) for i, it in enumerate(items) for j, t in enumerate(trajs[i * n : (i + 1) * n])]
         return self.reward_pool.score(reqs)
 
     def dccot_format_valid(self, text: str) -> bool:
@@ -918,6 +926,11 @@ class Trainer:
                 path = self.save_checkpoint(step)
                 print(f"\n[rl] interrupted: saved step {step} to {path}; continue with --resume", flush=True)
             raise
+        except RewardError as exc:
+            progress.close()
+            path = self.save_checkpoint(step) if step > self.start_step or step == 0 else self.ckpt.latest()
+            raise RewardError(f"{exc}\nSaved the last completed step ({step}) to {path}: fix the reward, then "
+                              "continue with --resume.") from None
         finally:
             signal.signal(signal.SIGTERM, old_handler)
             progress.close()
@@ -987,6 +1000,7 @@ class Trainer:
             batch = self.prepare_batch(step)
             drafter_interval = batch["generation_interval"]
         samples, metrics = batch["samples"], batch["metrics"]
+        self.check_reward_errors(step, metrics, batch["log"])
         colocated = cfg.placement.mode == "colocated"
         if colocated:
             metrics["perf/engine_sleep_s"] = self._engines_call("sleep", cfg.placement.engine_sleep_level)
@@ -1040,6 +1054,32 @@ class Trainer:
         self._log_samples(step, batch["log"])
         return metrics
 
+    def check_reward_errors(self, step: int, metrics: dict[str, float], log) -> None:
+        """Warn (at most once per reward every ``_REWARD_WARN_EVERY_STEPS`` steps) about each reward that errored on
+        some of this step's responses, with its first error text; raise ``RewardError`` (after logging the step's
+        samples) when one errored on at least ``reward_pool.max_error_rate`` of them."""
+        texts = self.reward_pool.take_first_errors()
+        graded = int(metrics.get("reward/num_graded", 0))
+        warned = self.__dict__.setdefault("_reward_error_warned", {})  # reward name -> step of its last warning
+        failing = []
+        for name in self.reward_pool.names:
+            errors = int(metrics.get(f"reward/{name}/num_errors", 0))
+            if not errors:
+                continue
+            text = texts.get(name, "(no error text)")
+            rate = metrics[f"reward/{name}/error_rate"]
+            if rate >= self.cfg.reward_pool.max_error_rate:
+                failing.append(f"reward {name!r} errored on {errors}/{graded} responses of step {step} "
+                               f"(reward_pool.max_error_rate={self.cfg.reward_pool.max_error_rate:g}); first error: {text}")
+            elif step - warned.get(name, -_REWARD_WARN_EVERY_STEPS) >= _REWARD_WARN_EVERY_STEPS:
+                warned[name] = step
+                print(f"[rl] warning: step {step}: reward {name!r} errored on {errors}/{graded} responses (scored 0); "
+                      f"first error: {text} (next warning for it in >= {_REWARD_WARN_EVERY_STEPS} steps; every "
+                      f"step's count is in reward/{name}/num_errors, the texts in samples.jsonl)", flush=True)
+        if failing:
+            self._log_samples(step, log)
+            raise RewardError("; ".join(failing))
+
     def _log_samples(self, step: int, log) -> None:
         k = self.cfg.run.log_samples_per_step
         kind, data = log
@@ -1051,7 +1091,8 @@ class Trainer:
             self.logger.log_samples(step, [
                 {"prompt_id": t.prompt_id, "prompt": items_by_id[t.prompt_id].prompt, "response": t.response_text,
                  "answer": items_by_id[t.prompt_id].answer, "reward": res.score, "correct": res.correct,
-                 "status": res.status, "end_reason": t.end_reason, **t.reward_metadata()}
+                 "status": res.status, "error": res.error, "components": res.components, "end_reason": t.end_reason,
+                 **t.reward_metadata()}
                 for t, res in list(zip(trajs, results))[:k]
             ])
         elif kind == "multiturn":
@@ -1067,7 +1108,9 @@ class Trainer:
             picked = [(it, r, results[i]) for i, (it, r) in enumerate(flat[:k])]
             self.logger.log_samples(step, [
                 {"prompt_id": it.id, "prompt": it.prompt, "response": r.response_text, "answer": it.answer,
-                 "reward": res.score, "correct": res.correct, "extracted": res.extracted, "status": res.status}
+                 "reward": res.score, "correct": res.correct, "extracted": res.extracted, "status": res.status,
+                 "error": res.error, "components": res.components, "num_response_tokens": r.num_response_tokens,
+                 "finish_reason": r.finish_reason}
                 for it, r, res in picked
             ])
 

@@ -212,3 +212,19 @@ def test_unpicklable_metadata_fails_only_that_request(pool: RewardPool) -> None:
     assert [r.status for r in results] == ["ok", "error", "ok"]
     assert "must be picklable" in results[1].error
     assert pool.score([good])[0].correct
+
+
+def test_every_failing_component_is_named_and_first_errors_are_kept(plugin_pool: RewardPool) -> None:
+    plugin_pool.take_first_errors()
+    plugin_pool.metrics(reset=True)
+    boom, both = plugin_pool.score([req("boom"), req("crash boom")])
+    assert boom.status == "error" and boom.error == "picky: RuntimeError: picky exploded"
+    picky_error, crash_error = both.error.split("; ")
+    assert picky_error == "picky: RuntimeError: picky exploded"
+    assert crash_error.startswith("crashes: the reward worker crashed (exit code 3)")
+    metrics = plugin_pool.metrics()
+    assert (metrics["reward/picky/num_errors"], metrics["reward/crashes/num_errors"]) == (2.0, 1.0)
+    assert metrics["reward/says_yes/num_errors"] == 0.0
+    first = plugin_pool.take_first_errors()
+    assert sorted(first) == ["crashes", "picky"] and first["picky"] == "RuntimeError: picky exploded"
+    assert plugin_pool.take_first_errors() == {}

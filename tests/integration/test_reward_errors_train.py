@@ -1,0 +1,59 @@
+"""`rl train` with a reward plug-in that raises on every response a run sends (it passes the start-up smoke call):
+the run stops at the first step with the reward's name and error text, keeps a checkpoint, and writes the error and
+the per-reward scores to samples.jsonl. In the same run, `length_penalty` with `unit: tokens` grades every
+response from the token count the driver passes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+REWARDS = ("rewards=[{name: math_verify}, "
+           "{name: length_penalty, kwargs: {max_length: 8, buffer_length: 4, unit: tokens}}, "
+           "{name: 'tests/fixtures/reward_plugins.py:fails_at_run_time'}]")
+
+
+def expected_length_penalty(num_tokens: int) -> float:
+    # max_length 8, buffer 4: 0 up to 4 tokens, then -(L - 4) / 4, -1 from 8 on
+    return 0.0 if num_tokens <= 4 else -min(num_tokens - 4, 4) / 4
+
+
+def test_a_reward_failing_at_run_time_stops_the_run_with_a_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
+            f"model.path={tiny_model_dir}", "model.build_tiny=false", "run.progress=false", "run.num_steps=2",
+            "run.save_every_steps=0", "run.log_samples_per_step=8", "rollout.prompts_per_step=4",
+            "rollout.num_samples_per_prompt=2", "data.eval.num_problems=4", "eval.num_samples=1",
+            "eval.every_steps=0", REWARDS]
+    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 1, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert ("rl train: reward 'fails_at_run_time' errored on 8/8 responses of step 1 (reward_pool.max_error_rate=1); "
+            "first error: KeyError: \"no grading table for prompt") in proc.stderr, proc.stderr[-3000:]
+    assert "continue with --resume" in proc.stderr
+    # The last completed step (0: the start) is saved, and nothing of step 1 was trained or checkpointed.
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000000"]
+    assert json.loads((out / "checkpoints" / "step_000000" / "driver_state.json").read_text())["step"] == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["step"] for r in rows} == {1}
+    for row in rows:
+        assert row["status"] == "error"
+        assert f"fails_at_run_time: KeyError: \"no grading table for prompt '{row['prompt_id']}'\"" in row["error"]
+        assert "length_penalty" not in row["error"]
+        assert row["finish_reason"] in ("stop", "length") and row["num_response_tokens"] >= 1
+        components = row["components"]
+        assert components["fails_at_run_time"] == 0.0
+        assert components["length_penalty"] == pytest.approx(expected_length_penalty(row["num_response_tokens"]))
+        assert row["reward"] == pytest.approx(components["math_verify"] + components["length_penalty"])
+    assert any(r["components"]["length_penalty"] < 0 for r in rows), "no response over 4 tokens: test proves little"
