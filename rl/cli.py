@@ -48,7 +48,8 @@ def _eval(args: argparse.Namespace) -> int:
             model=args.model, benchmarks=specs, out_dir=args.out or "eval_out", n=args.n, ks=ks,
             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
             prompt_template=args.prompt_template, system_prompt=args.system_prompt, chat_template=args.chat_template,
-            data_dir=args.data_dir, on_bad_row=args.on_bad_row, num_engines=args.num_engines, dtype=args.dtype,
+            data_dir=args.data_dir, on_bad_row=args.on_bad_row, on_long_prompt=args.on_long_prompt,
+            max_model_len=args.max_model_len, num_engines=args.num_engines, dtype=args.dtype,
             gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
             enforce_eager=args.enforce_eager, chunk_problems=args.chunk_problems, reward_workers=args.reward_workers,
             num_resamples=args.num_resamples, max_time_s=args.max_time_s, ray_address=args.ray_address,
@@ -92,16 +93,21 @@ def _add_eval_parser(sub) -> None:
         "pass@k (k=1..n), maj@k and mean@n with bootstrap CIs. Re-running with the same --out resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="transformers checkpoint directory (see rl convert-gguf)")
+    p.add_argument("--model", required=True,
+                   help="transformers checkpoint directory (see rl convert-gguf), or a training checkpoint folder "
+                   "(runs/NAME/checkpoints/step_000010: its model/ is loaded)")
     p.add_argument("--benchmarks", required=True,
-                   help="comma-separated names in --data-dir (math500, aime24, aime25, amc23, hmmt_feb25, gsm8k, ...) "
-                   "or paths to .jsonl/.parquet files")
+                   help="comma-separated names in --data-dir (math500, aime24, aime25, amc23, hmmt_feb25, gsm8k, ...), "
+                   "paths to .jsonl/.parquet files, or arith: the embedded task's held-out set of the demo (200 "
+                   "test-split problems, seed 1, its own prompts)")
     p.add_argument("--n", type=int, default=16, help="samples per problem")
     p.add_argument("--k", default=None, help="ks for the table, e.g. 1,2,4,8,16 (default: powers of two up to n); "
                    "the JSON summary has every k up to n")
     p.add_argument("--limit", default=None, help="first N problems of each benchmark: one number, or one per benchmark")
     p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="1.0 as in training (rollout.top_p), so pass@k measures the distribution the policy was "
+                   "trained to sample; published evaluations often use 0.95")
     p.add_argument("--max-tokens", type=int, default=2048, help="max response tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per problem: derived from it and the id)")
     p.add_argument("--data-dir", default=None, help="benchmark directory (default: $RL_DATA_DIR, else ../shared/data)")
@@ -115,13 +121,21 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--id-field", default="id")
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                    help="a malformed data row: stop with its line number, or skip it and report it")
+    p.add_argument("--on-long-prompt", choices=("error", "skip"), default="error",
+                   help="a prompt whose tokens + --max-tokens exceed the context: stop before any engine starts, "
+                   "naming the problems, or skip them and count them in the summary")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="engine context in tokens (unset: the model's, from its config.json)")
     p.add_argument("--num-engines", type=int, default=0,
                    help="vLLM engine actors (0: one per tensor-parallel group of GPUs; one on CPU)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.15,
                    help="vLLM memory share (on CPU: of RAM, for the KV cache); raise it on GPUs (e.g. 0.85)")
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="vLLM without torch.compile and graphs (unset: on for CPU, where the engine starts much "
+                   "faster, SmolLM2-135M 44 s vs 169 s, for ~10%% slower generation: pass --no-enforce-eager for long "
+                   "CPU evaluations; off on GPUs). docs/evaluation.md has the numbers")
     p.add_argument("--chunk-problems", type=int, default=8,
                    help="problems per engine call; each finished chunk is written to disk")
     p.add_argument("--reward-workers", type=int, default=2, help="math-verify grading processes")

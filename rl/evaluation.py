@@ -250,10 +250,30 @@ def parse_benchmarks(names: str, limits: str | None = None, **fields) -> list[Be
     return specs
 
 
+# The demo's held-out set (configs/tiny_cpu.yaml ``data.eval``): test-split arithmetic problems, seed 1.
+ARITH_EVAL_PROBLEMS = 200
+ARITH_EVAL_SEED = 1
+
+
+def _arith_benchmark(limit: int | None) -> list[PromptItem]:
+    from rl.data.arith import make_arith_problems
+
+    # a longer list with the same seed extends a shorter one, so --limit N is a prefix of the same stream
+    return make_arith_problems(limit or ARITH_EVAL_PROBLEMS, seed=ARITH_EVAL_SEED, split="test")
+
+
+BUILTIN_BENCHMARKS: dict[str, Callable[[int | None], list[PromptItem]]] = {"arith": _arith_benchmark}
+"""Benchmarks generated in code, not read from files: name -> ``loader(limit) -> items`` (prompts as in training)."""
+
+
 def load_benchmark(spec: BenchmarkSpec, format_prompt: Callable[[str], str], data_dir: str | None = None,
                    on_bad_row: str = "error") -> tuple[list[PromptItem], LoadReport]:
     """Problems of one benchmark with formatted prompts; a malformed row stops with its line (row) number, or is
-    skipped and counted with ``on_bad_row="skip"``."""
+    skipped and counted with ``on_bad_row="skip"``. A built-in benchmark (``BUILTIN_BENCHMARKS``) keeps the
+    prompts its task was trained on, so ``format_prompt`` does not apply to it."""
+    if spec.path in BUILTIN_BENCHMARKS:
+        items = BUILTIN_BENCHMARKS[spec.path](spec.limit)
+        return items, LoadReport(f"builtin:{spec.path}", num_loaded=len(items))
     kw = dict(problem_field=spec.problem_field, answer_field=spec.answer_field, id_field=spec.id_field)
     if spec.path.endswith(".parquet"):
         return _load_parquet(Path(spec.path), format_prompt, spec.limit, on_bad_row, **kw)
@@ -318,6 +338,97 @@ def make_prompt_formatter(tokenizer, template: str = DEFAULT_PROMPT_TEMPLATE, sy
     return fmt, use
 
 
+# ---------------------------------------------------------------------------------------------------- model, lengths
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# config.json keys that bound the context (vLLM derives its default max_model_len from the same keys)
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """The directory vLLM loads for ``--model``: a transformers checkpoint directory (``config.json``), or a
+    training checkpoint ``<run>/checkpoints/step_N``, whose ``model/`` holds the weights and the tokenizer files
+    the trainer copies next to them."""
+    p = Path(model)
+    if (p / "config.json").is_file():
+        return p
+    inner = p / "model"
+    if (inner / "config.json").is_file():
+        if not any((inner / f).is_file() for f in _TOKENIZER_FILES):
+            raise ValueError(f"--model {model}: {inner} holds weights but no tokenizer files; copy the base model's "
+                             f"tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...) into it")
+        return inner
+    steps = sorted(q for q in p.glob("step_*") if q.is_dir()) if p.is_dir() else []
+    if steps:
+        raise ValueError(f"--model {model}: a checkpoints folder; pass one of its steps, e.g. --model {steps[-1]}")
+    what = "no such directory" if not p.exists() else "no config.json, nor model/config.json"
+    raise ValueError(f"--model {model}: {what}; expected a transformers checkpoint directory or a training "
+                     "checkpoint folder (runs/NAME/checkpoints/step_000010); a GGUF file converts with rl convert-gguf")
+
+
+def model_context_len(model_dir: str | Path, tokenizer=None) -> int | None:
+    """The model's context in tokens: the smallest bound in ``config.json``, else the tokenizer's
+    ``model_max_length`` when it is a real number; None when neither says."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    vals = [cfg[k] for k in _CONTEXT_KEYS if isinstance(cfg.get(k), int) and cfg[k] > 0]
+    if vals:
+        return min(vals)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 10**8 else None
+
+
+@dataclass(frozen=True)
+class LongPrompt:
+    """A prompt that leaves no room for a full response: ``prompt_tokens + response tokens > max_model_len``."""
+
+    benchmark: str
+    id: str
+    prompt_tokens: int
+
+
+def check_prompt_lengths(benches: dict[str, list[PromptItem]], tokenizer, response_tokens: int,
+                         max_model_len: int | None, on_long_prompt: str = "error",
+                         ) -> tuple[dict[str, list[PromptItem]], list[LongPrompt]]:
+    """Count every prompt's tokens as the engine tokenizes the text (the chat template is already in the prompt);
+    a prompt with ``tokens + response_tokens > max_model_len`` stops the run before any engine starts
+    (``on_long_prompt="error"``: a ValueError naming up to 10 of them), or is dropped (``"skip"``).
+    Returns the benchmarks without the dropped prompts, and the dropped (or offending) prompts."""
+    if on_long_prompt not in ("error", "skip"):
+        raise ValueError(f"--on-long-prompt must be error or skip, got {on_long_prompt!r}")
+    if max_model_len is None:
+        return benches, []
+    kept: dict[str, list[PromptItem]] = {}
+    long: list[LongPrompt] = []
+    for name, items in benches.items():
+        counts = [len(ids) for ids in tokenizer([it.prompt for it in items])["input_ids"]] if items else []
+        kept[name] = [it for it, c in zip(items, counts) if c + response_tokens <= max_model_len]
+        long += [LongPrompt(name, it.id, c) for it, c in zip(items, counts) if c + response_tokens > max_model_len]
+    if long and on_long_prompt == "error":
+        shown = ", ".join(f"{p.benchmark}/{p.id} ({p.prompt_tokens} tokens)" for p in long[:10])
+        more = f" and {len(long) - 10} more" if len(long) > 10 else ""
+        raise ValueError(
+            f"{len(long)} prompt(s) leave no room for {response_tokens} response tokens within max_model_len "
+            f"{max_model_len}: {shown}{more}. Skip them with --on-long-prompt skip (counted in the summary), or "
+            "raise --max-model-len (up to what the model supports), or lower --max-tokens")
+    return kept, long
+
+
+def merge_throughput(previous: dict | None, this_run: dict) -> dict:
+    """Generation totals over all runs into one output directory (``summary.json`` ``all_runs``): ``previous``
+    is the summary already there (or None), ``this_run`` this run's ``engine_start_s``, ``generation_s`` and
+    ``response_tokens``. A run that generated nothing (a resume of a finished evaluation) changes nothing."""
+    prev = (previous or {}).get("all_runs")
+    first = (previous or {}).get("this_run") or {}
+    if prev is None and first.get("response_tokens"):  # a summary written before all_runs existed
+        prev = {"runs": 1, **{k: first[k] for k in ("engine_start_s", "generation_s", "response_tokens")}}
+    tot = dict(prev or {"runs": 0, "engine_start_s": 0.0, "generation_s": 0.0, "response_tokens": 0})
+    if this_run["generation_s"] > 0:
+        tot["runs"] += 1
+        for k in ("engine_start_s", "generation_s", "response_tokens"):
+            tot[k] += this_run[k]
+    tot["tokens_per_s"] = tot["response_tokens"] / tot["generation_s"] if tot["generation_s"] else None
+    return tot
+
+
 # ---------------------------------------------------------------------------------------------------- rl eval
 @dataclass
 class EvalSettings:
@@ -329,7 +440,7 @@ class EvalSettings:
     n: int = 16
     ks: list[int] | None = None
     temperature: float = 0.6
-    top_p: float = 0.95
+    top_p: float = 1.0  # as in training (rollout.top_p): the distribution the policy was trained to sample
     max_tokens: int = 2048
     seed: int = 0
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
@@ -337,11 +448,13 @@ class EvalSettings:
     chat_template: str = "auto"
     data_dir: str | None = None
     on_bad_row: str = "error"
+    on_long_prompt: str = "error"  # a prompt + max_tokens over max_model_len: "error" before engines start, or "skip"
+    max_model_len: int | None = None  # engine context; None: the model's (config.json)
     num_engines: int = 0
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.15
     tensor_parallel_size: int = 1
-    enforce_eager: bool = False
+    enforce_eager: bool | None = None  # None: eager on CPU (much faster engine start), compiled on GPUs
     chunk_problems: int = 8
     reward_workers: int = 2
     grading_timeout_s: float = 5.0
@@ -435,6 +548,17 @@ class _EvalProgress:
             self._bar.stop()
 
 
+def _skipped_summary(long: list[LongPrompt]) -> dict[str, dict]:
+    """Per benchmark: how many prompts were skipped as too long, their ids and token counts."""
+    out: dict[str, dict] = {}
+    for p in long:
+        e = out.setdefault(p.benchmark, {"count": 0, "ids": [], "prompt_tokens": []})
+        e["count"] += 1
+        e["ids"].append(p.id)
+        e["prompt_tokens"].append(p.prompt_tokens)
+    return out
+
+
 def _start_ray(address: str | None) -> None:
     import ray
 
@@ -452,7 +576,7 @@ def _start_ray(address: str | None) -> None:
         ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, **kw)
 
 
-def _start_engines(settings: EvalSettings, max_model_len: int) -> list:
+def _start_engines(settings: EvalSettings, model_dir: Path, max_model_len: int) -> list:
     """Engine actors: one per ``tensor_parallel_size`` GPUs when Ray has GPUs, else ``num_engines`` or one (a vLLM
     CPU engine already uses every core; a second one on the same machine only contends)."""
     import ray
@@ -463,14 +587,15 @@ def _start_engines(settings: EvalSettings, max_model_len: int) -> list:
     tp = settings.tensor_parallel_size
     num = settings.num_engines or (max(1, gpus // tp) if gpus else 1)
     dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if gpus else "float32")
+    eager = settings.enforce_eager if settings.enforce_eager is not None else not gpus
     cls = ray.remote(Engine).options(num_cpus=1, num_gpus=tp if gpus else 0)
-    engines = [cls.remote(settings.model, dtype=dtype, seed=settings.seed + i, max_model_len=max_model_len,
-                          gpu_memory_utilization=settings.gpu_memory_utilization, enforce_eager=settings.enforce_eager,
+    engines = [cls.remote(str(model_dir), dtype=dtype, seed=settings.seed + i, max_model_len=max_model_len,
+                          gpu_memory_utilization=settings.gpu_memory_utilization, enforce_eager=eager,
                           tensor_parallel_size=tp) for i in range(num)]
     t0 = time.perf_counter()
     ray.get([e.ping.remote() for e in engines])
     print(f"[eval] {num} engine(s) up in {time.perf_counter() - t0:.0f} s (dtype {dtype}, max_model_len "
-          f"{max_model_len})", flush=True)
+          f"{max_model_len}, {'eager' if eager else 'compiled'})", flush=True)
     return engines
 
 
@@ -481,9 +606,7 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
     if settings.n < 1:
         raise ValueError(f"--n must be >= 1, got {settings.n}")
     ks = check_ks(settings.ks or default_ks(settings.n), settings.n)
-    if not (Path(settings.model) / "config.json").is_file():
-        raise ValueError(f"--model {settings.model}: not a transformers checkpoint directory (no config.json); "
-                         "a GGUF file converts with rl convert-gguf")
+    model_dir = resolve_model_dir(settings.model)
     dccot = None
     if settings.dccot is not None:
         from rl.dccot import DCCoTConfig
@@ -491,7 +614,7 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
         dccot = DCCoTConfig(**{"max_path_tokens": settings.max_tokens, **settings.dccot})
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     fmt, used_chat = make_prompt_formatter(tokenizer, settings.prompt_template, settings.system_prompt,
                                            settings.chat_template)
     benches: dict[str, list[PromptItem]] = {}
@@ -500,8 +623,17 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
         for lineno, why in report.skipped:
             print(f"[eval] {report.path}:{lineno}: skipped: {why}", file=sys.stderr)
         benches[spec.name] = items
+    budget = dccot.context_tokens if dccot is not None else settings.max_tokens  # a director's context holds workers'
+    context = settings.max_model_len or model_context_len(model_dir, tokenizer)
+    benches, long = check_prompt_lengths(benches, tokenizer, budget, context, settings.on_long_prompt)
+    skipped = _skipped_summary(long)
+    for bench, e in skipped.items():
+        print(f"[eval] {bench}: skipped {e['count']} prompt(s) longer than max_model_len {context} minus {budget} "
+              f"response tokens: {', '.join(e['ids'][:10])}", flush=True)
     _check_resume(out, settings)
     log = GenerationLog(out / GENERATIONS_FILE)
+    prev_path = out / "summary.json"  # its totals carry over when this directory's generations do
+    previous = json.loads(prev_path.read_text()) if log.path.exists() and prev_path.is_file() else None
     done_records = log.load(settings.n)
     done = {(r.benchmark, r.id) for r in done_records}
     todo = [(b, it) for b, items in benches.items() for it in items if (b, it.id) not in done]
@@ -517,15 +649,12 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
         from rewards import RewardPool, RewardSpec
 
         longest = max(len(tokenizer(it.prompt, add_special_tokens=False)["input_ids"]) for _, it in todo)
-        limit = getattr(tokenizer, "model_max_length", None) or 0
-        max_model_len = longest + settings.max_tokens + 8
-        if dccot is not None:  # a director's context holds every worker's copy
-            max_model_len = longest + dccot.context_tokens + 8
-        if 0 < limit < 10**8:
-            max_model_len = min(max_model_len, limit)
+        max_model_len = longest + budget + 8
+        if context:
+            max_model_len = min(max_model_len, context)
         t0 = time.perf_counter()
         _start_ray(settings.ray_address)
-        engines = _start_engines(settings, max_model_len)
+        engines = _start_engines(settings, model_dir, max_model_len)
         start_s = time.perf_counter() - t0
         # DC-CoT: the dccot reward's verdict is math-verify on the text after </think>; no length penalty in eval
         spec = (RewardSpec("dccot", kwargs={"overlong_buffer_tokens": 0, "workers_per_block": dccot.workers_per_block})
@@ -540,19 +669,27 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
         gen_s = time.perf_counter() - t0
     records = [r for r in log.load(settings.n) if (r.benchmark, r.id) in wanted]
     complete = complete and len({(r.benchmark, r.id) for r in records}) == total
+    this_run = {"engine_start_s": start_s, "generation_s": gen_s, "response_tokens": stats["tokens"],
+                "tokens_per_s": stats["tokens"] / gen_s if gen_s else None}
     summary = {
         "model": settings.model,
+        "model_dir": str(model_dir),
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("benchmarks",)},
         "benchmarks_requested": {s.name: s.path for s in settings.benchmarks},
         "ks": ks,
         "complete": complete,
-        "this_run": {"engine_start_s": start_s, "generation_s": gen_s, "response_tokens": stats["tokens"],
-                     "tokens_per_s": stats["tokens"] / gen_s if gen_s else None},
+        "max_model_len": context,
+        "skipped_long_prompts": skipped,
+        "this_run": this_run,
+        "all_runs": merge_throughput(previous, this_run),
         "results": summarize_benchmarks(records, ks, num_resamples=settings.num_resamples, seed=settings.seed)
         if records else {},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = markdown_table(summary["results"], ks)
+    if skipped:
+        counts = "; ".join(f"{b}: {e['count']}" for b, e in skipped.items())
+        table += f"\n\nSkipped, prompt + {budget} response tokens > max_model_len {context}: {counts}"
     (out / "summary.md").write_text(table + "\n")
     if records:
         plot_pass_at_k(summary["results"], out / "pass_at_k.png")
@@ -568,7 +705,7 @@ def _generate_all(settings: EvalSettings, engines: list, pool, todo: list[tuple[
     chunk is graded and appended to the log. Returns False when ``max_time_s`` stopped it early."""
     import ray
 
-    from rewards import RewardRequest
+    from rewards import reward_request
     from rollout.engine import GenerationRequest, SamplingSettings
 
     sampling = SamplingSettings(temperature=settings.temperature, top_p=settings.top_p,
@@ -602,8 +739,7 @@ def _generate_all(settings: EvalSettings, engines: list, pool, todo: list[tuple[
             i, chunk = pending.pop(ref)
             load[i] -= 1
             groups = ray.get(ref)
-            results = pool.score([RewardRequest(it.prompt, r.response_text, it.answer, dict(it.metadata))
-                                  for (_, it), g in zip(chunk, groups) for r in g])
+            results = pool.score([reward_request(it, r, j) for (_, it), g in zip(chunk, groups) for j, r in enumerate(g)])
             records: list[SampleRecord] = []
             pos = 0
             for (b, it), g in zip(chunk, groups):
@@ -633,7 +769,7 @@ def _generate_all_dccot(settings: EvalSettings, cfg, tokenizer, engines: list, p
     ``max_time_s`` stopped it early."""
     import ray
 
-    from rewards import RewardRequest
+    from rewards import reward_request
     from rl.dccot import response_format_valid
     from rollout.dccot import TrajectoryRequest, run_dccot
     from rollout.engine import SamplingSettings, engines_generate_fn
@@ -652,9 +788,8 @@ def _generate_all_dccot(settings: EvalSettings, cfg, tokenizer, engines: list, p
                     for b, it in chunk for j in range(n)]
             trajs = run_dccot(generate_fn, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
                               lambda ids: tokenizer.decode(ids, skip_special_tokens=True), reqs, cfg)
-            results = pool.score([RewardRequest(it.prompt, t.response_text, it.answer,
-                                                {**it.metadata, **t.reward_metadata()})
-                                  for (_, it), k in zip(chunk, range(len(chunk))) for t in trajs[k * n:(k + 1) * n]])
+            results = pool.score([reward_request(it, t, j) for k, (_, it) in enumerate(chunk)
+                                  for j, t in enumerate(trajs[k * n:(k + 1) * n])])
             records: list[SampleRecord] = []
             for k, (b, it) in enumerate(chunk):
                 grp = {f: str(it.metadata[f]) for f in GROUP_FIELDS if it.metadata.get(f) not in (None, "")}

@@ -191,3 +191,136 @@ def test_plot_writes_png(tmp_path):
         recs += make_records(name, items, gen(items, 5), score(items, gen(items, 5)))
     png = plot_pass_at_k(summarize_benchmarks(recs, [1, 2], num_resamples=50), tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------- rl eval checks
+@pytest.fixture(scope="module")
+def digit_tokenizer():
+    """The tiny model's tokenizer kind (byte-level BPE, one token per digit), built locally."""
+    from rl.data.arith import make_arith_problems
+    from trainers.tiny_model import build_tokenizer
+
+    return build_tokenizer([it.prompt for it in make_arith_problems(200, 0, "train")])
+
+
+def test_check_prompt_lengths_names_offenders_or_skips(digit_tokenizer):
+    from rl.evaluation import LongPrompt, check_prompt_lengths
+
+    benches = {"a": [PromptItem("short", "7" * 100, "1"), PromptItem("edge", "7" * 240, "1")],
+               "b": [PromptItem("long", "7" * 241, "1")]}
+    # 240 + 16 = 256 fits exactly; 241 + 16 = 257 does not
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) leave no room for 16 response tokens within max_model_len "
+                                         r"256: b/long \(241 tokens\)\. Skip them with --on-long-prompt skip"):
+        check_prompt_lengths(benches, digit_tokenizer, 16, 256)
+    kept, long = check_prompt_lengths(benches, digit_tokenizer, 16, 256, "skip")
+    assert {b: [it.id for it in items] for b, items in kept.items()} == {"a": ["short", "edge"], "b": []}
+    assert long == [LongPrompt("b", "long", 241)]
+    assert check_prompt_lengths(benches, digit_tokenizer, 16, None) == (benches, [])  # context unknown: no check
+    many = {"c": [PromptItem(f"p{i}", "7" * (300 + i), "1") for i in range(12)]}
+    with pytest.raises(ValueError, match=r"^12 prompt\(s\).*c/p9 \(309 tokens\) and 2 more\."):
+        check_prompt_lengths(many, digit_tokenizer, 16, 256)
+
+
+def test_model_context_len(tmp_path, digit_tokenizer):
+    from rl.evaluation import model_context_len
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 4096, "n_positions": 2048}))
+    assert model_context_len(tmp_path, digit_tokenizer) == 2048
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    assert model_context_len(tmp_path, digit_tokenizer) == 256  # the tokenizer's model_max_length
+    assert model_context_len(tmp_path, type("T", (), {"model_max_length": int(1e30)})()) is None
+
+
+def test_resolve_model_dir_accepts_a_training_checkpoint(tmp_path):
+    from rl.evaluation import resolve_model_dir
+
+    plain = tmp_path / "hf"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    assert resolve_model_dir(str(plain)) == plain
+    ckpts = tmp_path / "run" / "checkpoints"
+    model = ckpts / "step_000010" / "model"  # the trainer's layout: weights + copied tokenizer files in model/
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds weights but no tokenizer files"):
+        resolve_model_dir(str(ckpts / "step_000010"))
+    (model / "tokenizer.json").write_text("{}")
+    assert resolve_model_dir(str(ckpts / "step_000010")) == model
+    with pytest.raises(ValueError, match=r"a checkpoints folder; pass one of its steps, e.g. --model .*step_000010"):
+        resolve_model_dir(str(ckpts))
+    with pytest.raises(ValueError, match="no such directory"):
+        resolve_model_dir(str(tmp_path / "nope"))
+
+
+def test_arith_benchmark_is_the_demos_held_out_set():
+    from rl.config import load_config
+    from rl.data.datasets import load_dataset
+
+    items, rep = load_benchmark(BenchmarkSpec("arith", "arith"), str.upper)  # its own prompts: no formatter
+    demo, _ = load_dataset(load_config("configs/tiny_cpu.yaml", []).data.eval)
+    assert len(items) == 200 and rep.num_loaded == 200
+    assert items == demo
+    assert items[0].id == "arith-test-000000" and items[0].prompt.startswith("Problem: Compute ")
+    assert items[0].prompt.endswith(".\nSolution:\n")
+    a, b = items[0].metadata["a"], items[0].metadata["b"]
+    assert items[0].answer == str(a + b)
+    assert load_benchmark(BenchmarkSpec("arith", "arith", limit=5), str)[0] == items[:5]
+    assert [s.name for s in parse_benchmarks("arith,math500")] == ["arith", "math500"]
+
+
+def test_merge_throughput_keeps_earlier_runs():
+    from rl.evaluation import merge_throughput
+
+    first = {"engine_start_s": 40.0, "generation_s": 10.0, "response_tokens": 1000, "tokens_per_s": 100.0}
+    tot = merge_throughput(None, first)
+    assert tot == {"runs": 1, "engine_start_s": 40.0, "generation_s": 10.0, "response_tokens": 1000,
+                   "tokens_per_s": 100.0}
+    idle = {"engine_start_s": 0.0, "generation_s": 0.0, "response_tokens": 0, "tokens_per_s": None}
+    assert merge_throughput({"this_run": idle, "all_runs": tot}, idle) == tot  # a resume with nothing left to do
+    more = {"engine_start_s": 30.0, "generation_s": 5.0, "response_tokens": 800, "tokens_per_s": 160.0}
+    tot2 = merge_throughput({"this_run": first, "all_runs": tot}, more)
+    assert tot2 == {"runs": 2, "engine_start_s": 70.0, "generation_s": 15.0, "response_tokens": 1800,
+                    "tokens_per_s": 120.0}
+    assert merge_throughput({"this_run": first}, idle) == tot  # a summary without all_runs: its run counts
+
+
+def test_run_eval_skips_long_prompts_of_a_checkpoint_before_engines(tmp_path, digit_tokenizer):
+    """Every prompt too long: nothing to generate, so no engine starts; the skips are counted."""
+    from rl.evaluation import EvalSettings, run_eval
+
+    model = tmp_path / "run" / "checkpoints" / "step_000002" / "model"
+    model.mkdir(parents=True)
+    digit_tokenizer.save_pretrained(model)
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 64}))
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "problem": "7" * (60 + i), "answer": "1"}) + "\n"
+                            for i in range(3)))
+    out = tmp_path / "o"
+    settings = EvalSettings(model=str(model.parent), benchmarks=parse_benchmarks(str(data)), out_dir=str(out), n=2,
+                            max_tokens=8, prompt_template="{problem}", chat_template="off")
+    with pytest.raises(ValueError, match=r"3 prompt\(s\) leave no room for 8 response tokens within max_model_len 64: "
+                                         r"long/q0 \(60 tokens\), long/q1 \(61 tokens\), long/q2 \(62 tokens\)"):
+        run_eval(settings, progress=False)
+    assert not (out / "summary.json").exists()
+    settings.on_long_prompt = "skip"
+    summary = run_eval(settings, progress=False)
+    assert summary["skipped_long_prompts"] == {"long": {"count": 3, "ids": ["q0", "q1", "q2"],
+                                                        "prompt_tokens": [60, 61, 62]}}
+    assert summary["model_dir"] == str(model) and summary["max_model_len"] == 64 and summary["results"] == {}
+    assert "Skipped, prompt + 8 response tokens > max_model_len 64: long: 3" in (out / "summary.md").read_text()
+
+
+def test_eval_cli_defaults_match_training():
+    import argparse
+
+    from rl.cli import _add_eval_parser
+    from rl.config import RolloutConfig
+    from rl.evaluation import EvalSettings
+
+    parser = argparse.ArgumentParser()
+    _add_eval_parser(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--model", "m", "--benchmarks", "arith"])
+    assert args.top_p == 1.0 == EvalSettings("m", [], "o").top_p == RolloutConfig.model_fields["top_p"].default
+    assert args.enforce_eager is None and EvalSettings("m", [], "o").enforce_eager is None  # eager on CPU
+    assert args.on_long_prompt == "error" and args.max_model_len is None
+    assert parser.parse_args(["eval", "--model", "m", "--benchmarks", "a", "--no-enforce-eager"]).enforce_eager is False
