@@ -599,6 +599,26 @@ def _start_engines(settings: EvalSettings, model_dir: Path, max_model_len: int) 
     return engines
 
 
+def _load_prompts(settings: EvalSettings, tokenizer, budget: int, context: int | None,
+                  ) -> tuple[dict[str, list[PromptItem]], bool, dict[str, dict]]:
+    """Every benchmark's formatted prompts less those with no room for ``budget`` response tokens in ``context``
+    (or a ValueError naming them: ``check_prompt_lengths``); whether the chat template is used; the skips."""
+    fmt, used_chat = make_prompt_formatter(tokenizer, settings.prompt_template, settings.system_prompt,
+                                           settings.chat_template)
+    benches: dict[str, list[PromptItem]] = {}
+    for spec in settings.benchmarks:
+        items, report = load_benchmark(spec, fmt, settings.data_dir, settings.on_bad_row)
+        for lineno, why in report.skipped:
+            print(f"[eval] {report.path}:{lineno}: skipped: {why}", file=sys.stderr)
+        benches[spec.name] = items
+    benches, long = check_prompt_lengths(benches, tokenizer, budget, context, settings.on_long_prompt)
+    skipped = _skipped_summary(long)
+    for bench, e in skipped.items():
+        print(f"[eval] {bench}: skipped {e['count']} prompt(s) longer than max_model_len {context} minus {budget} "
+              f"response tokens: {', '.join(e['ids'][:10])}", flush=True)
+    return benches, used_chat, skipped
+
+
 def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
     """``rl eval``: generate what is missing in ``out_dir``, then summarize everything there. Returns the summary."""
     from transformers import AutoTokenizer
@@ -615,21 +635,9 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    fmt, used_chat = make_prompt_formatter(tokenizer, settings.prompt_template, settings.system_prompt,
-                                           settings.chat_template)
-    benches: dict[str, list[PromptItem]] = {}
-    for spec in settings.benchmarks:
-        items, report = load_benchmark(spec, fmt, settings.data_dir, settings.on_bad_row)
-        for lineno, why in report.skipped:
-            print(f"[eval] {report.path}:{lineno}: skipped: {why}", file=sys.stderr)
-        benches[spec.name] = items
     budget = dccot.context_tokens if dccot is not None else settings.max_tokens  # a director's context holds workers'
     context = settings.max_model_len or model_context_len(model_dir, tokenizer)
-    benches, long = check_prompt_lengths(benches, tokenizer, budget, context, settings.on_long_prompt)
-    skipped = _skipped_summary(long)
-    for bench, e in skipped.items():
-        print(f"[eval] {bench}: skipped {e['count']} prompt(s) longer than max_model_len {context} minus {budget} "
-              f"response tokens: {', '.join(e['ids'][:10])}", flush=True)
+    benches, used_chat, skipped = _load_prompts(settings, tokenizer, budget, context)
     _check_resume(out, settings)
     log = GenerationLog(out / GENERATIONS_FILE)
     prev_path = out / "summary.json"  # its totals carry over when this directory's generations do
