@@ -46,12 +46,14 @@ def test_two_learner_ranks_two_engines(warm_tiny_model_dir, tmp_path, mode, stra
         assert r["sync/canary_max_abs_diff"] < 1e-3  # both engines serve the gathered FSDP2 weights
         assert r["perf/weight_sync_s"] > 0
         assert r["sync/buckets"] >= 6  # embedding, 4 layers, norm + head
-        assert r["loss/grad_norm"] > 0
+        if r["rollout/groups_all_equal_frac"] < 1.0:  # a step whose groups all agree has no signal and no gradient
+            assert r["loss/grad_norm"] > 0
         assert r["async/policy_lag"] == 0.0
         if mode == "colocated":
             # vLLM's CPU build has no sleep mode: a sleep pauses the engine's scheduler until every tag is awake
             # again, so a canary run between the two wakes (the order that hangs on a GPU) fails here at once
             assert r["perf/engine_sleep_s"] > 0 and r["perf/engine_wake_s"] > 0
+    assert any(r["loss/grad_norm"] > 0 for r in rows)
     assert m[0]["sync/canary_max_abs_diff"] < 1e-3
     assert (tmp_path / "run" / "checkpoints" / "step_000002" / "model" / "model.safetensors").is_file()
 
