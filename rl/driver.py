@@ -246,6 +246,7 @@ class Trainer:
         self.resume = resume
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator)
         self._stop_requested = False
+        self._reward_error_warned: dict[str, int] = {}  # reward name -> step of its last warning
         self.engine_version = 0  # the policy version the engines serve (set by every sync)
         self._pending: dict[int, dict] = {}  # async mode: batches generated ahead, by the step that trains on them
         # The sampler's state just before each step's prompts were drawn: a checkpoint of step s taken after
@@ -1060,7 +1061,7 @@ class Trainer:
         samples) when one errored on at least ``reward_pool.max_error_rate`` of them."""
         texts = self.reward_pool.take_first_errors()
         graded = int(metrics.get("reward/num_graded", 0))
-        warned = self.__dict__.setdefault("_reward_error_warned", {})  # reward name -> step of its last warning
+        warned = self._reward_error_warned
         failing = []
         for name in self.reward_pool.names:
             errors = int(metrics.get(f"reward/{name}/num_errors", 0))

@@ -15,13 +15,12 @@ import os
 import time
 
 import pytest
+import ray
 
 from rl import driver, placement
 from rl.config import load_config
 
 pytestmark = pytest.mark.integration
-
-ray = pytest.importorskip("ray")
 
 ALLOC = "expandable_segments:True"
 GPUS_PER_NODE = 4

@@ -25,7 +25,7 @@ class FakePool:
 def fake_trainer(max_error_rate: float = 1.0):
     logged = []
     trainer = SimpleNamespace(cfg=load_config(None, [f"reward_pool.max_error_rate={max_error_rate}"]),
-                              reward_pool=FakePool(), logged=logged)
+                              reward_pool=FakePool(), logged=logged, _reward_error_warned={})
     trainer._log_samples = lambda step, log: logged.append((step, log))
     return trainer
 
