@@ -2,6 +2,7 @@
 
     rl verify --response 'so the answer is \\boxed{1/2}' --answer '0.5'
     rl verify --input samples.jsonl --output graded.jsonl [--response-field response --answer-field answer]
+    rl verify --reward '{name: length_penalty, kwargs: {unit: tokens}}' --metadata '{"num_response_tokens": 812}' ...
 
 Exit codes: single response: 0 correct, 1 not correct (wrong, unparsable, timeout or error);
 file mode: 0 when every row was read, 1 when some rows were malformed (they are listed with their line
@@ -36,16 +37,26 @@ def _parser() -> argparse.ArgumentParser:
     single.add_argument("--answer", help="gold answer, e.g. '\\frac{1}{2}' or '0.5'")
     single.add_argument("--prompt", default="", help="prompt text (only plug-ins look at it)")
     single.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    single.add_argument(
+        "--metadata", default=None, metavar="JSON",
+        help="metadata the rewards receive, as a JSON object, e.g. '{\"num_response_tokens\": 812, "
+        "\"finish_reason\": \"stop\"}' (what a run sends: docs/rewards.md); in file mode, the defaults under "
+        "each row's --metadata-field",
+    )
     batch = parser.add_argument_group("a JSONL file")
     batch.add_argument("--input", help="JSONL file with one {response, answer} object per line")
     batch.add_argument("--output", help="JSONL file to write one result per graded row to")
     batch.add_argument("--response-field", default="response", help="field holding the response")
     batch.add_argument("--answer-field", default="answer", help="field holding the gold answer")
     batch.add_argument("--prompt-field", default="prompt", help="field holding the prompt (optional)")
+    batch.add_argument("--metadata-field", default="metadata",
+                       help="field holding the row's metadata object (optional; samples.jsonl rows of a run carry "
+                       "num_response_tokens and finish_reason at the top level, and those are read too)")
     grading = parser.add_argument_group("grading")
     grading.add_argument(
         "--reward", action="append", default=None, metavar="SPEC",
-        help="reward spec (registered name, pkg.module:fn or path/file.py:fn); repeatable; default math_verify",
+        help="reward spec: a registered name, pkg.module:fn or path/file.py:fn, or a mapping as in a config, e.g. "
+        "'{name: length_penalty, kwargs: {unit: tokens, max_length: 512}}'; repeatable; default math_verify",
     )
     grading.add_argument("--num-workers", type=int, default=2, help="grading worker processes")
     grading.add_argument("--timeout-s", type=float, default=5.0, help="wall-clock limit per response and reward")
@@ -70,8 +81,9 @@ def verify_main(argv: list[str] | None = None) -> int:
     if file_mode and (args.input is None or args.output is None):
         print("rl verify: --input and --output go together", file=sys.stderr)
         return 2
-    specs = [RewardSpec(name) for name in (args.reward or ["math_verify"])]
     try:
+        specs = [parse_reward_spec(text) for text in (args.reward or ["math_verify"])]
+        args.metadata = _parse_metadata(args.metadata)
         pool = RewardPool(
             specs,
             num_workers=args.num_workers,
@@ -88,9 +100,44 @@ def verify_main(argv: list[str] | None = None) -> int:
         return _verify_file(pool, args)
 
 
+def parse_reward_spec(text: str) -> RewardSpec:
+    """``--reward``: a name (``math_verify``, ``pkg.module:fn``, ``path/file.py:fn``) or a YAML mapping with
+    ``name`` and optional ``weight`` and ``kwargs``, as one entry of a config's ``rewards`` list."""
+    if not text.lstrip().startswith("{"):
+        return RewardSpec(text)
+    import yaml
+
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--reward {text!r} is not a valid mapping: {exc}") from None
+    unknown = sorted(set(spec) - {"name", "weight", "kwargs"}) if isinstance(spec, dict) else []
+    if not isinstance(spec, dict) or "name" not in spec or unknown:
+        raise ValueError(f"--reward {text!r}: a mapping takes name (required), weight and kwargs"
+                         + (f"; unknown key(s) {unknown}" if unknown else ""))
+    return RewardSpec(name=str(spec["name"]), weight=float(spec.get("weight", 1.0)), kwargs=dict(spec.get("kwargs") or {}))
+
+
+def _parse_metadata(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--metadata is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--metadata must be a JSON object, got {type(value).__name__}: {text!r}")
+    return value
+
+
+# Keys a run's samples.jsonl rows carry at the top level that rewards read from metadata (docs/rewards.md).
+_ROW_METADATA_KEYS = ("prompt_id", "sample_index", "num_response_tokens", "finish_reason")
+
+
 def _verify_one(pool: RewardPool, args: argparse.Namespace) -> int:
     response = sys.stdin.read() if args.response == "-" else args.response
-    result = pool.score([RewardRequest(prompt=args.prompt, response=response, answer=args.answer)])[0]
+    result = pool.score([RewardRequest(prompt=args.prompt, response=response, answer=args.answer,
+                                       metadata=dict(args.metadata))])[0]
     if args.json:
         print(json.dumps(asdict(result)))
     else:
@@ -128,11 +175,16 @@ def _read_rows(handle: IO[str], args: argparse.Namespace, bad: list[tuple[int, s
                 break
             fields[key] = value
         else:
+            own = row.get(args.metadata_field, {})
+            if not isinstance(own, dict):
+                bad.append((line_number, f"field {args.metadata_field!r} is not an object ({type(own).__name__})"))
+                continue
             prompt = row.get(args.prompt_field, "")
             yield line_number, row, RewardRequest(
                 prompt=prompt if isinstance(prompt, str) else "",
                 response=fields[args.response_field],
                 answer=fields[args.answer_field],
+                metadata={**args.metadata, **{k: row[k] for k in _ROW_METADATA_KEYS if k in row}, **own},
             )
 
 

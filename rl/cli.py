@@ -17,6 +17,8 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     if args.ray_address:
         cfg.ray.address = args.ray_address
+    if args.verbose:
+        cfg.run.verbose = True
     from rl.driver import CanaryError, train
 
     try:
@@ -52,7 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, num_engines=args.num_engines, dtype=args.dtype,
             gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
             enforce_eager=args.enforce_eager, chunk_problems=args.chunk_problems, reward_workers=args.reward_workers,
-            num_resamples=args.num_resamples, max_time_s=args.max_time_s, ray_address=args.ray_address,
+            num_resamples=args.num_resamples, max_time_s=args.max_time_s, ray_address=args.ray_address, verbose=args.verbose,
             dccot=_dccot_options(args),
         )
         summary = run_eval(settings, progress=not args.no_progress)
@@ -144,6 +146,9 @@ def _add_eval_parser(sub) -> None:
                    help="stop starting new chunks after this many seconds; summarize what is done (exit code 3)")
     p.add_argument("--ray-address", default=None, help="attach to a running Ray cluster")
     p.add_argument("--no-progress", action="store_true", help="plain progress lines even on a terminal")
+    p.add_argument("--verbose", action="store_true",
+                   help="every engine and Ray line on the console; without it they go to OUT/logs/ and the console "
+                   "shows warnings and errors")
     g = p.add_argument_group("DC-CoT", "evaluate a director/worker model through the DC-CoT executor; reports the "
                              "longest path (latency) next to pass@k. --max-tokens is the path budget.")
     g.add_argument("--dccot", action="store_true", help="run every sample through the DC-CoT executor")
@@ -161,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         from rewards.verify_cli import verify_main
 
         return verify_main(argv[1:])
+    args = parse_args(argv)
+    return args.func(args)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line of every subcommand but ``verify`` (which has its own parser)."""
     parser = argparse.ArgumentParser(prog="rl", description="RL post-training for LLM reasoning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -169,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.7 run.num_steps=50")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
     p.add_argument("--ray-address", default=None, help="attach to a running Ray cluster (e.g. auto or ray://host:10001)")
+    p.add_argument("--verbose", action="store_true",
+                   help="every engine, learner, Ray and DeepSpeed line on the console (run.verbose=true); without "
+                   "it they go to run.output_dir/logs/ and the console shows the run's lines, warnings and errors")
     p.set_defaults(func=_train)
 
     from rl.plan import add_plan_parser
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides = [args.config] + args.overrides
         args.config = None
-    return args.func(args)
+    return args
 
 
 if __name__ == "__main__":

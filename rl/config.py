@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rl.algorithms.config import AlgorithmConfig
 from rl.algorithms.gdro import GdroConfig
 from rl.algorithms.gigpo import GigpoConfig
+from rl.data.datasets import DEFAULT_PROMPT_TEMPLATE
 from rl.dccot import DCCoTConfig
 
 
@@ -31,8 +32,41 @@ class RunConfig(_Section):
     save_every_steps: int = Field(10, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_last_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep on disk.")
     log_samples_per_step: int = Field(4, ge=0, description="Rollout samples written to samples.jsonl per step.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard event files under <output_dir>/tb.")
+    tensorboard: bool | None = Field(None, description="Removed: list `tensorboard` in run.trackers instead.")
     progress: bool = Field(True, description="Show a live progress display on the terminal.")
+    verbose: bool = Field(
+        False,
+        description="Show every line of the engines, learners, Ray and DeepSpeed on the console (`rl train "
+        "--verbose`). Off: they go to <output_dir>/logs/ and the console shows the run's own lines, warnings and "
+        "errors (rl/console.py lists the warnings it hides as harmless, with the reason).",
+    )
+    trackers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="Where metrics go: `jsonl` (<output_dir>/metrics.jsonl; always on: resume and the plots read "
+        "it), `tensorboard` (<output_dir>/tb), `wandb` (project run.project; WANDB_MODE=offline works without a "
+        "network), `mlflow` (experiment run.project at run.mlflow_tracking_uri). wandb and MLflow get the run's "
+        "name, tags and resolved config, and a resumed run continues the same tracker run.",
+    )
+    name: str | None = Field(None, description="The run's name in wandb and MLflow (None: output_dir's last part).")
+    project: str = Field("rl-reasoning", description="wandb project and MLflow experiment name.")
+    tags: list[str] = Field(default_factory=list, description="Tags of the run in wandb and MLflow.")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db). A "
+        "server (http://...), a database (sqlite:///..., postgresql://...) or a Databricks workspace.",
+    )
+
+    @model_validator(mode="after")
+    def _check_trackers(self) -> "RunConfig":
+        if self.tensorboard is not None:
+            raise ValueError(f"run.tensorboard={self.tensorboard} was removed: list the trackers in run.trackers, "
+                             "e.g. run.trackers=[jsonl,tensorboard,wandb]")
+        if "jsonl" not in self.trackers:
+            raise ValueError(f"run.trackers={self.trackers} must include jsonl: metrics.jsonl is what --resume, the "
+                             "learning curve and `rl` reports read (add wandb, mlflow or tensorboard beside it)")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"run.trackers={self.trackers} names a tracker twice")
+        return self
 
 
 class TinyModelConfig(_Section):
@@ -83,14 +117,26 @@ class DatasetConfig(_Section):
     problem_field: str = Field("problem", description="Field holding the question text (kind=jsonl).")
     answer_field: str = Field("answer", description="Field holding the gold answer (kind=jsonl).")
     id_field: str = Field("id", description="Field holding the row id (kind=jsonl); the line number when absent.")
-    prompt_template: str = Field(
-        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
-        description="Template applied to the question (kind=jsonl); `{problem}` is replaced.",
+    prompt_template: str | None = Field(
+        None,
+        description="Template applied to the question (kind=jsonl); `{problem}` is replaced. None: "
+        "rl.data.datasets.DEFAULT_PROMPT_TEMPLATE (`{problem}` then 'Please reason step by step, and put your final "
+        "answer within \\boxed{}.'). The embedded tasks (arith, dccot_sum) have their own prompts.",
     )
     use_chat_template: bool = Field(False, description="Wrap the prompt with the tokenizer's chat template (kind=jsonl).")
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="A malformed row: `error` stops with the row number; `skip` counts and skips it."
     )
+
+    @model_validator(mode="after")
+    def _jsonl_only_keys(self) -> "DatasetConfig":
+        if self.kind != "jsonl":
+            used = [k for k in ("path", "prompt_template") if getattr(self, k) is not None]
+            used += ["use_chat_template"] if self.use_chat_template else []
+            if used:
+                raise ValueError(f"{', '.join(used)} only apply to kind=jsonl; kind={self.kind} builds its own "
+                                 "prompts (remove them, or set kind: jsonl)")
+        return self
 
 
 class DataConfig(_Section):
@@ -339,7 +385,7 @@ class EvalConfig(_Section):
     )
     benchmark_limit: int | None = Field(None, ge=1, description="First N problems of each benchmark (None: all).")
     benchmark_template: str = Field(
-        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+        DEFAULT_PROMPT_TEMPLATE,
         description="Prompt template of the benchmark problems (`{problem}` is replaced); the model's chat "
         "template wraps it when the tokenizer has one.",
     )

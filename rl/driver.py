@@ -23,8 +23,10 @@ from rl.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInput
 from rl.algorithms.dapo import keep_group, overlong_penalty
 from rl.algorithms.smoothing import shape_advantages
 from rl.config import Config, dump_config
+from rl.console import quiet_driver
 from rl.data.datasets import PromptSampler, load_dataset, resolve_dataset
-from rl.tracking import CheckpointManager, MetricsLogger, Progress
+from rl.ray_init import actor_env_vars, start_ray  # noqa: F401  (actor_env_vars: part of this module's API)
+from rl.tracking import CheckpointManager, MetricsLogger, Progress, TrackerSettings
 from rl.types import PromptItem, RewardResult, Rollout, TrainSample
 
 
@@ -77,31 +79,8 @@ def _dapo_metrics(rounds: int, generated: int, dropped: int, kept: int, target: 
 
 # The driver's communication settings reach every actor on every node: network interfaces, InfiniBand, debug
 # output and timeouts of NCCL (learner process group, tensor-parallel engines) and gloo (the CPU-side group).
-_FORWARDED_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_")
 # Learner ranks only: an allocator setting such as expandable_segments conflicts with vLLM's sleep-mode allocator.
 _LEARNER_ONLY = ("PYTORCH_CUDA_ALLOC_CONF",)
-
-
-def actor_env_vars() -> dict[str, str]:
-    """Environment variables the driver passes to every actor (the ``ray.init`` runtime env): a few fixed keys and
-    everything named ``NCCL_*``, ``GLOO_*`` or ``TORCH_NCCL_*``. Inside a ``ray job submit`` job, keys the job's
-    runtime env already sets are left out (Ray refuses a key set both by the job and by ``ray.init``; the job's
-    value reaches the actors anyway). ``PYTORCH_CUDA_ALLOC_CONF`` is never here: see ``learner_env_vars``."""
-    env = {
-        "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(Path.cwd() / ".cache" / "vllm")),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "RL_DATA_DIR", "PYTHONPATH"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    for key in sorted(os.environ):
-        if key.startswith(_FORWARDED_PREFIXES):
-            env[key] = os.environ[key]
-    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if job:
-        job_env = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
-        env = {k: v for k, v in env.items() if k not in job_env}
-    return env
 
 
 def learner_env_vars() -> dict[str, str]:
@@ -232,8 +211,28 @@ def preflight(cfg: Config) -> None:
     if cfg.drafter.mode != "off" and cfg.drafter.init_path and not Path(cfg.drafter.init_path).is_dir():
         problems.append(f"drafter.init_path={cfg.drafter.init_path!r} is not a directory (a drafter checkpoint: "
                         "config.json + model.safetensors in vLLM's EAGLE format)")
+    problems += _preflight_benchmarks_and_trackers(cfg)
     if problems:
         raise ValueError("the config names things that are not there:\n  - " + "\n  - ".join(problems))
+
+
+def _preflight_benchmarks_and_trackers(cfg: Config) -> list[str]:
+    """``eval.benchmarks`` that resolve to no file, and trackers whose package is not installed."""
+    from rl.evaluation import BUILTIN_BENCHMARKS
+    from rl.tracking import missing_tracker_packages
+
+    problems = []
+    for i, name in enumerate(cfg.eval.benchmarks):
+        if name in BUILTIN_BENCHMARKS or name.endswith(".parquet"):
+            continue
+        try:
+            resolve_dataset(name, cfg.data.data_dir)
+        except ValueError as e:
+            problems.append(f"eval.benchmarks[{i}]: {e}")
+    for name in missing_tracker_packages(cfg.run.trackers):
+        problems.append(f"run.trackers: {name} is listed but its package is not installed (pip install {name}, "
+                        "or drop it from run.trackers)")
+    return problems
 
 
 class Trainer:
@@ -266,9 +265,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
+        quiet_driver(self.cfg.run.verbose)  # before the tiny model's build imports DeepSpeed
         cfg = self.cfg
         preflight(cfg)  # before the tiny model's build, Ray and the engines: seconds, not a minute, to an error
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        # trackers first: a wandb or MLflow that cannot start fails the run before a minute of start-up
+        self.logger = MetricsLogger(self.run_dir, TrackerSettings(
+            trackers=tuple(cfg.run.trackers), name=cfg.run.name or self.run_dir.name, project=cfg.run.project,
+            tags=tuple(cfg.run.tags), config=cfg.model_dump(mode="json"),
+            mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, verbose=cfg.run.verbose), resume=self.resume)
         self.model_path = self._resolve_model()
         self._start_ray()
         self.reward_pool = self._make_reward_pool()
@@ -285,7 +290,6 @@ class Trainer:
         self.benchmarks = self._load_benchmarks(tokenizer)
         self.sampler = PromptSampler(self.train_items, seed=cfg.run.seed)
         self.engines, self.learner = self._start_actors()
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard)
         self.ckpt = CheckpointManager(self.run_dir, cfg.run.keep_last_checkpoints)
         self.start_step = 0
         if self.resume:
@@ -327,7 +331,11 @@ class Trainer:
         tmp = out.with_name(out.name + ".tmp")
         info = build_tiny_model(tmp, **kwargs)
         os.replace(tmp, out)
-        print(f"[rl] tiny model ready: {json.dumps(info, default=str)}", flush=True)
+        facts = [f"{info['model/num_params'] / 1e6:.2f}M parameters"] if "model/num_params" in info else []
+        facts += [f"{info['sft/steps']} warm-start steps"] if "sft/steps" in info else []
+        facts += [f"greedy accuracy {info['sft/val_acc_greedy']:.3f}"] if "sft/val_acc_greedy" in info else []
+        print(f"[rl] tiny model ready in {info.get('build/time_s', 0):.0f} s: {', '.join(facts)} "
+              f"(details: {out / 'tiny_model_build.json'})", flush=True)
         return str(out)
 
     def _start_ray(self) -> None:
@@ -335,9 +343,8 @@ class Trainer:
 
         if ray.is_initialized():
             return
-        env = actor_env_vars()
         if self.cfg.ray.address:
-            ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": env})
+            num_cpus = None
         else:
             pc = self.cfg.placement
             if pc.learner_node_labels or pc.engine_node_labels:
@@ -346,8 +353,7 @@ class Trainer:
             r, lc = self.cfg.rollout, self.cfg.learner
             need = int(np.ceil(r.num_engines * r.num_cpus_per_engine + lc.num_ranks * lc.num_cpus)) + 1
             num_cpus = self.cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                     log_to_driver=True, configure_logging=False)
+        start_ray(self.cfg.ray.address, num_cpus, self.run_dir / "logs", self.cfg.run.verbose)
 
     def _make_reward_pool(self):
         from rewards import RewardPool, RewardSpec
@@ -410,8 +416,9 @@ class Trainer:
             for k in range(lc.num_ranks)
         ]
         ray.get([a.ping.remote() for a in actors])
+        logs = "" if cfg.run.verbose else f"; their logs: {self.run_dir / 'logs'}/ (--verbose shows them here)"
         print(f"[rl] {len(engines)} engine(s) up in {t1 - t0:.0f} s, then {len(actors)} learner rank(s) "
-              f"({lc.strategy}, {pc.mode}) in {time.perf_counter() - t1:.0f} s", flush=True)
+              f"({lc.strategy}, {pc.mode}) in {time.perf_counter() - t1:.0f} s{logs}", flush=True)
         if colocated and pc.engine_sleep_level > 0 and not ray.get(engines[0].sleep_supported.remote()):
             print("[rl] placement colocated: this vLLM build has no sleep mode (CPU), so a sleeping engine only pauses "
                   "its scheduler while the learner trains (no memory is freed)", flush=True)

@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rl.data.datasets import LoadReport, _check_row, load_jsonl_prompts, resolve_dataset
+from rl.data.datasets import DEFAULT_PROMPT_TEMPLATE, LoadReport, _check_row, load_jsonl_prompts, resolve_dataset
 from rl.metrics import Estimate, SampleSummary, summarize_samples
+from rl.ray_init import start_ray
 from rl.types import PromptItem, RewardResult, Rollout
 
-DEFAULT_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "eval_settings.json"
 # Metadata fields that define a difficulty breakdown when the data has them.
@@ -461,6 +461,7 @@ class EvalSettings:
     num_resamples: int = 1000
     max_time_s: float | None = None
     ray_address: str | None = None
+    verbose: bool = False  # every engine and Ray line on the console; else they go to <out_dir>/logs/
     dccot: dict | None = None  # DC-CoT executor options (rl.dccot.DCCoTConfig fields); None: plain sampling
 
 
@@ -559,23 +560,6 @@ def _skipped_summary(long: list[LongPrompt]) -> dict[str, dict]:
     return out
 
 
-def _start_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(Path.cwd() / ".cache" / "vllm")),
-           "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH", "HF_HUB_OFFLINE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    kw = dict(runtime_env={"env_vars": env}, configure_logging=False)
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, **kw)
-
-
 def _start_engines(settings: EvalSettings, model_dir: Path, max_model_len: int) -> list:
     """Engine actors: one per ``tensor_parallel_size`` GPUs when Ray has GPUs, else ``num_engines`` or one (a vLLM
     CPU engine already uses every core; a second one on the same machine only contends)."""
@@ -661,7 +645,7 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
         if context:
             max_model_len = min(max_model_len, context)
         t0 = time.perf_counter()
-        _start_ray(settings.ray_address)
+        start_ray(settings.ray_address, max(2, os.cpu_count() or 1), out / "logs", settings.verbose)
         engines = _start_engines(settings, model_dir, max_model_len)
         start_s = time.perf_counter() - t0
         # DC-CoT: the dccot reward's verdict is math-verify on the text after </think>; no length penalty in eval

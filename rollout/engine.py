@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from rl.console import name_log
 from rl.types import Rollout
 
 WORKER_EXTENSION = "rollout.worker_ext.WeightSyncExtension"
@@ -93,6 +94,7 @@ class Engine:
         enable_sleep_mode: bool = False,
         model_runner: str = "auto",
     ) -> None:
+        name_log("engine")  # <run>/logs/engine-<pid>.log when the run captures its workers' output
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.getcwd(), ".cache", "vllm"))
         if model_runner not in MODEL_RUNNERS:
             raise ValueError(f"model_runner={model_runner!r}: use one of {list(MODEL_RUNNERS)}")

@@ -38,6 +38,7 @@ from rl.algorithms import (
     kl_reward_penalty,
 )
 from rl.config import KernelsConfig
+from rl.console import name_log
 from rl.types import TrainSample
 from trainers import distributed as D
 from trainers.fused_logprob import (
@@ -477,6 +478,7 @@ class Learner:
         ``learner_cfg["param_dtype"]`` (``learner.param_dtype``: float32 by default in the config, fp32 master
         weights; a dict without the key keeps them in ``dtype``, with no master copy); ``export_dtype``: the engines'
         dtype, which the weight export casts to on the device (None: ``dtype``)."""
+        name_log(f"learner{rank}")  # <run>/logs/learner<rank>-<pid>.log when the run captures its workers' output
         from transformers import AutoModelForCausalLM
 
         self.cfg = learner_cfg

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from rl.types import PromptItem
 
+# The user message of a JSONL problem in training (data.*.prompt_template), in-training benchmarks and `rl eval`.
+DEFAULT_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+
 ALIASES = {"gsm8k": "gsm8k_test", "math": "math500", "minerva": "minerva_math", "hmmt": "hmmt_feb25"}
 
 
@@ -137,7 +140,7 @@ def load_dataset(ds_cfg, data_dir: str | None = None, tokenizer=None) -> tuple[l
     if ds_cfg.use_chat_template:
         if tokenizer is None:
             raise ValueError("use_chat_template needs the model's tokenizer")
-        template = ds_cfg.prompt_template
+        template = ds_cfg.prompt_template or DEFAULT_PROMPT_TEMPLATE
 
         def fmt(text: str) -> str:
             msgs = [{"role": "user", "content": template.format(problem=text)}]
@@ -148,7 +151,7 @@ def load_dataset(ds_cfg, data_dir: str | None = None, tokenizer=None) -> tuple[l
         problem_field=ds_cfg.problem_field,
         answer_field=ds_cfg.answer_field,
         id_field=ds_cfg.id_field,
-        template=ds_cfg.prompt_template,
+        template=ds_cfg.prompt_template or DEFAULT_PROMPT_TEMPLATE,
         on_bad_row=ds_cfg.on_bad_row,
         limit=ds_cfg.num_problems,
         format_prompt=fmt,

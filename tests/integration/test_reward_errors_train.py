@@ -32,9 +32,9 @@ def test_a_reward_failing_at_run_time_stops_the_run_with_a_checkpoint(tiny_model
             f"model.path={tiny_model_dir}", "model.build_tiny=false", "run.progress=false", "run.num_steps=2",
             "run.save_every_steps=0", "run.log_samples_per_step=8", "rollout.prompts_per_step=4",
             "rollout.num_samples_per_prompt=2", "data.eval.num_problems=4", "eval.num_samples=1",
-            "eval.every_steps=0", REWARDS]
-    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
-                          text=True, timeout=900)
+            "eval.every_steps=0", REWARDS, "run.trackers=[jsonl,wandb,mlflow]", "run.tags=[ci]"]
+    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"},
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert ("rl train: reward 'fails_at_run_time' errored on 8/8 responses of step 1 (reward_pool.max_error_rate=1); "
             "first error: KeyError: \"no grading table for prompt") in proc.stderr, proc.stderr[-3000:]
@@ -57,3 +57,27 @@ def test_a_reward_failing_at_run_time_stops_the_run_with_a_checkpoint(tiny_model
         assert components["length_penalty"] == pytest.approx(expected_length_penalty(row["num_response_tokens"]))
         assert row["reward"] == pytest.approx(components["math_verify"] + components["length_penalty"])
     assert any(r["components"]["length_penalty"] < 0 for r in rows), "no response over 4 tokens: test proves little"
+
+    # The console is quiet: the run's own lines, no library INFO, no warnings known to be harmless; the engine's and
+    # the learner's full output is in the run's logs/ folder.
+    console = (proc.stdout + proc.stderr).splitlines()
+    for noise in (" INFO ", "RotaryEmbedding", "Token authentication", "Setting accelerator to CPU",
+                  "Loading safetensors", "Writing model shards", "mlflow.store"):
+        assert not [ln for ln in console if noise in ln], (noise, console)
+    assert len(console) <= 12, console
+    engine_log = next((out / "logs").glob("engine-*.log")).read_text()
+    assert "Reloading weights inplace" in engine_log and "RotaryEmbedding" in engine_log
+    assert "[learner] kernels" in next((out / "logs").glob("learner0-*.log")).read_text()
+
+    # The trackers got step 0 (the only step logged before the stop), the run's name and tags, and were closed.
+    from mlflow.tracking import MlflowClient
+
+    from tests.tracker_records import wandb_records
+
+    state = json.loads((out / "trackers.json").read_text())
+    run = MlflowClient(state["mlflow_tracking_uri"]).get_run(state["mlflow_run_id"])
+    assert run.info.run_name == "run" and "ci" in run.data.tags and run.info.status == "FINISHED"
+    assert run.data.metrics["eval/accuracy"] == json.loads((out / "metrics.jsonl").read_text())["eval/accuracy"]
+    assert run.data.params["rollout.num_samples_per_prompt"] == "2"
+    history = [r.history for r in wandb_records(out) if r.WhichOneof("record_type") == "history"]
+    assert len(history) == 1

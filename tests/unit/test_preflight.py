@@ -37,3 +37,26 @@ def test_rl_train_stops_before_building_anything(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "data.train.path: dataset 'missing_file.jsonl' not found" in proc.stderr
     assert not (out / "tiny_model").exists() and time.perf_counter() - t0 < 60
+
+
+def test_benchmarks_and_tracker_packages_are_checked(tmp_path, monkeypatch):
+    import rl.tracking
+
+    cfg = load_config("configs/tiny_cpu.yaml", [
+        f"data.data_dir={tmp_path}", "eval.benchmarks=[arith, no_such_bench]", "run.trackers=[jsonl,wandb,mlflow]"])
+    monkeypatch.setattr(rl.tracking, "_PACKAGES", {**rl.tracking._PACKAGES, "mlflow": "no_such_package_here"})
+    with pytest.raises(ValueError) as err:
+        preflight(cfg)
+    text = str(err.value)
+    assert text.count("\n  - ") == 2  # the built-in arith benchmark and the installed wandb pass
+    assert "eval.benchmarks[1]: dataset 'no_such_bench' not found" in text
+    assert "run.trackers: mlflow is listed but its package is not installed" in text
+
+
+def test_jsonl_only_keys_are_refused_for_the_embedded_tasks():
+    from rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="prompt_template only apply to kind=jsonl; kind=arith builds its own"):
+        load_config("configs/tiny_cpu.yaml", ["data.train.prompt_template='Q: {problem}'"])
+    cfg = load_config("configs/tiny_cpu.yaml")
+    assert cfg.data.train.prompt_template is None  # the resolved config shows no template the task does not use

@@ -84,3 +84,49 @@ def test_jsonl_custom_fields(tmp_path, capsys) -> None:
     assert verify_main(args) == 0
     assert json.loads(output.read_text())["correct"] is True
     assert "accuracy        1.0000 (1/1)" in capsys.readouterr().out
+
+
+LENGTH_TOKENS = "{name: length_penalty, kwargs: {unit: tokens, max_length: 8, buffer_length: 4}}"
+
+
+def test_metadata_reaches_the_rewards(capsys) -> None:
+    """length_penalty with unit tokens reads metadata["num_response_tokens"]: 6 tokens with max 8 and buffer 4 is
+    -(6 - 4) / 4 = -0.5; without the key it errors (fail closed), as it would in a run that sent none."""
+    args = ["--response", "so \\boxed{2}", "--answer", "2", "--json", "--reward", "math_verify",
+            "--reward", LENGTH_TOKENS]
+    assert verify_main(args + ["--metadata", '{"num_response_tokens": 6, "finish_reason": "stop"}']) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["components"] == {"math_verify": 1.0, "length_penalty": -0.5} and result["score"] == 0.5
+    verify_main(args)
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "error" and "length_penalty" in result["error"]
+    assert "num_response_tokens" in result["error"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--metadata", "{num: 1}"], "--metadata is not valid JSON"),
+    (["--metadata", "[1, 2]"], "--metadata must be a JSON object, got list"),
+    (["--reward", "{kwargs: {a: 1}}"], "a mapping takes name (required)"),
+    (["--reward", "{name: math_verify, wieght: 2}"], "unknown key(s) ['wieght']"),
+])
+def test_bad_metadata_or_reward_mapping(bad, message, capsys) -> None:
+    assert verify_main(["--response", "x", "--answer", "1", *bad]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_file_mode_reads_a_runs_samples_with_their_metadata(tmp_path, capsys) -> None:
+    """samples.jsonl rows of a run carry num_response_tokens at the top level; a row's metadata object wins;
+    --metadata fills in what a row lacks."""
+    src = tmp_path / "samples.jsonl"
+    rows = [{"prompt_id": "a", "response": "\\boxed{2}", "answer": "2", "num_response_tokens": 8},
+            {"response": "\\boxed{2}", "answer": "2", "metadata": {"num_response_tokens": 5}},
+            {"response": "\\boxed{2}", "answer": "2"},
+            {"response": "\\boxed{2}", "answer": "2", "metadata": [1]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "graded.jsonl"
+    code = verify_main(["--input", str(src), "--output", str(out), "--reward", LENGTH_TOKENS,
+                        "--metadata", '{"num_response_tokens": 4}'])
+    assert code == 1  # the last row's metadata is not an object
+    assert f"{src}:4: field 'metadata' is not an object (list)" in capsys.readouterr().err
+    graded = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["score"] for g in graded] == [-1.0, -0.25, 0.0]
