@@ -112,3 +112,67 @@ def test_setup_worker_without_a_log_dir_changes_nothing(monkeypatch):
     monkeypatch.delenv(console.LOG_DIR_ENV, raising=False)
     console.setup_worker()
     assert console._capture is None
+
+
+def test_the_setting_travels_to_workers_local_and_attached(tmp_path, monkeypatch):
+    """start_ray gives every worker the set-up hook and the log folder and verbosity in its environment, on a
+    local cluster and on an attached one; a job that brings its own hook keeps it."""
+    import json
+
+    import ray
+
+    from rl import ray_init
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    ray_init.start_ray(None, 2, tmp_path / "logs", verbose=False)
+    ray_init.start_ray("ray://head:10001", None, tmp_path / "logs", verbose=True)
+    for kw, verbose in zip(calls, ("0", "1")):
+        env = kw["runtime_env"]["env_vars"]
+        assert kw["runtime_env"]["worker_process_setup_hook"] == "rl.console.setup_worker"
+        assert env["RL_LOG_DIR"] == str(tmp_path / "logs") and env["RL_VERBOSE"] == verbose
+    assert calls[1]["address"] == "ray://head:10001" and "num_cpus" not in calls[1]
+    job = {"runtime_env": {"worker_process_setup_hook": "mypkg.setup", "env_vars": {"RL_VERBOSE": "1"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    ray_init.start_ray("auto", None, tmp_path / "logs", verbose=False)
+    assert "worker_process_setup_hook" not in calls[2]["runtime_env"]
+    assert "RL_VERBOSE" not in calls[2]["runtime_env"]["env_vars"]  # the job's own value reaches the workers
+
+
+def test_verbose_capture_shows_everything_and_still_logs(tmp_path, monkeypatch):
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        os.environ["RL_LOG_DIR"] = {str(tmp_path)!r}
+        os.environ["RL_VERBOSE"] = "1"
+        from rl.console import setup_worker
+        setup_worker()
+        print("(MainProcess pid=1) INFO 12-06 09:00:00 [a.py:1] info line")
+        sys.stdout.flush()
+        import time; time.sleep(0.5)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stderr.splitlines() == ["(MainProcess pid=1) INFO 12-06 09:00:00 [a.py:1] info line"]
+    assert "info line" in next(tmp_path.glob("worker-*.log")).read_text()
+
+
+def test_the_live_bar_keeps_its_metrics_whole_at_80_columns():
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+
+    from rl.tracking import _BarAndInfo
+
+    out = StringIO()
+    console = Console(file=out, width=80, force_terminal=False, color_system=None)
+    bar = _BarAndInfo(TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=None), console=console,
+                      auto_refresh=False)
+    info = "mean=0.25  accuracy=0.25  response_len_mean=10.6  policy=-0.00553  step_s=1.53  extra=123456789"
+    bar.add_task("train", total=30, completed=3, info=info)
+    console.print(bar.get_renderable())
+    text = out.getvalue()
+    assert "".join(text.split()) .find("".join(info.split())) >= 0, text  # every character, wrapped if need be
+    assert all(len(line) <= 80 for line in text.splitlines())
