@@ -130,6 +130,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rl.placement import group_specs
+
 GIB = 1 << 30
 MIB = 1 << 20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -489,13 +491,16 @@ def _check_placement(cfg, shape: ModelShape | None, cluster_gpus: int | None, no
             f.error("rollout.num_gpus_per_engine",
                     f"an engine's {g:g} GPUs must sit on one node, which has {per_node}; lower "
                     "rollout.num_gpus_per_engine and rollout.tensor_parallel_size")
-        bundles = lc.num_ranks if pc.mode == "colocated" else lc.num_ranks + r.num_engines
-        if pc.strategy == "STRICT_PACK" and need > per_node:
-            f.error("placement.strategy", f"placement.strategy=STRICT_PACK puts every bundle on one node, but the "
-                    f"recipe needs {need} GPUs and a node has {per_node}; use PACK or SPREAD")
-        if pc.strategy == "STRICT_SPREAD" and bundles > nodes:
-            f.error("placement.strategy", f"placement.strategy=STRICT_SPREAD puts each of the {bundles} bundles on "
-                    f"its own node, but there are {nodes}; use PACK or SPREAD")
+        # the strategy applies to each placement group on its own (rl.placement: [colocated] or [learner, engine])
+        for spec in group_specs(cfg):
+            gpus = sum(b.get("GPU", 0) for b in spec.bundles)
+            if pc.strategy == "STRICT_PACK" and gpus > per_node:
+                f.error("placement.strategy", f"placement.strategy=STRICT_PACK puts every bundle of the {spec.name} "
+                        f"group on one node, but it needs {gpus:g} GPUs and a node has {per_node}; use PACK or SPREAD")
+            if pc.strategy == "STRICT_SPREAD" and len(spec.bundles) > nodes:
+                f.error("placement.strategy", f"placement.strategy=STRICT_SPREAD puts each of the {spec.name} "
+                        f"group's {len(spec.bundles)} bundles on its own node, but there are {nodes}; use PACK or "
+                        "SPREAD")
         if lc.num_ranks * lc.num_gpus > per_node and lc.strategy != "single":
             f.notes.append(f"the {lc.num_ranks} learner ranks span more than one node: FSDP2's all-gather and "
                            "reduce-scatter cross the inter-node network every layer")

@@ -316,3 +316,20 @@ def test_engine_dtype_and_single_strategy_compute_copies(capsys):
     rc, out, _ = run_plan(capsys, EIGHT_GPU, "--cluster-gpus", "8")
     assert "dtypes: learner float32 master weights and AdamW state, bfloat16 compute; engines bfloat16" in out
     assert "engine (bfloat16 weights), per GPU" in out
+
+
+@pytest.mark.parametrize("ranks,engines,nodes,ok", [
+    (2, 2, 2, True),    # each group's two bundles on two nodes: fine (the old check counted 4 bundles together)
+    (3, 2, 2, False),   # the learner group's three bundles need three nodes
+    (2, 3, 2, False),
+])
+def test_strict_spread_counts_each_group_on_its_own(ranks, engines, nodes, ok, capsys):
+    rc, out, _ = run_plan(capsys, EIGHT_GPU, "placement.mode=disaggregated", "placement.strategy=STRICT_SPREAD",
+                          f"learner.num_ranks={ranks}", f"rollout.num_engines={engines}",
+                          "--cluster-gpus", "16", "--nodes", str(nodes), "--json")
+    errors = [e for e in json.loads(out)["errors"] if "STRICT_SPREAD" in e["message"]]
+    assert (not errors) == ok, errors
+    if not ok:
+        group = "learner" if ranks > nodes else "engine"
+        assert f"the {group} group's {max(ranks, engines)} bundles on its own node, but there are {nodes}" in \
+            errors[0]["message"]
