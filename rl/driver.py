@@ -218,7 +218,7 @@ def preflight(cfg: Config) -> None:
 
 def _preflight_benchmarks_and_trackers(cfg: Config) -> list[str]:
     """``eval.benchmarks`` that resolve to no file, and trackers whose package is not installed."""
-    from rl.evaluation import BUILTIN_BENCHMARKS
+    from rl.data.benchmarks import BUILTIN_BENCHMARKS
     from rl.tracking import missing_tracker_packages
 
     problems = []
@@ -301,7 +301,7 @@ class Trainer:
         ec = self.cfg.eval
         if not ec.benchmarks:
             return {}
-        from rl.evaluation import load_benchmark, make_prompt_formatter, parse_benchmarks
+        from rl.data.benchmarks import load_benchmark, make_prompt_formatter, parse_benchmarks
 
         fmt, _ = make_prompt_formatter(tokenizer, ec.benchmark_template)
         limit = str(ec.benchmark_limit) if ec.benchmark_limit else None
@@ -527,7 +527,7 @@ class Trainer:
         if n > 1:
             out[f"eval/pass@{n}"] = float(np.mean([pass_at_k(n, int(c), n) for c in correct.sum(1)]))
         if self.benchmarks:
-            from rl.evaluation import evaluate_benchmarks
+            from rl.eval_stats import evaluate_benchmarks
 
             max_tokens = ec.max_response_tokens or self.cfg.rollout.max_response_tokens
             bench = evaluate_benchmarks(

@@ -63,7 +63,7 @@ def test_command_as_written(doc, command, tmp_path, monkeypatch, capsys):
         monkeypatch.chdir(ROOT)
         assert main(argv) == 0, (doc, command)
     elif argv[0] == "eval":
-        from rl.evaluation import parse_benchmarks
+        from rl.data.benchmarks import parse_benchmarks
 
         assert parse_benchmarks(args.benchmarks, args.limit)
 
