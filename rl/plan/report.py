@@ -131,6 +131,6 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
     else:
         rows.append(("host RAM per learner rank", _size(mem["host"]["per_learner_rank"])))
     width = max(len(a) for a, _ in rows) + 2
-    out = ["memory estimate (formulas: rl/plan.py, docs/cluster.md)"]
+    out = ["memory estimate (formulas: rl/plan/__init__.py, docs/cluster.md)"]
     out += [f"  {a.ljust(width)}{b}".rstrip() for a, b in rows]
     return out
