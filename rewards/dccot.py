@@ -1,4 +1,4 @@
-"""DC-CoT rewards (``shared/reference/algorithms.md`` §7.4): the combined reward, format validity, path penalty.
+"""DC-CoT rewards (``docs/dccot.md`` "Rewards"): the combined reward, format validity, path penalty.
 
 ``response`` is a trajectory's ``response_text`` (the director's view, each worker once; ``rollout/dccot.py``);
 the longest path comes from ``metadata["longest_path_tokens"]`` (``Trajectory.reward_metadata()``). Without it,
@@ -56,7 +56,7 @@ def _answer_block(text: str) -> str | None:
     check_kwargs=_reward_config,
 )
 def dccot(prompt: str, response: str, answer: str, metadata: dict, **kwargs: Any) -> RewardResult:
-    """The DC-CoT reward of §7.4, options in :class:`rl.dccot.DCCoTRewardConfig`.
+    """The DC-CoT reward of ``docs/dccot.md`` "Rewards", options in :class:`rl.dccot.DCCoTRewardConfig`.
 
     base = ``correct_score`` (correct, format-valid), ``correct_no_format_score`` (correct, format-invalid),
     ``incorrect_format_score`` (wrong, format-valid), 0 (wrong, format-invalid); plus, on correct responses

@@ -8,8 +8,8 @@ Two entry points share one code path (``generate -> grade -> records -> summariz
   generation to ``generations.jsonl`` after each finished chunk (append + fsync, so a crash loses nothing
   finished and a re-run resumes), then ``summary.json``, ``summary.md`` and ``pass_at_k.png``.
 
-Statistics come from :mod:`rl.metrics` (formulas: ``shared/reference/algorithms.md`` §9). This is a shell module:
-it may import ``rollout`` and ``rewards``; it does I/O.
+Statistics come from :mod:`rl.metrics` (formulas: ``docs/algorithms.md`` "pass@k, mean@k, maj@k"). This is a
+shell module: it may import ``rollout`` and ``rewards``; it does I/O.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DC-CoT rollouts: directors and their parallel workers, all problems in lock-step, one batched call per phase.
 
-A round has two phases (``shared/reference/algorithms.md`` §7.2):
+A round has two phases (``docs/dccot.md`` "Executor"):
 
 1. *director*: every unfinished trajectory continues its director with stop string ``<spawn_workers>``;
 2. *workers*: every director that stopped on ``<spawn_workers>`` gets ``workers_per_block`` workers. Worker ``i``
@@ -68,7 +68,7 @@ class Segment:
     logprobs:           [J + G] behaviour log-probs; 0.0 on injected tokens.
     loss_mask:          [J + G] 0 on injected tokens, 1 on sampled ones.
     text:               text of ``response_token_ids`` (injected text + the engine's text).
-    path_tokens:        tokens counted in the latency measure (§7.3): sampled tokens plus the opener (worker) or
+    path_tokens:        tokens counted in the latency measure: sampled tokens plus the opener (worker) or
                         the ``</spawn_workers>`` tokens (director); the copy of the workers does not count.
     finish_reason:      the engine's: ``"stop"`` (EOS or stop string) or ``"length"``.
     """
@@ -140,7 +140,7 @@ class Trajectory:
 
     @property
     def path_lengths(self) -> PathLengths:
-        """Longest path and total tokens (§7.3)."""
+        """Longest path and total tokens (``docs/dccot.md`` "Latency measure and budgets")."""
         return path_lengths(
             [s.path_tokens for s in self.director_segments],
             [[w.path_tokens for w in ws] for ws in self.worker_blocks],

@@ -3,7 +3,7 @@
 Each turn collects the observation of every unfinished episode, samples one response per observation, and applies
 the responses as actions. Every step keeps the exact token ids and behaviour log-probs the engine returned (the
 action text is never re-tokenized), so each step is one GiGPO training sample: prompt = observation, response =
-action (``shared/reference/algorithms.md`` §4).
+action (``docs/algorithms.md`` "GiGPO").
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Configuration of the policy-optimization algorithm: advantage estimator, policy loss, aggregation, KL.
 
-Variants are parameters, not classes (formulas: ``shared/reference/algorithms.md`` §0-2):
+Variants are parameters, not classes (formulas: ``docs/algorithms.md`` "Token ratio and clipped losses",
+"GRPO and RLOO advantages", "DAPO"):
 
 - GRPO (verl defaults): the defaults below.
 - Dr. GRPO: ``norm_adv_by_std=False``, ``loss_agg_mode="seq-mean-token-sum-norm"``,
@@ -8,11 +9,11 @@ Variants are parameters, not classes (formulas: ``shared/reference/algorithms.md
 - DAPO loss: ``clip_eps_high=0.28``, ``dual_clip_c=10.0``, ``loss_agg_mode="token-mean"``, ``kl_coef=0``.
 - GSPO: ``policy_loss="gspo"``, ``clip_eps_low=3e-4``, ``clip_eps_high=4e-4``,
   ``loss_agg_mode="seq-mean-token-mean"``.
-- SAPO (§3): ``policy_loss="sapo"``, ``sapo_tau_pos=1.0``, ``sapo_tau_neg=1.05``,
+- SAPO (``docs/algorithms.md`` "SAPO"): ``policy_loss="sapo"``, ``sapo_tau_pos=1.0``, ``sapo_tau_neg=1.05``,
   ``loss_agg_mode="seq-mean-token-mean"`` (verl forces that mode for SAPO; we use whatever is configured).
-- Differential smoothing / DS-GRPO (§6): ``advantage_shaping="differential_smoothing"`` on top of any
-  estimator and loss, with ``ds_gamma_pos``, ``ds_gamma_neg`` and ``ds_logprob_norm``
-  (``rl.algorithms.smoothing``).
+- Differential smoothing / DS-GRPO (``docs/algorithms.md`` "Differential smoothing"):
+  ``advantage_shaping="differential_smoothing"`` on top of any estimator and loss, with ``ds_gamma_pos``,
+  ``ds_gamma_neg`` and ``ds_logprob_norm`` (``rl.algorithms.smoothing``).
 """
 
 from __future__ import annotations

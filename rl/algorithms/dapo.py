@@ -10,7 +10,7 @@ The loss side of DAPO is configuration of the shared PPO loss (``clip_eps_high=0
 - **Dynamic sampling** (``keep_group``): groups whose filter metric is constant carry no GRPO signal and are
   dropped; the driver keeps generating until the batch is full (``rl.driver``).
 
-Formulas and hand-computed cases: ``shared/reference/algorithms.md`` §2.
+Formulas and hand-computed cases: ``docs/algorithms.md`` "DAPO" and "Overlong penalty".
 """
 
 from __future__ import annotations

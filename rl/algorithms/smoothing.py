@@ -1,6 +1,6 @@
 """Advantage shaping applied after the estimator: differential smoothing (DS-GRPO).
 
-Differential smoothing (Gai et al., arXiv 2511.19942; ``shared/reference/algorithms.md`` §6) adds a
+Differential smoothing (Gai et al., arXiv 2511.19942; ``docs/algorithms.md`` "Differential smoothing") adds a
 log-probability term to each sample's advantage, with opposite signs for correct and incorrect samples:
 
     A_DS = A - gamma_pos * log pi_old(y|x)   if the sample is correct   (rare correct answers gain)
@@ -41,7 +41,7 @@ def differential_smoothing(
     - ``ds/term_abs_mean``: mean of |A_DS - A| = |gamma log pi|.
     - ``ds/adv_abs_mean``: mean of |A| before shaping.
     - ``ds/term_to_adv_ratio``: mean of |gamma log pi| / |A| over samples with A != 0 (0 if there are
-      none). Around 1 or more, the smoothing term swamps the task signal (§6.3 pitfall 1).
+      none). Around 1 or more, the smoothing term swamps the task signal (the scale problem of the summed log-prob).
 
     All-correct (or all-wrong) groups have A = 0 but still get the smoothing term, so filtering such
     groups out (DAPO dynamic sampling) removes part of the DS signal.

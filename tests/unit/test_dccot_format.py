@@ -1,4 +1,4 @@
-"""DC-CoT grammar (§7.1), config validation, budgets and the longest-path measure (§7.3, §7.7)."""
+"""DC-CoT grammar, config validation, budgets and the longest-path measure (docs/dccot.md)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_every_reason_is_exercised() -> None:
 
 
 def test_longest_path_reference_case() -> None:
-    # §7.7: director 5, workers 3, 3, 2, director 3 -> L_parallel = 5 + 3 + 3 = 11, L_total = 16.
+    # director 5, workers 3, 3, 2, director 3 -> L_parallel = 5 + 3 + 3 = 11, L_total = 16.
     lengths = path_lengths([5, 3], [[3, 3, 2]])
     assert (lengths.longest_path_tokens, lengths.total_tokens, lengths.num_spawn_blocks) == (11, 16, 1)
     assert lengths.parallelism == pytest.approx(16 / 11)
@@ -139,7 +139,7 @@ def test_longest_path_two_blocks_and_sequential() -> None:
 
 
 def test_budget_cut_reference_case() -> None:
-    # §7.7 with P = 7, T = 9: director(5) + w1[:2] + w2[:2]; w3 and the last director dropped.
+    # With P = 7, T = 9: director(5) + w1[:2] + w2[:2]; w3 and the last director dropped.
     directors, blocks = cut_to_budget([5, 3], [[3, 3, 2]], max_path_tokens=7, max_total_tokens=9)
     assert (directors, blocks) == ([5], [[2, 2]])
     lengths = path_lengths(directors, blocks)
@@ -157,7 +157,7 @@ def test_budget_cut_only_path_budget() -> None:
 @pytest.mark.parametrize(
     ("length", "max_path", "buffer", "factor", "expected"),
     [
-        # stage 1 (§7.7): penalty starts at 7500 - 5500 = 2000
+        # stage 1: penalty starts at 7500 - 5500 = 2000
         (1500, 7500, 5500, 0.1, 0.0),
         (2000, 7500, 5500, 0.1, 0.0),
         (4750, 7500, 5500, 0.1, -0.05),

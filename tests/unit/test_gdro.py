@@ -1,4 +1,4 @@
-"""GDRO controllers: hand-computed numbers from shared/reference/algorithms.md §5.7 plus edge cases."""
+"""GDRO controllers: hand-computed numbers from docs/algorithms.md "GDRO" plus edge cases."""
 
 import json
 import math
