@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rl.metrics import pass_at_k
 from rl.schema import StrictModel
 
 STATE_VERSION = 1
@@ -190,14 +191,6 @@ class GdroConfig(StrictModel):
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k)/C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
-    n, c = num_samples, num_correct
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def entropic_risk(bin_losses: Sequence[float], eta: float) -> float:
