@@ -10,7 +10,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from rl.dccot import ANSWER_CLOSE, ANSWER_OPEN, DCCoTRewardConfig, check_format, overlong_penalty
+from rl.dccot import ANSWER_CLOSE, ANSWER_OPEN, DCCoTRewardConfig, check_format
+from rl.shaping import overlong_penalty
 from rl.types import RewardResult
 from rewards.base import register_reward
 from rewards.math_verifier import grade_math
@@ -122,7 +123,8 @@ def dccot_path_penalty(
     buffer_tokens: int = 5500,
     factor: float = 0.1,
 ) -> float:
-    """The overlong penalty on the longest path alone, ungated (add it to any correctness reward)."""
+    """The overlong penalty on the longest path alone, ungated (add it to any correctness reward);
+    ``buffer_tokens=0`` is a hard limit at ``max_path_tokens`` (``docs/algorithms.md`` "Overlong penalty")."""
     if not (isinstance(max_path_tokens, int) and 0 <= buffer_tokens <= max_path_tokens and factor >= 0):
         raise ValueError(
             "dccot_path_penalty: need an int max_path_tokens >= buffer_tokens >= 0 and factor >= 0, got "

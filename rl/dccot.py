@@ -455,13 +455,3 @@ def cut_to_budget(
     return directors, blocks
 
 
-def overlong_penalty(longest_path_tokens: int, max_path_tokens: int, buffer_tokens: int, factor: float) -> float:
-    """DAPO-style overlong penalty on the longest path (§7.4): ``min(-(L - (L_max - L_buf)) / L_buf * factor, 0)``.
-
-    0 up to ``L_max - L_buf`` tokens, then linear, reaching ``-factor`` at ``L_max``; 0 everywhere when
-    ``buffer_tokens`` is 0. Not clipped below: a path over L_max (possible only without a budget) costs more.
-    """
-    if buffer_tokens == 0:
-        return 0.0
-    over = longest_path_tokens - (max_path_tokens - buffer_tokens)
-    return min(-over / buffer_tokens * factor, 0.0)

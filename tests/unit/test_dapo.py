@@ -20,7 +20,7 @@ def test_overlong_penalty_factor_scales_and_eos_at_budget():
     assert overlong_penalty(32, max_len=48, buffer_len=16, penalty_factor=0.5) == 0.0
 
 
-@pytest.mark.parametrize("buffer_len", [0, -1, 49])
+@pytest.mark.parametrize("buffer_len", [-1, 49])
 def test_overlong_penalty_rejects_bad_buffer(buffer_len):
     with pytest.raises(ValueError, match="buffer_len"):
         overlong_penalty(10, max_len=48, buffer_len=buffer_len)

@@ -11,7 +11,6 @@ from rl.dccot import (
     DCCoTRewardConfig,
     check_format,
     cut_to_budget,
-    overlong_penalty,
     path_lengths,
 )
 
@@ -152,25 +151,6 @@ def test_budget_cut_only_path_budget() -> None:
     assert cut_to_budget([5, 3], [[3, 3, 2]], max_path_tokens=10) == ([5, 2], [[3, 3, 2]])
     # P = 5: the director uses the whole path; no worker runs.
     assert cut_to_budget([5, 3], [[3, 3, 2]], max_path_tokens=5) == ([5], [])
-
-
-@pytest.mark.parametrize(
-    ("length", "max_path", "buffer", "factor", "expected"),
-    [
-        # stage 1: penalty starts at 7500 - 5500 = 2000
-        (1500, 7500, 5500, 0.1, 0.0),
-        (2000, 7500, 5500, 0.1, 0.0),
-        (4750, 7500, 5500, 0.1, -0.05),
-        (7500, 7500, 5500, 0.1, -0.1),
-        # HLP: starts at 2000, -0.9 at 12000
-        (2000, 12000, 10000, 0.9, 0.0),
-        (7000, 12000, 10000, 0.9, -0.45),
-        (12000, 12000, 10000, 0.9, -0.9),
-        (500, 100, 0, 0.9, 0.0),  # no buffer: no penalty
-    ],
-)
-def test_overlong_penalty(length: int, max_path: int, buffer: int, factor: float, expected: float) -> None:
-    assert overlong_penalty(length, max_path, buffer, factor) == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------------------------- config
