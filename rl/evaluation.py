@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 from rl.data.datasets import DEFAULT_PROMPT_TEMPLATE, LoadReport, _check_row, load_jsonl_prompts, resolve_dataset
 from rl.metrics import Estimate, SampleSummary, summarize_samples
 from rl.ray_init import start_ray
+from rl.seeding import stable_seed
 from rl.types import PromptItem, RewardResult, Rollout
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -467,7 +467,7 @@ class EvalSettings:
 
 def request_seed(seed: int, benchmark: str, problem_id: str) -> int:
     """A stable per-problem sampling seed (on GPUs): the same problem gets the same samples on a resumed run."""
-    return zlib.crc32(f"{seed}/{benchmark}/{problem_id}".encode()) & 0x7FFFFFFF
+    return stable_seed(seed, benchmark, problem_id, sep="/", digest="crc32")
 
 
 class GenerationLog:

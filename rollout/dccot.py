@@ -20,11 +20,11 @@ injected tags; it is what rewards grade.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from rl.dccot import SPAWN_CLOSE, SPAWN_OPEN, Budget, DCCoTConfig, PathLengths, path_lengths, worker_close, worker_open
+from rl.seeding import stable_seed
 from rl.types import Rollout, TrainSample
 
 GenerateFn = Callable[[list[list[int]], list[int], list[int], list[list[str]]], list[Rollout]]
@@ -158,8 +158,7 @@ class Trajectory:
 
 def segment_seed(seed: int, block: int, worker: int) -> int:
     """A reproducible 31-bit sampling seed per (trajectory seed, block, worker); workers of a block differ."""
-    digest = hashlib.blake2b(f"dccot:{seed}:{block}:{worker}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**31)
+    return stable_seed("dccot", seed, block, worker)
 
 
 @dataclass

@@ -8,12 +8,12 @@ action (``docs/algorithms.md`` "GiGPO").
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rl.algorithms.gigpo import GigpoConfig, GigpoResult, GigpoStep, compute_gigpo_advantages
+from rl.seeding import stable_seed
 from rl.types import Rollout, TrainSample
 from rollout.env import StepEnv
 
@@ -67,9 +67,7 @@ class Episode:
 
 def sampling_seed(base_seed: int, group: int, group_seed: int, trajectory: int, step: int) -> int:
     """A reproducible 31-bit sampling seed, distinct per (run seed, group position, env seed, trajectory, step)."""
-    key = f"{base_seed}:{group}:{group_seed}:{trajectory}:{step}"
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**31)
+    return stable_seed(base_seed, group, group_seed, trajectory, step)
 
 
 def run_episodes(
