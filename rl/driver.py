@@ -25,6 +25,7 @@ from rl.config import Config, dump_config
 from rl.console import quiet_driver
 from rl.data.datasets import PromptSampler, load_dataset, resolve_dataset
 from rl.ray_init import actor_env_vars, start_ray  # noqa: F401  (actor_env_vars: part of this module's API)
+from rl.round_robin import deal, interleave
 from rl.seeding import stable_seed
 from rl.tracking import CheckpointManager, MetricsLogger, Progress, TrackerSettings
 from rl.types import PromptItem, RewardResult, Rollout, TrainSample
@@ -448,13 +449,9 @@ class Trainer:
         import ray
 
         k = len(self.engines)
-        shards = [reqs[i::k] for i in range(k)]
+        shards = deal(reqs, k)
         results = ray.get([e.generate.remote(s, settings) for e, s in zip(self.engines, shards) if s])
-        groups: list[list[Rollout]] = [None] * len(reqs)  # type: ignore[list-item]
-        for shard_idx, shard_out in enumerate(results):
-            for j, group in enumerate(shard_out):
-                groups[shard_idx + j * k] = group
-        return groups
+        return interleave(results)
 
     def score(self, items: list[PromptItem], groups: list[list[Rollout]]):
         from rewards import reward_request

@@ -26,6 +26,7 @@ from pathlib import Path
 from rl.data.datasets import DEFAULT_PROMPT_TEMPLATE, LoadReport, _check_row, load_jsonl_prompts, resolve_dataset
 from rl.metrics import Estimate, SampleSummary, summarize_samples
 from rl.ray_init import start_ray
+from rl.round_robin import interleave
 from rl.seeding import stable_seed
 from rl.types import PromptItem, RewardResult, Rollout
 
@@ -709,7 +710,7 @@ def _generate_all(settings: EvalSettings, engines: list, pool, todo: list[tuple[
         per_bench[b].append((b, it))
     queues = [[v[i:i + settings.chunk_problems] for i in range(0, len(v), settings.chunk_problems)]
               for v in per_bench.values()]
-    chunks = [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
+    chunks = interleave(queues)
     deadline = time.perf_counter() + settings.max_time_s if settings.max_time_s else None
     pending: dict = {}  # ref -> (engine index, chunk)
     load = [0] * len(engines)
