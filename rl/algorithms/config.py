@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rl.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from rl.algorithms.losses import POLICY_LOSSES
+from rl.algorithms.smoothing import ADVANTAGE_SHAPING
 from rl.schema import StrictModel
 
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -53,9 +54,9 @@ class AlgorithmConfig(StrictModel):
     )
     adv_eps: float = Field(1e-6, ge=0.0, description="Added to the group std before dividing: A = (R-mean)/(std+eps).")
 
-    advantage_shaping: Literal["none", "differential_smoothing"] = Field(
+    advantage_shaping: str = Field(
         "none",
-        description="Per-sample change to the estimator's advantages before the loss. "
+        description="Name in `ADVANTAGE_SHAPING`: a per-sample change to the estimator's advantages before the loss. "
         "`differential_smoothing` (DS-GRPO, arXiv 2511.19942): A - ds_gamma_pos * log pi_old(y|x) for "
         "correct samples, A + ds_gamma_neg * log pi_old(y|x) otherwise; needs sequence log-probs.",
     )
@@ -161,6 +162,11 @@ class AlgorithmConfig(StrictModel):
     def _known_loss(cls, v: str) -> str:
         return POLICY_LOSSES.check(v)
 
+    @field_validator("advantage_shaping")
+    @classmethod
+    def _known_shaping(cls, v: str) -> str:
+        return ADVANTAGE_SHAPING.check(v)
+
     @field_validator("dual_clip_c")
     @classmethod
     def _dual_clip_above_one(cls, v: float | None) -> float | None:
@@ -199,6 +205,6 @@ class AlgorithmConfig(StrictModel):
     def needs_sequence_logprobs(self) -> bool:
         """Whether advantages need each sample's sequence log-prob under the rollout policy."""
         return (
-            self.advantage_shaping != "none"
+            ADVANTAGE_SHAPING.capabilities(self.advantage_shaping)["needs_sequence_logprobs"]
             or ADVANTAGE_ESTIMATORS.capabilities(self.advantage_estimator)["needs_sequence_logprobs"]
         )
