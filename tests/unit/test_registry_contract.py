@@ -2,11 +2,13 @@
 output shapes, finiteness, and gradients only where they belong. New entries are picked up automatically."""
 
 import importlib
+import math
 import pkgutil
 
 import pytest
 import torch
 
+import rewards
 import rl.algorithms
 from rl.algorithms import (
     ADVANTAGE_ESTIMATORS,
@@ -19,9 +21,11 @@ from rl.algorithms import (
     PolicyLossInput,
     aggregate_loss,
 )
+from rewards import REWARD_REGISTRY, RewardSpec, check_spec, load_reward
+from rewards.base import SMOKE_REQUEST, call_reward
 from rl.registry import Registry
 
-COVERED = {id(ADVANTAGE_ESTIMATORS), id(POLICY_LOSSES), id(ADVANTAGE_SHAPING)}
+COVERED = {id(ADVANTAGE_ESTIMATORS), id(POLICY_LOSSES), id(ADVANTAGE_SHAPING), id(REWARD_REGISTRY)}
 
 
 def _algorithm_modules():
@@ -29,16 +33,22 @@ def _algorithm_modules():
         yield importlib.import_module(f"rl.algorithms.{mod.name}")
 
 
-def test_every_algorithm_registry_has_a_contract():
-    for module in _algorithm_modules():
+def _reward_modules():
+    for mod in pkgutil.iter_modules(rewards.__path__):
+        if not mod.name.startswith("_"):  # _forkserver_preload warms a worker up on import
+            yield importlib.import_module(f"rewards.{mod.name}")
+
+
+def test_every_registry_has_a_contract():
+    for module in [*_algorithm_modules(), *_reward_modules()]:
         for name, obj in vars(module).items():
             if isinstance(obj, Registry):
                 assert id(obj) in COVERED, f"registry {module.__name__}.{name} has no contract test"
 
 
 def test_no_extension_point_is_a_plain_dict():
-    """A name -> function table must be a ``Registry``: a plain dict escapes the contract tests above."""
-    for module in _algorithm_modules():
+    """A name -> function table must be a ``Registry``: a plain dict escapes the contract tests here."""
+    for module in [*_algorithm_modules(), *_reward_modules()]:
         for name, obj in vars(module).items():
             if isinstance(obj, dict) and obj and all(isinstance(k, str) and callable(v) for k, v in obj.items()):
                 raise AssertionError(f"{module.__name__}.{name} maps names to functions: make it a rl.registry.Registry")
@@ -159,3 +169,22 @@ def test_advantage_shaping_contract(name, norm):
         unread, _ = ADVANTAGE_SHAPING.get(name)(adv, correct, nan, lengths, cfg)
         torch.testing.assert_close(unread, shaped)
     assert cfg.needs_sequence_logprobs == ADVANTAGE_SHAPING.capabilities(name)["needs_sequence_logprobs"]
+
+
+@pytest.mark.parametrize("name", REWARD_REGISTRY.names())
+def test_reward_contract(name):
+    """Every registered reward: described, its default kwargs pass the early check, it loads by name with the
+    common signature, and grades the smoke request (``ok``, a finite score; a verifier gives a verdict)."""
+    caps = REWARD_REGISTRY.capabilities(name)
+    assert isinstance(caps["description"], str) and caps["description"].strip()
+    assert isinstance(caps["is_verifier"], bool)
+    check_spec(RewardSpec(name))
+    entry = load_reward(RewardSpec(name))
+    assert entry.fn is REWARD_REGISTRY.get(name) and entry.is_verifier == caps["is_verifier"]
+    if entry.self_test is not None:
+        entry.self_test()
+    result = call_reward(entry, SMOKE_REQUEST)
+    assert result.status == "ok", result.error
+    assert math.isfinite(result.score)
+    if entry.is_verifier:
+        assert isinstance(result.correct, bool)
