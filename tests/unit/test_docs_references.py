@@ -6,7 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("rl", "rollout", "rewards", "trainers")
-# ``docs/algorithms.md`` "GiGPO", or several: "SAPO", "CISPO" / "DAPO" and "Overlong penalty" (a name may start on the next line)
+# ``docs/algorithms.md`` "GiGPO", or several: "SAPO", "CISPO" / "DAPO" and "Overlong penalty" (a name may start on
+# the next line)
 REFERENCE = re.compile(r"docs/([\w-]+\.md)`{0,2}\s+(\"[^\"\n]+\"(?:(?:,\s*|\s+and\s+)\"[^\"\n]+\")*)")
 
 

@@ -51,7 +51,7 @@ def test_no_extension_point_is_a_plain_dict():
     for module in [*_algorithm_modules(), *_reward_modules()]:
         for name, obj in vars(module).items():
             if isinstance(obj, dict) and obj and all(isinstance(k, str) and callable(v) for k, v in obj.items()):
-                raise AssertionError(f"{module.__name__}.{name} maps names to functions: make it a rl.registry.Registry")
+                raise AssertionError(f"{module.__name__}.{name} maps names to functions: make it a Registry")
 
 
 def _advantage_input(seed=0):
