@@ -20,6 +20,7 @@ from rewards.base import (
     RewardSpec,
     call_reward,
     register_reward,
+    registered_reward,
     reward_request,
 )
 from rewards.extract import Extraction, extract_answer
@@ -44,6 +45,7 @@ __all__ = [
     "grade_math",
     "load_reward",
     "register_reward",
+    "registered_reward",
     "reward_request",
     "registered_names",
     "verify_main",

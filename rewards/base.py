@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Union
 
+from rl.registry import Registry
 from rl.types import STATUSES, PromptItem, RewardResult, Rollout
 
 RewardReturn = Union[RewardResult, float, int, bool]
@@ -98,8 +99,11 @@ class RewardEntry:
     self_test: Callable[[], None] | None = None
 
 
-# name -> entry; filled by @register_reward in rewards.builtin and rewards.math_verifier.
-REWARD_REGISTRY: dict[str, RewardEntry] = {}
+# Registered reward functions, their RewardEntry fields as capabilities; filled by @register_reward in
+# rewards.builtin, rewards.math_verifier and rewards.dccot.
+REWARD_REGISTRY: Registry[Callable[..., Any]] = Registry(
+    "reward", capabilities={"is_verifier": False, "description": "", "check_kwargs": None, "self_test": None}
+)
 
 
 def register_reward(
@@ -111,21 +115,14 @@ def register_reward(
     self_test: Callable[[], None] | None = None,
 ) -> Callable:
     """Decorator: register ``fn`` under ``name`` so configs can refer to it by name (see RewardEntry)."""
+    return REWARD_REGISTRY.register(
+        name, is_verifier=is_verifier, description=description, check_kwargs=check_kwargs, self_test=self_test
+    )
 
-    def decorator(fn: Callable) -> Callable:
-        if name in REWARD_REGISTRY and REWARD_REGISTRY[name].fn is not fn:
-            raise ValueError(f"reward name {name!r} is already registered; pick another name")
-        REWARD_REGISTRY[name] = RewardEntry(
-            name=name,
-            fn=fn,
-            is_verifier=is_verifier,
-            description=description,
-            check_kwargs=check_kwargs,
-            self_test=self_test,
-        )
-        return fn
 
-    return decorator
+def registered_reward(name: str) -> RewardEntry:
+    """The :class:`RewardEntry` of a registered reward (``ValueError`` listing the valid names if unknown)."""
+    return RewardEntry(name=name, fn=REWARD_REGISTRY.get(name), **REWARD_REGISTRY.capabilities(name))
 
 
 def failed_result(status: str, error: str, time_s: float = 0.0, extracted: str | None = None) -> RewardResult:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rl.shaping import overlong_penalty
 from rl.types import RewardResult
 from rewards.base import register_reward
 from rewards.extract import MAX_SCAN_CHARS, find_boxed, sanitize, strip_thinking
@@ -58,7 +59,8 @@ def length_penalty(
 
     With L the response length in ``unit`` (``"chars"``, ``"words"`` or ``"tokens"``, the last read from
     ``metadata["num_response_tokens"]``): 0 when L <= max_length - buffer_length; then linear down to
-    ``-penalty`` at L = max_length; ``-penalty`` beyond.
+    ``-penalty`` at L = max_length; ``-penalty`` beyond; ``buffer_length=0`` is a hard limit
+    (``rl.shaping.overlong_penalty``, ``docs/algorithms.md`` "Overlong penalty").
     """
     if unit not in _LENGTH_UNITS:
         raise ValueError(f"length_penalty: unit must be one of {_LENGTH_UNITS}, got {unit!r}")
@@ -68,10 +70,4 @@ def length_penalty(
         raise ValueError(f"length_penalty: buffer_length must be an int in [0, max_length], got {buffer_length!r}")
     if not penalty >= 0:
         raise ValueError(f"length_penalty: penalty must be >= 0, got {penalty!r}")
-    length = _length_of(response, metadata, unit)
-    free = max_length - buffer_length
-    if length <= free:
-        return 0.0
-    if length >= max_length or buffer_length == 0:
-        return -float(penalty)
-    return -float(penalty) * (length - free) / buffer_length
+    return overlong_penalty(_length_of(response, metadata, unit), max_length, buffer_length, penalty)

@@ -1,4 +1,4 @@
-"""DC-CoT rewards (``shared/reference/algorithms.md`` §7.4): the combined reward, format validity, path penalty.
+"""DC-CoT rewards (``docs/dccot.md`` "Rewards"): the combined reward, format validity, path penalty.
 
 ``response`` is a trajectory's ``response_text`` (the director's view, each worker once; ``rollout/dccot.py``);
 the longest path comes from ``metadata["longest_path_tokens"]`` (``Trajectory.reward_metadata()``). Without it,
@@ -10,7 +10,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from rl.dccot import ANSWER_CLOSE, ANSWER_OPEN, DCCoTRewardConfig, check_format, overlong_penalty
+from rl.dccot import ANSWER_CLOSE, ANSWER_OPEN, DCCoTRewardConfig, check_format
+from rl.shaping import overlong_penalty
 from rl.types import RewardResult
 from rewards.base import register_reward
 from rewards.math_verifier import grade_math
@@ -56,7 +57,7 @@ def _answer_block(text: str) -> str | None:
     check_kwargs=_reward_config,
 )
 def dccot(prompt: str, response: str, answer: str, metadata: dict, **kwargs: Any) -> RewardResult:
-    """The DC-CoT reward of §7.4, options in :class:`rl.dccot.DCCoTRewardConfig`.
+    """The DC-CoT reward of ``docs/dccot.md`` "Rewards", options in :class:`rl.dccot.DCCoTRewardConfig`.
 
     base = ``correct_score`` (correct, format-valid), ``correct_no_format_score`` (correct, format-invalid),
     ``incorrect_format_score`` (wrong, format-valid), 0 (wrong, format-invalid); plus, on correct responses
@@ -122,7 +123,8 @@ def dccot_path_penalty(
     buffer_tokens: int = 5500,
     factor: float = 0.1,
 ) -> float:
-    """The overlong penalty on the longest path alone, ungated (add it to any correctness reward)."""
+    """The overlong penalty on the longest path alone, ungated (add it to any correctness reward);
+    ``buffer_tokens=0`` is a hard limit at ``max_path_tokens`` (``docs/algorithms.md`` "Overlong penalty")."""
     if not (isinstance(max_path_tokens, int) and 0 <= buffer_tokens <= max_path_tokens and factor >= 0):
         raise ValueError(
             "dccot_path_penalty: need an int max_path_tokens >= buffer_tokens >= 0 and factor >= 0, got "

@@ -25,7 +25,7 @@ from pathlib import Path
 from rewards import builtin as _builtin  # noqa: F401  (registers format_boxed, length_penalty)
 from rewards import dccot as _dccot  # noqa: F401  (registers dccot, dccot_format, dccot_path_penalty)
 from rewards import math_verifier as _math_verifier  # noqa: F401  (registers math_verify)
-from rewards.base import REWARD_REGISTRY, RewardEntry, RewardSpec
+from rewards.base import REWARD_REGISTRY, RewardEntry, RewardSpec, registered_reward
 
 _ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _MODULE_RE = _ATTR_RE
@@ -33,7 +33,7 @@ _MODULE_RE = _ATTR_RE
 
 def registered_names() -> list[str]:
     """Names usable as ``RewardSpec.name`` without a ``:``."""
-    return sorted(REWARD_REGISTRY)
+    return REWARD_REGISTRY.names()
 
 
 def _forms_hint() -> str:
@@ -66,7 +66,7 @@ def check_spec(spec: RewardSpec) -> None:
     name exists, a plug-in file exists. Raises ValueError naming the spec."""
     kind, target, _ = split_spec_name(spec.name)
     if kind == "registered":
-        entry = REWARD_REGISTRY[target]
+        entry = registered_reward(target)
         _check_signature(entry, spec)
         if entry.check_kwargs is not None:
             try:
@@ -122,7 +122,7 @@ def load_reward(spec: RewardSpec) -> RewardEntry:
     """
     kind, target, attr = split_spec_name(spec.name)
     if kind == "registered":
-        entry = REWARD_REGISTRY[target]
+        entry = registered_reward(target)
     else:
         module = _load_file_module(target, spec.name) if kind == "file" else _load_module(target, spec.name)
         fn = module

@@ -1,6 +1,6 @@
 """DC-CoT parallel reasoning, the pure part: the response grammar, the config, budgets and the latency measure.
 
-Divide-and-conquer chain of thought (Mahankali, Wen, Ma, arXiv 2601.23027; ``shared/reference/algorithms.md`` §7):
+Divide-and-conquer chain of thought (Mahankali, Wen, Ma, arXiv 2601.23027; ``docs/dccot.md``):
 a *director* thinks sequentially and, at points of its choosing, opens a spawn block in which a fixed number of
 *workers* think in parallel, each seeing the director's text so far but not each other. A response reads::
 
@@ -11,9 +11,9 @@ a *director* thinks sequentially and, at points of its choosing, opens a spawn b
     </think>
     <answer> ... \\boxed{final} </answer>
 
-Latency is the longest path through this tree (§7.3): the director's tokens plus, per spawn block, the longest
-worker. Everything here is a function of plain values (strings and token counts); the executor that talks to an
-engine is ``rollout/dccot.py`` and the rewards are ``rewards/dccot.py``.
+Latency is the longest path through this tree (``docs/dccot.md`` "Latency measure and budgets"): the director's
+tokens plus, per spawn block, the longest worker. Everything here is a function of plain values (strings and token
+counts); the executor that talks to an engine is ``rollout/dccot.py`` and the rewards are ``rewards/dccot.py``.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def worker_close(i: int) -> str:
 
 
 class DCCoTConfig(StrictModel):
-    """Rollout shape and budgets of DC-CoT (reference code: ``vllm_rollout_parallel_workers.py``, §7.2).
+    """Rollout shape and budgets of DC-CoT (``docs/dccot.md`` "Executor"; reference code:
+    ``vllm_rollout_parallel_workers.py``).
 
-    Token counts follow §7.3: a worker's length includes its injected ``<worker_i>`` opener, a director segment
-    after a spawn block includes the injected ``</spawn_workers>``.
+    Token counts follow ``docs/dccot.md`` "Latency measure and budgets": a worker's length includes its injected
+    ``<worker_i>`` opener, a director segment after a spawn block includes the injected ``</spawn_workers>``.
     """
 
     _kind: ClassVar[str] = "dccot"
@@ -109,7 +110,7 @@ class DCCoTConfig(StrictModel):
 
 
 class DCCoTRewardConfig(StrictModel):
-    """Options of the ``dccot`` reward (its ``RewardSpec.kwargs``; §7.4, defaults: stage 1).
+    """Options of the ``dccot`` reward (its ``RewardSpec.kwargs``; ``docs/dccot.md`` "Rewards", defaults: stage 1).
 
     HLP stage: ``max_path_tokens=12000, overlong_buffer_tokens=10000, overlong_penalty_factor=0.9,
     correct_no_format_score=0.01, penalty_requires_format=True``.
@@ -226,7 +227,7 @@ _TAG_RE = re.compile(r"</?(?:think|answer|spawn_workers|worker_[1-9][0-9]*)>")
 
 
 def check_format(text: str, workers_per_block: int = 3, max_spawn_blocks: int | None = None) -> FormatCheck:
-    """Validate a full DC-CoT response (starting at ``<think>``) against the §7.1 grammar.
+    """Validate a full DC-CoT response (starting at ``<think>``) against the grammar of ``docs/dccot.md`` "Format".
 
     Accepted, with only whitespace allowed where nothing is written::
 
@@ -349,7 +350,7 @@ def response_format_valid(response: str, workers_per_block: int = 3, max_spawn_b
 
 @dataclass(frozen=True)
 class PathLengths:
-    """Latency measure of one response (§7.3), in tokens.
+    """Latency measure of one response (``docs/dccot.md`` "Latency measure and budgets"), in tokens.
 
     longest_path_tokens: sum of director segments + per spawn block the longest worker (L_parallel).
     total_tokens:        sum of director segments + every worker (L_total).
@@ -454,13 +455,3 @@ def cut_to_budget(
     return directors, blocks
 
 
-def overlong_penalty(longest_path_tokens: int, max_path_tokens: int, buffer_tokens: int, factor: float) -> float:
-    """DAPO-style overlong penalty on the longest path (§7.4): ``min(-(L - (L_max - L_buf)) / L_buf * factor, 0)``.
-
-    0 up to ``L_max - L_buf`` tokens, then linear, reaching ``-factor`` at ``L_max``; 0 everywhere when
-    ``buffer_tokens`` is 0. Not clipped below: a path over L_max (possible only without a budget) costs more.
-    """
-    if buffer_tokens == 0:
-        return 0.0
-    over = longest_path_tokens - (max_path_tokens - buffer_tokens)
-    return min(-over / buffer_tokens * factor, 0.0)

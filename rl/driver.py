@@ -9,7 +9,6 @@ Runs on a local Ray (started here) or attaches to a cluster (``ray.address``). E
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -26,6 +25,8 @@ from rl.config import Config, dump_config
 from rl.console import quiet_driver
 from rl.data.datasets import PromptSampler, load_dataset, resolve_dataset
 from rl.ray_init import actor_env_vars, start_ray  # noqa: F401  (actor_env_vars: part of this module's API)
+from rl.round_robin import deal, interleave
+from rl.seeding import stable_seed
 from rl.tracking import CheckpointManager, MetricsLogger, Progress, TrackerSettings
 from rl.types import PromptItem, RewardResult, Rollout, TrainSample
 
@@ -127,8 +128,7 @@ def learner_actor_options(cfg: Config, placed, rank: int) -> dict:
 
 def request_seed(run_seed: int, step: int, index: int) -> int:
     """Per-request sampling seed: the same (run, step, prompt slot) always samples the same responses."""
-    digest = hashlib.sha256(f"{run_seed}:{step}:{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    return stable_seed(run_seed, step, index, digest="sha256")
 
 
 class LearnerGroup:
@@ -449,13 +449,9 @@ class Trainer:
         import ray
 
         k = len(self.engines)
-        shards = [reqs[i::k] for i in range(k)]
+        shards = deal(reqs, k)
         results = ray.get([e.generate.remote(s, settings) for e, s in zip(self.engines, shards) if s])
-        groups: list[list[Rollout]] = [None] * len(reqs)  # type: ignore[list-item]
-        for shard_idx, shard_out in enumerate(results):
-            for j, group in enumerate(shard_out):
-                groups[shard_idx + j * k] = group
-        return groups
+        return interleave(results)
 
     def score(self, items: list[PromptItem], groups: list[list[Rollout]]):
         from rewards import reward_request

@@ -8,9 +8,9 @@ Two entry points share one code path (``generate -> grade -> records -> summariz
   generation to ``generations.jsonl`` after each finished chunk (append + fsync, so a crash loses nothing
   finished and a re-run resumes), then ``summary.json``, ``summary.md`` and ``pass_at_k.png``.
 
-Statistics and the report are in :mod:`rl.eval_stats`, benchmark loading in :mod:`rl.data.benchmarks`, GGUF
-conversion in :mod:`rl.gguf` (all re-exported here). This is a shell module: it may import ``rollout`` and
-``rewards``; it does I/O.
+Statistics and the report are in :mod:`rl.eval_stats` (formulas: ``docs/algorithms.md`` "pass@k, mean@k,
+maj@k"), benchmark loading in :mod:`rl.data.benchmarks`, GGUF conversion in :mod:`rl.gguf` (all re-exported here).
+This is a shell module: it may import ``rollout`` and ``rewards``; it does I/O.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,8 @@ from rl.eval_stats import (  # noqa: F401
 )
 from rl.gguf import convert_gguf  # noqa: F401
 from rl.ray_init import start_ray
+from rl.round_robin import interleave
+from rl.seeding import stable_seed
 from rl.types import PromptItem
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -83,7 +84,7 @@ class EvalSettings:
 
 def request_seed(seed: int, benchmark: str, problem_id: str) -> int:
     """A stable per-problem sampling seed (on GPUs): the same problem gets the same samples on a resumed run."""
-    return zlib.crc32(f"{seed}/{benchmark}/{problem_id}".encode()) & 0x7FFFFFFF
+    return stable_seed(seed, benchmark, problem_id, sep="/", digest="crc32")
 
 
 class GenerationLog:
@@ -325,7 +326,7 @@ def _generate_all(settings: EvalSettings, engines: list, pool, todo: list[tuple[
         per_bench[b].append((b, it))
     queues = [[v[i:i + settings.chunk_problems] for i in range(0, len(v), settings.chunk_problems)]
               for v in per_bench.values()]
-    chunks = [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
+    chunks = interleave(queues)
     deadline = time.perf_counter() + settings.max_time_s if settings.max_time_s else None
     pending: dict = {}  # ref -> (engine index, chunk)
     load = [0] * len(engines)

@@ -1,7 +1,7 @@
 """Evaluation statistics: unbiased pass@k, mean@k, maj@k and bootstrap confidence intervals.
 
 Pure functions over plain Python / numpy values (no torch), shared by training-time validation and
-offline eval. Formulas: ``shared/reference/algorithms.md`` §9.
+offline eval. Formulas: ``docs/algorithms.md`` "pass@k, mean@k, maj@k".
 """
 
 from __future__ import annotations

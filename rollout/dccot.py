@@ -1,6 +1,6 @@
 """DC-CoT rollouts: directors and their parallel workers, all problems in lock-step, one batched call per phase.
 
-A round has two phases (``shared/reference/algorithms.md`` §7.2):
+A round has two phases (``docs/dccot.md`` "Executor"):
 
 1. *director*: every unfinished trajectory continues its director with stop string ``<spawn_workers>``;
 2. *workers*: every director that stopped on ``<spawn_workers>`` gets ``workers_per_block`` workers. Worker ``i``
@@ -20,11 +20,11 @@ injected tags; it is what rewards grade.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from rl.dccot import SPAWN_CLOSE, SPAWN_OPEN, Budget, DCCoTConfig, PathLengths, path_lengths, worker_close, worker_open
+from rl.seeding import stable_seed
 from rl.types import Rollout, TrainSample
 
 GenerateFn = Callable[[list[list[int]], list[int], list[int], list[list[str]]], list[Rollout]]
@@ -68,7 +68,7 @@ class Segment:
     logprobs:           [J + G] behaviour log-probs; 0.0 on injected tokens.
     loss_mask:          [J + G] 0 on injected tokens, 1 on sampled ones.
     text:               text of ``response_token_ids`` (injected text + the engine's text).
-    path_tokens:        tokens counted in the latency measure (§7.3): sampled tokens plus the opener (worker) or
+    path_tokens:        tokens counted in the latency measure: sampled tokens plus the opener (worker) or
                         the ``</spawn_workers>`` tokens (director); the copy of the workers does not count.
     finish_reason:      the engine's: ``"stop"`` (EOS or stop string) or ``"length"``.
     """
@@ -140,7 +140,7 @@ class Trajectory:
 
     @property
     def path_lengths(self) -> PathLengths:
-        """Longest path and total tokens (§7.3)."""
+        """Longest path and total tokens (``docs/dccot.md`` "Latency measure and budgets")."""
         return path_lengths(
             [s.path_tokens for s in self.director_segments],
             [[w.path_tokens for w in ws] for ws in self.worker_blocks],
@@ -158,8 +158,7 @@ class Trajectory:
 
 def segment_seed(seed: int, block: int, worker: int) -> int:
     """A reproducible 31-bit sampling seed per (trajectory seed, block, worker); workers of a block differ."""
-    digest = hashlib.blake2b(f"dccot:{seed}:{block}:{worker}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**31)
+    return stable_seed("dccot", seed, block, worker)
 
 
 @dataclass

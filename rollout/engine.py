@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from rl.console import name_log
+from rl.round_robin import deal, interleave
 from rl.types import Rollout
 
 WORKER_EXTENSION = "rollout.worker_ext.WeightSyncExtension"
@@ -373,15 +374,8 @@ def engines_generate_fn(engines: list, settings: SamplingSettings):
     import ray
 
     def generate_fn(prompts, seeds, max_tokens, stops) -> list[Rollout]:
-        k = len(engines)
-        futures = [
-            engine.generate_tokens.remote(prompts[i::k], seeds[i::k], max_tokens[i::k], stops[i::k], settings)
-            for i, engine in enumerate(engines) if prompts[i::k]
-        ]
-        out: list[Rollout] = [None] * len(prompts)  # type: ignore[list-item]
-        for shard, rollouts in enumerate(ray.get(futures)):
-            for j, ro in enumerate(rollouts):
-                out[shard + j * k] = ro
-        return out
+        shares = zip(engines, *(deal(x, len(engines)) for x in (prompts, seeds, max_tokens, stops)))
+        futures = [engine.generate_tokens.remote(p, s, m, st, settings) for engine, p, s, m, st in shares if p]
+        return interleave(ray.get(futures))
 
     return generate_fn

@@ -3,17 +3,17 @@
 Each turn collects the observation of every unfinished episode, samples one response per observation, and applies
 the responses as actions. Every step keeps the exact token ids and behaviour log-probs the engine returned (the
 action text is never re-tokenized), so each step is one GiGPO training sample: prompt = observation, response =
-action (``shared/reference/algorithms.md`` §4).
+action (``docs/algorithms.md`` "GiGPO").
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rl.algorithms.gigpo import GigpoConfig, GigpoResult, GigpoStep, compute_gigpo_advantages
+from rl.seeding import stable_seed
 from rl.types import Rollout, TrainSample
 from rollout.env import StepEnv
 
@@ -67,9 +67,7 @@ class Episode:
 
 def sampling_seed(base_seed: int, group: int, group_seed: int, trajectory: int, step: int) -> int:
     """A reproducible 31-bit sampling seed, distinct per (run seed, group position, env seed, trajectory, step)."""
-    key = f"{base_seed}:{group}:{group_seed}:{trajectory}:{step}"
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**31)
+    return stable_seed(base_seed, group, group_seed, trajectory, step)
 
 
 def run_episodes(

@@ -1,7 +1,8 @@
 """Policy-optimization algorithms: advantage estimators and shaping, policy losses, loss aggregation, KL.
 
 Pure functions of typed inputs (no I/O, no engines, no torch.distributed). Extension points are
-registries (``ADVANTAGE_ESTIMATORS``, ``POLICY_LOSSES``) whose entries share one signature each.
+registries (``ADVANTAGE_ESTIMATORS``, ``ADVANTAGE_SHAPING``, ``POLICY_LOSSES``) whose entries share one signature
+each.
 """
 
 from rl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInput, compute_advantages, group_index

@@ -2,7 +2,7 @@
 
 Every entry of ``ADVANTAGE_ESTIMATORS`` has the signature ``fn(inp: AdvantageInput, cfg:
 AlgorithmConfig) -> Tensor [N]``; the learner broadcasts each sample's advantage to its loss tokens.
-Formulas: ``shared/reference/algorithms.md`` §1.
+Formulas: ``docs/algorithms.md`` "GRPO and RLOO advantages".
 """
 
 from __future__ import annotations

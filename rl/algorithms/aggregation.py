@@ -5,7 +5,7 @@ micro-batches and all data-parallel ranks, and are passed in by the learner. So 
 *add up*: the sum over the step's micro-batches (and ranks) equals the loss of the full batch in one
 piece, whatever the split (grad accumulation 1x8 == 8x1). Data-parallel backends that average
 gradients across ranks (DDP, FSDP) then need the loss multiplied by the world size; that belongs to
-the learner. Modes (``shared/reference/algorithms.md`` §0, m = mask, l = per-token loss):
+the learner. Modes (``docs/algorithms.md`` "Loss aggregation", m = mask, l = per-token loss):
 
 - ``token-mean``:              sum(m*l) / global_num_tokens
 - ``seq-mean-token-mean``:     sum over sequences i of [sum_t m*l / sum_t m] / global_num_seqs

@@ -1,6 +1,7 @@
 """Configuration of the policy-optimization algorithm: advantage estimator, policy loss, aggregation, KL.
 
-Variants are parameters, not classes (formulas: ``shared/reference/algorithms.md`` §0-2):
+Variants are parameters, not classes (formulas: ``docs/algorithms.md`` "Token ratio and clipped losses",
+"GRPO and RLOO advantages", "DAPO"):
 
 - GRPO (verl defaults): the defaults below.
 - Dr. GRPO: ``norm_adv_by_std=False``, ``loss_agg_mode="seq-mean-token-sum-norm"``,
@@ -8,11 +9,11 @@ Variants are parameters, not classes (formulas: ``shared/reference/algorithms.md
 - DAPO loss: ``clip_eps_high=0.28``, ``dual_clip_c=10.0``, ``loss_agg_mode="token-mean"``, ``kl_coef=0``.
 - GSPO: ``policy_loss="gspo"``, ``clip_eps_low=3e-4``, ``clip_eps_high=4e-4``,
   ``loss_agg_mode="seq-mean-token-mean"``.
-- SAPO (§3): ``policy_loss="sapo"``, ``sapo_tau_pos=1.0``, ``sapo_tau_neg=1.05``,
+- SAPO (``docs/algorithms.md`` "SAPO"): ``policy_loss="sapo"``, ``sapo_tau_pos=1.0``, ``sapo_tau_neg=1.05``,
   ``loss_agg_mode="seq-mean-token-mean"`` (verl forces that mode for SAPO; we use whatever is configured).
-- Differential smoothing / DS-GRPO (§6): ``advantage_shaping="differential_smoothing"`` on top of any
-  estimator and loss, with ``ds_gamma_pos``, ``ds_gamma_neg`` and ``ds_logprob_norm``
-  (``rl.algorithms.smoothing``).
+- Differential smoothing / DS-GRPO (``docs/algorithms.md`` "Differential smoothing"):
+  ``advantage_shaping="differential_smoothing"`` on top of any estimator and loss, with ``ds_gamma_pos``,
+  ``ds_gamma_neg`` and ``ds_logprob_norm`` (``rl.algorithms.smoothing``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rl.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from rl.algorithms.losses import POLICY_LOSSES
+from rl.algorithms.smoothing import ADVANTAGE_SHAPING
 from rl.schema import StrictModel
 
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -52,9 +54,9 @@ class AlgorithmConfig(StrictModel):
     )
     adv_eps: float = Field(1e-6, ge=0.0, description="Added to the group std before dividing: A = (R-mean)/(std+eps).")
 
-    advantage_shaping: Literal["none", "differential_smoothing"] = Field(
+    advantage_shaping: str = Field(
         "none",
-        description="Per-sample change to the estimator's advantages before the loss. "
+        description="Name in `ADVANTAGE_SHAPING`: a per-sample change to the estimator's advantages before the loss. "
         "`differential_smoothing` (DS-GRPO, arXiv 2511.19942): A - ds_gamma_pos * log pi_old(y|x) for "
         "correct samples, A + ds_gamma_neg * log pi_old(y|x) otherwise; needs sequence log-probs.",
     )
@@ -160,6 +162,11 @@ class AlgorithmConfig(StrictModel):
     def _known_loss(cls, v: str) -> str:
         return POLICY_LOSSES.check(v)
 
+    @field_validator("advantage_shaping")
+    @classmethod
+    def _known_shaping(cls, v: str) -> str:
+        return ADVANTAGE_SHAPING.check(v)
+
     @field_validator("dual_clip_c")
     @classmethod
     def _dual_clip_above_one(cls, v: float | None) -> float | None:
@@ -198,6 +205,6 @@ class AlgorithmConfig(StrictModel):
     def needs_sequence_logprobs(self) -> bool:
         """Whether advantages need each sample's sequence log-prob under the rollout policy."""
         return (
-            self.advantage_shaping != "none"
+            ADVANTAGE_SHAPING.capabilities(self.advantage_shaping)["needs_sequence_logprobs"]
             or ADVANTAGE_ESTIMATORS.capabilities(self.advantage_estimator)["needs_sequence_logprobs"]
         )

@@ -1,6 +1,6 @@
 """GDRO: group-DRO controllers over online pass@k difficulty bins (arXiv 2601.19280; code `kishanpb/verl-gdro`).
 
-Two independent controllers share one online difficulty classifier (formulas: ``shared/reference/algorithms.md`` §5):
+Two independent controllers share one online difficulty classifier (formulas: ``docs/algorithms.md`` "GDRO"):
 
 - **Prompt-GDRO** (data adversary): exponential weights over bins from EMA-debiased per-bin losses; each prompt's
   advantages are multiplied by its bin's weight, mean-normalized over the batch and capped.
@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rl.metrics import pass_at_k
 from rl.schema import StrictModel
 
 STATE_VERSION = 1
@@ -49,7 +50,7 @@ class GdroConfig(StrictModel):
         description="Choose the number of samples per prompt per bin (Rollout-GDRO); off: every prompt gets n_mean.",
     )
 
-    # --- online pass@k difficulty classifier (§5.2) ---
+    # --- online pass@k difficulty classifier ---
     bin_edges: list[float] = Field(
         [0.1, 0.2, 0.4, 0.6, 0.8, 0.9],
         description="Interior bin boundaries in (0, 1), strictly increasing; m edges give m+1 bins "
@@ -84,7 +85,7 @@ class GdroConfig(StrictModel):
         "low (a quirk); here every boundary is treated alike.",
     )
 
-    # --- Prompt-GDRO (§5.3) ---
+    # --- Prompt-GDRO ---
     loss_signal: Literal["pg_loss", "error_rate"] = Field(
         "pg_loss",
         description="Per-prompt loss l(x) fed to Prompt-GDRO. `pg_loss` (paper Eq. 7 / code): the prompt's mean "
@@ -130,11 +131,11 @@ class GdroConfig(StrictModel):
     renormalize_after_cap: bool = Field(
         True,
         description="True (ours): water-fill so capped weights still average exactly 1 (the effective learning "
-        "rate stays fixed, §5.6.2). False (code): clamp after normalizing, so the mean drops below 1 when the cap "
+        "rate stays fixed). False (code): clamp after normalizing, so the mean drops below 1 when the cap "
         "binds.",
     )
 
-    # --- Rollout-GDRO (§5.4, paper Eq. 28-31) ---
+    # --- Rollout-GDRO (paper Eq. 28-31) ---
     n_mean: int = Field(
         4, ge=1, description="Budget n-bar: mean samples per prompt over a batch (held exactly). Script n = 4."
     )
@@ -190,14 +191,6 @@ class GdroConfig(StrictModel):
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k)/C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
-    n, c = num_samples, num_correct
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def entropic_risk(bin_losses: Sequence[float], eta: float) -> float:
@@ -274,7 +267,7 @@ def per_bin_mean(bins: Sequence[int], values: Sequence[float]) -> dict[int, floa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Online pass@k difficulty classifier (§5.2)
+# Online pass@k difficulty classifier
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -372,7 +365,7 @@ class PassKClassifier:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompt-GDRO (§5.3)
+# Prompt-GDRO
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -421,7 +414,7 @@ class PromptGdro:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rollout-GDRO (§5.4, square-root law with a clearing shadow price)
+# Rollout-GDRO (square-root law with a clearing shadow price)
 # ---------------------------------------------------------------------------------------------------------------
 
 

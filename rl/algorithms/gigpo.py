@@ -1,7 +1,7 @@
 """GiGPO: Group-in-Group Policy Optimization (Feng et al., arXiv 2505.10978; verl-agent ``gigpo/core_gigpo.py``).
 
 Multi-turn, step-wise RL: every environment step of an episode is one training sample whose response is the
-action text. Its advantage combines two groupings (formulas: ``shared/reference/algorithms.md`` §4):
+action text. Its advantage combines two groupings (formulas: ``docs/algorithms.md`` "GiGPO"):
 
 - episode group (trajectories that start from the same initial state):
   ``A^E(tau) = (R(tau) - mean_group R) / F_norm``
@@ -28,7 +28,8 @@ NormMode = Literal["mean_norm", "mean_std_norm"]
 
 
 class GigpoConfig(StrictModel):
-    """Discounting, weighting and normalization of GiGPO advantages (defaults: verl-agent scripts, §4.2)."""
+    """Discounting, weighting and normalization of GiGPO advantages (defaults: verl-agent scripts;
+    ``docs/algorithms.md`` "GiGPO")."""
 
     _kind: ClassVar[str] = "gigpo"
 
@@ -75,7 +76,7 @@ class GigpoStep:
     trajectory_id:    unique across the whole batch (not only within its episode group).
     step_index:       0-based position of the step in its trajectory; a trajectory's indices are 0..T-1.
     state_key:        canonical environment state the action was taken in (the anchor). Must not contain a step
-                      counter or history text, or every anchor group becomes a singleton (§4.3.1).
+                      counter or history text, or every anchor group becomes a singleton.
     step_reward:      reward the environment returned for this step.
     """
 
@@ -143,7 +144,8 @@ def compute_gigpo_advantages(
     cfg: GigpoConfig,
     episode_returns: Mapping[str, float] | None = None,
 ) -> GigpoResult:
-    """GiGPO advantages of every step (§4.1); outputs are aligned with ``steps``, which may come in any order.
+    """GiGPO advantages of every step (``docs/algorithms.md`` "GiGPO"); outputs are aligned with ``steps``, which
+    may come in any order.
 
     episode_returns: trajectory id -> episode return R(tau). None: the undiscounted sum of the trajectory's step
                      rewards (what verl-agent's episode reward manager places on each step).
@@ -176,7 +178,7 @@ def compute_gigpo_advantages(
         traj_adv.update(zip(trajs, centred))
     episode_adv = [traj_adv[s.trajectory_id] for s in steps]
 
-    # Step advantage: anchor groups are identical states within one episode group, never across groups (§4.3.2).
+    # Step advantage: anchor groups are identical states within one episode group, never across groups.
     anchors: dict[tuple[str, Hashable], list[int]] = defaultdict(list)
     for pos, s in enumerate(steps):
         anchors[(s.episode_group_id, s.state_key)].append(pos)

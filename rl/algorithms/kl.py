@@ -1,5 +1,5 @@
 """Per-token KL estimators between the current policy and a reference policy (Schulman, "Approximating
-KL divergence", 2020; verl ``kl_penalty``). Formulas: ``shared/reference/algorithms.md`` §0.
+KL divergence", 2020; verl ``kl_penalty``). Formulas: ``docs/algorithms.md`` "KL".
 
 With d = logp - ref_logp, on tokens sampled from the current policy:
 

@@ -2,7 +2,8 @@
 
 Every entry of ``POLICY_LOSSES`` has the signature ``fn(inp: PolicyLossInput, cfg: AlgorithmConfig)
 -> PolicyLossOutput``. Losses are per token (to be minimized); ``rl.algorithms.aggregation`` turns
-them into a scalar. Formulas: ``shared/reference/algorithms.md`` §0, §1.1, §2, §3.
+them into a scalar. Formulas: ``docs/algorithms.md`` "Token ratio and clipped losses", "SAPO",
+"CISPO".
 
 Every entry reports the same metric keys (``POLICY_LOSS_METRICS``), each a mean over masked-in tokens;
 a key that does not apply to a loss has a documented neutral value, so dashboards can compare runs.
@@ -209,7 +210,7 @@ def sapo(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:
 
 @POLICY_LOSSES.register("cispo")
 def cispo(inp: PolicyLossInput, cfg: AlgorithmConfig) -> PolicyLossOutput:
-    """CISPO as the DC-CoT recipe runs it (``shared/reference/algorithms.md`` §7.5): REINFORCE on every token with
+    """CISPO as the DC-CoT recipe runs it (``docs/algorithms.md`` "CISPO"): REINFORCE on every token with
     a clipped importance weight that carries no gradient,
 
         loss = -A * sg(clamp(r, 0, cispo_weight_max)) * logp,   r = exp(clamp(logp - old_logp)).

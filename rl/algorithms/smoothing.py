@@ -1,6 +1,6 @@
 """Advantage shaping applied after the estimator: differential smoothing (DS-GRPO).
 
-Differential smoothing (Gai et al., arXiv 2511.19942; ``shared/reference/algorithms.md`` §6) adds a
+Differential smoothing (Gai et al., arXiv 2511.19942; ``docs/algorithms.md`` "Differential smoothing") adds a
 log-probability term to each sample's advantage, with opposite signs for correct and incorrect samples:
 
     A_DS = A - gamma_pos * log pi_old(y|x)   if the sample is correct   (rare correct answers gain)
@@ -8,7 +8,8 @@ log-probability term to each sample's advantage, with opposite signs for correct
 
 ``log pi_old`` is the rollout policy's log-prob of the response, detached. ``cfg.ds_logprob_norm``
 picks the sequence sum or the per-token mean (sum / length); the paper's convention is unverified.
-Selected with ``AlgorithmConfig.advantage_shaping``; ``shape_advantages`` is the one entry point.
+Selected with ``AlgorithmConfig.advantage_shaping``, a name in the ``ADVANTAGE_SHAPING`` registry whose entries
+share ``differential_smoothing``'s signature; ``shape_advantages`` is the one entry point.
 """
 
 from __future__ import annotations
@@ -19,12 +20,22 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from rl.registry import Registry
+
 if TYPE_CHECKING:
     from rl.algorithms.config import AlgorithmConfig
 
 ShapingFn = Callable[[Tensor, Tensor, Tensor, Tensor, "AlgorithmConfig"], tuple[Tensor, dict[str, float]]]
 
+ADVANTAGE_SHAPING: Registry[ShapingFn] = Registry(
+    "advantage shaping",
+    capabilities={
+        "needs_sequence_logprobs": False,  # reads seq_logprob_sum / lengths (else they may be placeholders)
+    },
+)
 
+
+@ADVANTAGE_SHAPING.register("differential_smoothing", needs_sequence_logprobs=True)
 def differential_smoothing(
     advantages: Tensor, correct: Tensor, seq_logprob_sum: Tensor, lengths: Tensor, cfg: AlgorithmConfig
 ) -> tuple[Tensor, dict[str, float]]:
@@ -41,7 +52,7 @@ def differential_smoothing(
     - ``ds/term_abs_mean``: mean of |A_DS - A| = |gamma log pi|.
     - ``ds/adv_abs_mean``: mean of |A| before shaping.
     - ``ds/term_to_adv_ratio``: mean of |gamma log pi| / |A| over samples with A != 0 (0 if there are
-      none). Around 1 or more, the smoothing term swamps the task signal (§6.3 pitfall 1).
+      none). Around 1 or more, the smoothing term swamps the task signal (the scale problem of the summed log-prob).
 
     All-correct (or all-wrong) groups have A = 0 but still get the smoothing term, so filtering such
     groups out (DAPO dynamic sampling) removes part of the DS signal.
@@ -72,13 +83,12 @@ def differential_smoothing(
     return shaped, metrics
 
 
-def _no_shaping(
+@ADVANTAGE_SHAPING.register("none")
+def no_shaping(
     advantages: Tensor, correct: Tensor, seq_logprob_sum: Tensor, lengths: Tensor, cfg: AlgorithmConfig
 ) -> tuple[Tensor, dict[str, float]]:
+    """The estimator's advantages unchanged, no metrics; reads none of the other inputs."""
     return advantages, {}
-
-
-ADVANTAGE_SHAPING: dict[str, ShapingFn] = {"none": _no_shaping, "differential_smoothing": differential_smoothing}
 
 
 def shape_advantages(
@@ -87,4 +97,4 @@ def shape_advantages(
     """Apply ``cfg.advantage_shaping`` (arguments as in ``differential_smoothing``); ``"none"`` returns the
     advantages unchanged and no metrics, without reading the other inputs (see
     ``AlgorithmConfig.needs_sequence_logprobs``)."""
-    return ADVANTAGE_SHAPING[cfg.advantage_shaping](advantages, correct, seq_logprob_sum, lengths, cfg)
+    return ADVANTAGE_SHAPING.get(cfg.advantage_shaping)(advantages, correct, seq_logprob_sum, lengths, cfg)

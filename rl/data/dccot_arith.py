@@ -1,7 +1,7 @@
 """The embedded DC-CoT task: sums of six one-digit numbers, solved by three parallel workers.
 
 A problem is ``"Compute 3 + 5 + 7 + 2 + 8 + 4."``; its prompt ends inside the think block (``<think>\\n``), as
-the DC-CoT template does (``shared/reference/algorithms.md`` §7.1), so the response starts with director text.
+the DC-CoT template does (``docs/dccot.md`` "Format"), so the response starts with director text.
 The demonstration splits the six terms into three pairs, one per worker, and the director adds the three partial
 sums::
 

@@ -3,7 +3,7 @@ import torch
 
 from rl.algorithms import AGG_MODES, aggregate_loss
 
-# Two responses with per-token losses o1 = [1, 1], o2 = [2, 2, 2, 2] (algorithms.md §0.1).
+# Two responses with per-token losses o1 = [1, 1], o2 = [2, 2, 2, 2] (docs/algorithms.md "Loss aggregation").
 LOSS = torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64)
 SEQ = torch.tensor([0, 0, 1, 1, 1, 1])
 MASK = torch.ones(6)

@@ -34,8 +34,10 @@ def test_unknown_registry_names_list_valid():
         AlgorithmConfig(advantage_estimator="gpro")
     with pytest.raises(ValidationError, match=r"Did you mean 'sapo'.*gspo, ppo_clip, sapo"):
         AlgorithmConfig(policy_loss="sapo_typo")
-    with pytest.raises(ValidationError, match=r"'none' or 'differential_smoothing'"):
+    with pytest.raises(ValidationError, match=r"unknown advantage shaping 'ds'.*differential_smoothing, none"):
         AlgorithmConfig(advantage_shaping="ds")
+    with pytest.raises(ValidationError, match=r"Did you mean 'differential_smoothing'"):
+        AlgorithmConfig(advantage_shaping="differential_smothing")
 
 
 def test_sapo_tau_neg_not_below_tau_pos():

@@ -1,4 +1,4 @@
-"""DC-CoT grammar (§7.1), config validation, budgets and the longest-path measure (§7.3, §7.7)."""
+"""DC-CoT grammar, config validation, budgets and the longest-path measure (docs/dccot.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from rl.dccot import (
     DCCoTRewardConfig,
     check_format,
     cut_to_budget,
-    overlong_penalty,
     path_lengths,
 )
 
@@ -124,7 +123,7 @@ def test_every_reason_is_exercised() -> None:
 
 
 def test_longest_path_reference_case() -> None:
-    # §7.7: director 5, workers 3, 3, 2, director 3 -> L_parallel = 5 + 3 + 3 = 11, L_total = 16.
+    # director 5, workers 3, 3, 2, director 3 -> L_parallel = 5 + 3 + 3 = 11, L_total = 16.
     lengths = path_lengths([5, 3], [[3, 3, 2]])
     assert (lengths.longest_path_tokens, lengths.total_tokens, lengths.num_spawn_blocks) == (11, 16, 1)
     assert lengths.parallelism == pytest.approx(16 / 11)
@@ -139,7 +138,7 @@ def test_longest_path_two_blocks_and_sequential() -> None:
 
 
 def test_budget_cut_reference_case() -> None:
-    # §7.7 with P = 7, T = 9: director(5) + w1[:2] + w2[:2]; w3 and the last director dropped.
+    # With P = 7, T = 9: director(5) + w1[:2] + w2[:2]; w3 and the last director dropped.
     directors, blocks = cut_to_budget([5, 3], [[3, 3, 2]], max_path_tokens=7, max_total_tokens=9)
     assert (directors, blocks) == ([5], [[2, 2]])
     lengths = path_lengths(directors, blocks)
@@ -152,25 +151,6 @@ def test_budget_cut_only_path_budget() -> None:
     assert cut_to_budget([5, 3], [[3, 3, 2]], max_path_tokens=10) == ([5, 2], [[3, 3, 2]])
     # P = 5: the director uses the whole path; no worker runs.
     assert cut_to_budget([5, 3], [[3, 3, 2]], max_path_tokens=5) == ([5], [])
-
-
-@pytest.mark.parametrize(
-    ("length", "max_path", "buffer", "factor", "expected"),
-    [
-        # stage 1 (§7.7): penalty starts at 7500 - 5500 = 2000
-        (1500, 7500, 5500, 0.1, 0.0),
-        (2000, 7500, 5500, 0.1, 0.0),
-        (4750, 7500, 5500, 0.1, -0.05),
-        (7500, 7500, 5500, 0.1, -0.1),
-        # HLP: starts at 2000, -0.9 at 12000
-        (2000, 12000, 10000, 0.9, 0.0),
-        (7000, 12000, 10000, 0.9, -0.45),
-        (12000, 12000, 10000, 0.9, -0.9),
-        (500, 100, 0, 0.9, 0.0),  # no buffer: no penalty
-    ],
-)
-def test_overlong_penalty(length: int, max_path: int, buffer: int, factor: float, expected: float) -> None:
-    assert overlong_penalty(length, max_path, buffer, factor) == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -1,4 +1,5 @@
-"""DC-CoT rewards (§7.4, numbers from §7.7): base table, path penalty gating, options, and the pool contract."""
+"""DC-CoT rewards (docs/dccot.md "Rewards", docs/algorithms.md "Overlong penalty"): base table, path penalty
+gating, options, and the pool contract."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def test_without_dynamic_sampling_one_round_keeps_everything(tmp_path):
 
 
 def test_dynamic_sampling_fills_the_batch_and_counts_rounds(tmp_path):
-    # 3 prompts per round, 1 valid per round, 2 wanted -> 2 rounds, exactly 2 groups (§2.4 "fill loop").
+    # 3 prompts per round, 1 valid per round, 2 wanted -> 2 rounds, exactly 2 groups (docs/algorithms.md "DAPO").
     trainer, calls = make_trainer(
         tmp_path, OUTCOMES,
         **{"rollout.prompts_per_step": 2, "rollout.num_samples_per_prompt": 2,

@@ -1,4 +1,4 @@
-"""GDRO controllers: hand-computed numbers from shared/reference/algorithms.md §5.7 plus edge cases."""
+"""GDRO controllers: hand-computed numbers from docs/algorithms.md "GDRO" plus edge cases."""
 
 import json
 import math
@@ -16,7 +16,6 @@ from rl.algorithms.gdro import (
     cap_mean_normalized,
     entropic_risk,
     largest_remainder,
-    pass_at_k,
     per_bin_mean,
     variance_proxy,
 )
@@ -54,14 +53,6 @@ def test_config_rejects_invalid(kw):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def test_pass_at_k_values():
-    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
-    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
-    assert pass_at_k(5, 0, 3) == 0.0
-    assert pass_at_k(4, 1, 4) == 1.0
-    assert pass_at_k(16, 4, 8) == pytest.approx(0.961538, abs=1e-6)
 
 
 def test_entropic_surrogate_bounds():

@@ -1,4 +1,5 @@
-"""GiGPO advantages: the hand-computed case of algorithms.md §4.4, discounting, anchor grouping and edge cases."""
+"""GiGPO advantages: the hand-computed case of docs/algorithms.md "GiGPO", discounting, anchor grouping and edge
+cases."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def test_all_equal_returns_give_zero_without_nan(mode):
 
 
 def test_all_failures_with_penalty_still_have_step_signal():
-    """§4.3.4: A^E = 0 when every trajectory fails, but an invalid-action penalty differentiates steps."""
+    """A^E = 0 when every trajectory fails, but an invalid-action penalty differentiates steps."""
     steps = [_s("g", "A", 0, "s0", -0.1), _s("g", "B", 0, "s0", 0.0)]
     res = compute_gigpo_advantages(steps, GigpoConfig(), {"A": 0.0, "B": 0.0})
     assert res.episode_advantages == [0.0, 0.0]

@@ -148,7 +148,7 @@ def test_gspo_clip_fracs_split_by_side():
     assert m["gate_mean"].item() == 0.5
 
 
-# SAPO, reference §3.4: (tau, r, gate f(r), weight w(r) = f'(r)); d loss / d logp = -A w r.
+# SAPO (docs/algorithms.md "SAPO"): (tau, r, gate f(r), weight w(r) = f'(r)); d loss / d logp = -A w r.
 SAPO_TABLE = [
     (1.0, 1.0, 2.000000, 1.000000),
     (1.0, 1.5, 2.489837, 0.940015),

@@ -21,6 +21,22 @@ def test_pass_at_k_reference_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("n,c,k,expected", [
+    (1, 0, 1, 0.0), (1, 1, 1, 1.0),  # one sample
+    (4, 0, 4, 0.0), (4, 4, 1, 1.0),  # none / all correct: exactly 0 / 1
+    (4, 1, 4, 1.0), (4, 3, 2, 1.0),  # n - c < k: some correct sample is in every k-subset
+    (2, 1, 1, 0.5), (3, 1, 2, 2 / 3), (6, 2, 3, 0.8),  # 1 - C(n-c,k)/C(n,k): 1 - 1/2, 1 - 1/3, 1 - 4/20
+])
+def test_pass_at_k_edges(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_gdro_classifier_uses_the_same_pass_at_k():
+    import rl.algorithms.gdro as gdro
+
+    assert gdro.pass_at_k is pass_at_k
+
+
 def test_product_formula_equals_combinatorial():
     for n in range(1, 13):
         for c in range(n + 1):

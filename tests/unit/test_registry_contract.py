@@ -2,14 +2,17 @@
 output shapes, finiteness, and gradients only where they belong. New entries are picked up automatically."""
 
 import importlib
+import math
 import pkgutil
 
 import pytest
 import torch
 
+import rewards
 import rl.algorithms
 from rl.algorithms import (
     ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SHAPING,
     AGG_MODES,
     POLICY_LOSS_METRICS,
     POLICY_LOSSES,
@@ -18,17 +21,37 @@ from rl.algorithms import (
     PolicyLossInput,
     aggregate_loss,
 )
+from rewards import REWARD_REGISTRY, RewardSpec, check_spec, load_reward
+from rewards.base import SMOKE_REQUEST, call_reward
 from rl.registry import Registry
 
-COVERED = {id(ADVANTAGE_ESTIMATORS), id(POLICY_LOSSES)}
+COVERED = {id(ADVANTAGE_ESTIMATORS), id(POLICY_LOSSES), id(ADVANTAGE_SHAPING), id(REWARD_REGISTRY)}
 
 
-def test_every_algorithm_registry_has_a_contract():
+def _algorithm_modules():
     for mod in pkgutil.iter_modules(rl.algorithms.__path__):
-        module = importlib.import_module(f"rl.algorithms.{mod.name}")
+        yield importlib.import_module(f"rl.algorithms.{mod.name}")
+
+
+def _reward_modules():
+    for mod in pkgutil.iter_modules(rewards.__path__):
+        if not mod.name.startswith("_"):  # _forkserver_preload warms a worker up on import
+            yield importlib.import_module(f"rewards.{mod.name}")
+
+
+def test_every_registry_has_a_contract():
+    for module in [*_algorithm_modules(), *_reward_modules()]:
         for name, obj in vars(module).items():
             if isinstance(obj, Registry):
                 assert id(obj) in COVERED, f"registry {module.__name__}.{name} has no contract test"
+
+
+def test_no_extension_point_is_a_plain_dict():
+    """A name -> function table must be a ``Registry``: a plain dict escapes the contract tests here."""
+    for module in [*_algorithm_modules(), *_reward_modules()]:
+        for name, obj in vars(module).items():
+            if isinstance(obj, dict) and obj and all(isinstance(k, str) and callable(v) for k, v in obj.items()):
+                raise AssertionError(f"{module.__name__}.{name} maps names to functions: make it a Registry")
 
 
 def _advantage_input(seed=0):
@@ -112,3 +135,56 @@ def test_policy_loss_aggregates_to_finite_scalar(name, mode):
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(inp.logp.grad).all() and inp.logp.grad.abs().sum() > 0
+
+
+def _shaping_args(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = 8
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    adv[:2] = 0.0  # an all-equal group's zero advantages
+    correct = torch.rand(n, generator=g) > 0.5
+    seq_logprob_sum = -torch.rand(n, generator=g, dtype=torch.float64) * 40
+    lengths = torch.randint(0, 30, (n,), generator=g)  # a zero length included in most draws
+    return adv, correct, seq_logprob_sum, lengths
+
+
+@pytest.mark.parametrize("name", ADVANTAGE_SHAPING.names())
+@pytest.mark.parametrize("norm", ["sum", "mean"])
+def test_advantage_shaping_contract(name, norm):
+    cfg = AlgorithmConfig(advantage_shaping=name, ds_logprob_norm=norm)
+    adv, correct, seq_logprob_sum, lengths = _shaping_args()  # adv: an estimator's output, already a constant
+    shaped, metrics = ADVANTAGE_SHAPING.get(name)(adv, correct, seq_logprob_sum.requires_grad_(True), lengths, cfg)
+    assert shaped.shape == adv.shape and shaped.dtype == adv.dtype
+    assert torch.isfinite(shaped).all()
+    assert not shaped.requires_grad  # no gradient leaks in from the log-probs: advantages are constants
+    assert all(isinstance(k, str) and isinstance(v, float) for k, v in metrics.items())
+    # permutation equivariance: shaping is per sample
+    perm = torch.randperm(len(adv), generator=torch.Generator().manual_seed(1))
+    shaped_perm, _ = ADVANTAGE_SHAPING.get(name)(adv[perm], correct[perm], seq_logprob_sum.detach()[perm],
+                                                  lengths[perm], cfg)
+    torch.testing.assert_close(shaped_perm, shaped[perm])
+    # an entry that declares no need for sequence log-probs must not read them (the driver may not compute them)
+    if not ADVANTAGE_SHAPING.capabilities(name)["needs_sequence_logprobs"]:
+        nan = torch.full_like(seq_logprob_sum.detach(), float("nan"))
+        unread, _ = ADVANTAGE_SHAPING.get(name)(adv, correct, nan, lengths, cfg)
+        torch.testing.assert_close(unread, shaped)
+    assert cfg.needs_sequence_logprobs == ADVANTAGE_SHAPING.capabilities(name)["needs_sequence_logprobs"]
+
+
+@pytest.mark.parametrize("name", REWARD_REGISTRY.names())
+def test_reward_contract(name):
+    """Every registered reward: described, its default kwargs pass the early check, it loads by name with the
+    common signature, and grades the smoke request (``ok``, a finite score; a verifier gives a verdict)."""
+    caps = REWARD_REGISTRY.capabilities(name)
+    assert isinstance(caps["description"], str) and caps["description"].strip()
+    assert isinstance(caps["is_verifier"], bool)
+    check_spec(RewardSpec(name))
+    entry = load_reward(RewardSpec(name))
+    assert entry.fn is REWARD_REGISTRY.get(name) and entry.is_verifier == caps["is_verifier"]
+    if entry.self_test is not None:
+        entry.self_test()
+    result = call_reward(entry, SMOKE_REQUEST)
+    assert result.status == "ok", result.error
+    assert math.isfinite(result.score)
+    if entry.is_verifier:
+        assert isinstance(result.correct, bool)

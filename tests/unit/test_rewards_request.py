@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from rl.types import PromptItem, Rollout
-from rewards import REWARD_REGISTRY, call_reward, reward_request
+from rewards import call_reward, registered_reward, reward_request
 from rewards.base import REQUEST_METADATA_KEYS, SMOKE_REQUEST
 
 ITEM = PromptItem(id="arith-17", prompt="Compute 12 + 30.", answer="42", metadata={"level": 2, "source": "arith"})
@@ -49,7 +49,7 @@ def test_smoke_request_carries_exactly_the_keys_of_a_run() -> None:
 def test_length_penalty_in_tokens_scores_a_built_request(num_tokens: int, expected: float) -> None:
     # free up to 40 - 20 = 20 tokens, then -1 * (L - 20) / 20; the 13-character text would never be penalized
     request = reward_request(ITEM, rollout(num_tokens, "stop"), sample_index=0)
-    result = call_reward(REWARD_REGISTRY["length_penalty"], request,
+    result = call_reward(registered_reward("length_penalty"), request,
                          {"max_length": 40, "buffer_length": 20, "unit": "tokens"})
     assert result.status == "ok", result.error
     assert result.score == pytest.approx(expected)

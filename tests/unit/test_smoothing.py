@@ -11,7 +11,8 @@ def _cfg(**kw):
 
 
 def test_reference_case_sum_mode():
-    """§6.4: population-std GRPO on [1,0,0,1] gives [+1,-1,-1,+1]; log pi [-20,-50,-10,-5], gammas 0.01."""
+    """docs/algorithms.md "Differential smoothing": population-std GRPO on [1,0,0,1] gives [+1,-1,-1,+1];
+    log pi [-20,-50,-10,-5], gammas 0.01."""
     cfg = _cfg(std_mode="population", adv_eps=0.0, ds_logprob_norm="sum")
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=F64)
     adv = compute_advantages(AdvantageInput(rewards, ["p"] * 4), cfg)
