@@ -20,7 +20,7 @@
 # `--smoke --only engine` runs it by itself.
 #
 # It never installs anything: it uses .venv/bin/python when there is one, else python3 on PATH (set GPU_CHECK_PYTHON
-# to choose). With vLLM carried in (../shared/tools/gpu-vllm), source its stage2.sh first, in the same command.
+# to choose). With vLLM installed outside the image's site-packages, set up its environment first, in the same command.
 # Models and caches go to a temporary directory (GPU_CHECK_WORK), not to OUT_DIR.
 set -u
 cd "$(dirname "$0")/.."
@@ -147,7 +147,7 @@ fi
 
 # ---- engine
 if selected engine; then
-  if ! has vllm; then skip_stage engine "vllm is not importable (carry it in: ../shared/tools/gpu-vllm)"
+  if ! has vllm; then skip_stage engine "vllm is not importable (install a vLLM build matching this torch)"
   elif [ "$SMOKE" = 1 ] && [ -z "$ONLY" ]; then
     skip_stage engine "smoke: a vLLM CPU engine start takes 30-110 s on 2 cores, more than the 2-minute budget leaves; run --smoke --only engine"
   else

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# What `rl train` needs on a GPU machine that has torch, transformers and (through ../shared/tools/gpu-vllm) vLLM,
+# What `rl train` needs on a GPU machine that has torch, transformers and vLLM (installed separately),
 # but neither Ray nor the graders, and no network: Ray, math-verify and their dependencies for CPython 3.12, plus
 # an entry-point record so vLLM's spawned engine cores load this project's plugin (rollout.vllm_plugin). Ray's
-# wheel alone is larger than one upload, so the site goes in chunks, like gpu-vllm's.
+# wheel alone is larger than one upload to an offline machine, so the site goes in chunks.
 #
-# On the development machine, from the repo's root:   bash scripts/gpu_site.sh        (writes .gpu-rl/, ignored)
+# On a machine with the network, from the repo's root:   bash scripts/gpu_site.sh        (writes .gpu-rl/, ignored)
 # On the GPU machine, one command per chunk, back to back (its /tmp must survive between them):
 #   each chunk but the last, with .gpu-rl/cK and .gpu-rl/bin carried:  bash .gpu-rl/bin/stash.sh
 #   the last (and later commands while /tmp/rlsite exists):             source .gpu-rl/bin/stage.sh && ...
-# After vLLM's own `source .gpu-vllm/bin/stage2.sh` (both add to PYTHONPATH).
+# After vLLM's own environment is set up (both add to PYTHONPATH).
 set -euo pipefail
 OUT=${1:-.gpu-rl}
 START=$PWD
