@@ -100,6 +100,7 @@ def _flat(rows):
     return [x for r in rows for x in r]
 
 
+@pytest.mark.multiproc
 def test_world_size_invariance(runs, model_dir):
     single = runs["single"]
     for name in ("w1", "w2"):
@@ -122,6 +123,7 @@ def test_world_size_invariance(runs, model_dir):
     assert moved > 1e-4  # the step changed the weights, so the comparisons above are not vacuous
 
 
+@pytest.mark.multiproc
 def test_checkpoint_resume(runs, model_dir):
     """Save after one step, load, one more step == the step that continued without the checkpoint: the 1-rank
     checkpoint resumed on 2 ranks (with the fused chunked kernel), and the 2-rank one resumed by the single strategy
@@ -183,6 +185,7 @@ def _bf16_rank_main(rank, world, port, model_dir, out_dir):
                 f.write(blob)
 
 
+@pytest.mark.multiproc
 def test_bf16_resume_is_bit_exact_with_the_master_weights(model_dir, tmp_path):
     mp.spawn(_bf16_rank_main, args=(2, free_port(), model_dir, str(tmp_path)), nprocs=2, join=True)
     got = {}

@@ -328,6 +328,7 @@ def _data_parallel_rank(rank, world, port, target_state, out_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.multiproc
 def test_two_data_parallel_ranks_equal_one_rank_on_the_whole_batch(target, tmp_path):
     import torch.multiprocessing as mp
 

@@ -77,6 +77,7 @@ def test_assign_to_ranks_balances_and_covers():
     assert assign_to_ranks([5], 3) == [[0], [], []]  # a rank may get nothing: it runs padding passes
 
 
+@pytest.mark.multiproc
 def test_world_size_invariance(runs, model_dir):
     single, w1, w2, _ = runs
     for res in (w1, w2):
@@ -93,6 +94,7 @@ def test_world_size_invariance(runs, model_dir):
     assert moved > 1e-4  # the step changed the weights, so the comparison above is not vacuous
 
 
+@pytest.mark.multiproc
 def test_checkpoint_across_world_sizes(runs, model_dir, tmp_path):
     """A 2-rank checkpoint resumes on 1 rank (fsdp2 and single) with the same next step as on 2 ranks."""
     _, _, w2, root = runs

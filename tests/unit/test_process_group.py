@@ -17,6 +17,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiproc
 def test_rendezvous_without_the_other_rank_fails_in_bounded_time():
     port = _port()
     t0 = time.perf_counter()
@@ -34,6 +35,7 @@ def _rank(rank: int, port: int, out) -> None:
     D.destroy()
 
 
+@pytest.mark.multiproc
 def test_two_ranks_form_the_group():
     port = _port()
     ctx = mp.get_context("spawn")

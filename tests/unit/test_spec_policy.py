@@ -288,6 +288,7 @@ def _drafter_rank_main(rank, world, port, strategy, model_dir, drafter_dir, out_
                out_path % rank)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
 def test_two_learner_ranks_train_drafter_replicas_on_their_own_shares(tmp_path, strategy):
     """With 2 learner ranks (FSDP2 or ZeRO-3), each rank's drafter replica keeps the states of its own share of the rollouts (the

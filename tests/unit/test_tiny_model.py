@@ -21,6 +21,7 @@ def tiny_dir(tmp_path_factory):
     return out, metrics
 
 
+@pytest.mark.slow  # builds and warm-starts a model
 def test_build_returns_metrics_and_writes_files(tiny_dir):
     out, metrics = tiny_dir
     for key in ("build/time_s", "sft/loss_first", "sft/loss_last", "eval/acc_sampled", "eval/acc_greedy"):
@@ -86,6 +87,7 @@ def test_demonstration_masks_prompt_and_ends_with_eos(tiny_dir):
     assert tok.decode(ids[n_prompt:], skip_special_tokens=True) == reference_solution(item)
 
 
+@pytest.mark.slow  # builds and warm-starts a model
 def test_build_is_deterministic(tiny_dir, tmp_path):
     out, metrics = tiny_dir
     again = build_tiny_model(tmp_path, seed=0, sft_steps=3, sft_examples=64, sft_batch_size=8,
@@ -94,6 +96,7 @@ def test_build_is_deterministic(tiny_dir, tmp_path):
     assert (tmp_path / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # builds and warm-starts a model
 def test_warm_start_stops_at_target_accuracy(tmp_path):
     # accuracy >= 0.0 holds at the first check (every 10 steps), so 10 of the allowed 12 steps run
     metrics = build_tiny_model(tmp_path, seed=0, sft_steps=12, sft_examples=64, sft_batch_size=4,
