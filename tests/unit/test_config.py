@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from rl.config import Config, ConfigError, dump_config, load_config, parse_overrides
+from rl.config import ConfigError, dump_config, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,10 +15,36 @@ def test_defaults_are_valid():
     assert cfg.model.build_tiny and cfg.rollout.num_samples_per_prompt == 8
 
 
+def _leaves(data: dict, prefix: tuple = ()):
+    """(key path, value) of every non-mapping value in a nested mapping."""
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _same(got, written) -> bool:
+    """A loaded value equals what the YAML wrote (YAML reads ``1e-6`` as text; list items may leave defaults out)."""
+    if isinstance(got, list) and isinstance(written, list):
+        return len(got) == len(written) and all(_same(g, w) for g, w in zip(got, written))
+    if isinstance(got, dict) and isinstance(written, dict):
+        return all(k in got and _same(got[k], w) for k, w in written.items())
+    if isinstance(got, float) and not isinstance(written, bool):
+        return got == float(written)
+    return got == written
+
+
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_loads(recipe):
     cfg = load_config(recipe)
-    assert isinstance(cfg, Config)
+    # every value the recipe sets is the loaded value (no key silently dropped or defaulted)
+    dumped = cfg.model_dump(mode="json")
+    for key, value in _leaves(yaml.safe_load(recipe.read_text()) or {}):
+        got = dumped
+        for part in key:
+            got = got[part]
+        assert _same(got, value), (key, got, value)
     if cfg.multiturn.env is not None:  # the environment and its options are checked when the trainer starts
         from rollout.env import make_env
 
