@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 
 from rl import driver
 from rl.config import load_config
-from rl.driver import ActorDiedError as RunActorDied, CanaryError, Trainer
+from rl.driver import ActorDiedError as RunActorDied, Trainer
 from rl.tracking import CheckpointManager, MetricsLogger
 from rl.types import PromptItem, Rollout, TrainSample
 
@@ -72,21 +73,15 @@ class FakeLearner:
         if method == "save":
             if self.dead_from_update is not None and self.updates + 1 >= self.dead_from_update:
                 raise dead("learner0", "the actor is dead")
-            (_path(args[0]) / "model").mkdir(parents=True, exist_ok=True)
-            (_path(args[0]) / "model" / "updates.json").write_text(json.dumps(self.updates))
+            (Path(args[0]) / "model").mkdir(parents=True, exist_ok=True)
+            (Path(args[0]) / "model" / "updates.json").write_text(json.dumps(self.updates))
             return None
         if method == "load":
-            self.updates = json.loads((_path(args[0]) / "model" / "updates.json").read_text())
+            self.updates = json.loads((Path(args[0]) / "model" / "updates.json").read_text())
             return None
         if method == "probe_logprobs":
             return [[-1.0 - 0.1 * self.updates] * len(resp) for _, resp in args[0]]
         raise AssertionError(method)
-
-
-def _path(p):
-    from pathlib import Path
-
-    return Path(p)
 
 
 class FakeEngine:
