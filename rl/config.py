@@ -780,16 +780,20 @@ RESUME_SAFE_KEYS = ("run.output_dir", "run.num_steps", "run.save_every_steps", "
                     "reward_pool.num_workers", "ray.")
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+def config_changes(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None,
+                   prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` of every value that differs between two resolved configs (mappings
     as ``dump_config`` writes them), in key order; a list is one value. A key on one side only has ``"<absent>"``
-    on the other."""
+    on the other, except that a key the old config lacks (written before the key existed) is no change when the
+    new value is its default in ``defaults`` (a resolved default config)."""
+    defaults = defaults or {}
     out = []
     for key in list(old) + [k for k in new if k not in old]:
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
+            sub = defaults.get(key)
+            out += config_changes(a, b, sub if isinstance(sub, dict) else {}, f"{prefix}{key}.")
+        elif a != b and not (key not in old and key in defaults and b == defaults[key]):
             out.append((f"{prefix}{key}", a, b))
     return out
 

@@ -317,7 +317,8 @@ class Trainer:
         saved = self.run_dir / "config.yaml"
         if not self.resume or not saved.is_file():
             return
-        changes = config_changes(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_config(self.cfg)))
+        changes = config_changes(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_config(self.cfg)),
+                                 yaml.safe_load(dump_config(Config())))
         unsafe = [key for key, _, _ in changes if not resume_safe(key)]
         if unsafe and not self.allow_config_change:
             raise ValueError(f"--resume: this config differs from the run's {saved} in {', '.join(unsafe)}, which a "

@@ -132,6 +132,9 @@ def test_config_changes_lists_every_changed_value_and_which_a_resume_may_change(
     assert format_changes(changes[:2]).splitlines() == ["  run.num_steps: 20 -> 50",
                                                          "  learner.lr: 1e-05 -> 3e-06  (not resumable)"]
     assert config_changes({"a": {"b": 1}}, {"a": {"c": 1}}) == [("a.b", 1, "<absent>"), ("a.c", "<absent>", 1)]
+    # a key added to the schema after the run started is no change while it keeps its default
+    assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}, {"a": {"b": 0, "c": 2}}) == []
+    assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 3}}, {"a": {"b": 0, "c": 2}}) == [("a.c", "<absent>", 3)]
     assert not resume_safe("run.seed") and not resume_safe("rayx.y") and resume_safe("ray.address")
 
 
@@ -174,3 +177,18 @@ def test_resume_refuses_a_changed_recipe_and_shows_the_diff(tmp_path, monkeypatc
     assert _resume(tmp_path, monkeypatch, "algorithm.clip_eps_high=0.28", allow=True) == -1
     assert "  algorithm.clip_eps_high: 0.2 -> 0.28  (not resumable)" in capsys.readouterr().out
     assert yaml.safe_load(saved.read_text())["algorithm"]["clip_eps_high"] == 0.28
+
+
+def test_resume_accepts_a_run_written_before_a_key_existed(tmp_path, capsys):
+    from rl.driver import Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = yaml.safe_load(dump_config(load_config(None, [f"run.output_dir={run}"])))
+    del saved["algorithm"]["clip_eps_high"]  # as if the run's code had no such key yet
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    Trainer(load_config(None, [f"run.output_dir={run}"]), resume=True)._check_resumed_config()  # the default: no change
+    assert capsys.readouterr().out == ""
+    trainer = Trainer(load_config(None, [f"run.output_dir={run}", "algorithm.clip_eps_high=0.28"]), resume=True)
+    with pytest.raises(ValueError, match=r"algorithm.clip_eps_high: \"<absent>\" -> 0.28  \(not resumable\)"):
+        trainer._check_resumed_config()
