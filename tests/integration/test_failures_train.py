@@ -125,3 +125,15 @@ def test_learner_death_keeps_the_last_checkpoint_and_says_so(tiny_model_dir, tmp
     assert latest in (done - 1, done)  # the last step's own checkpoint may not have been written before the freeze
     assert (f"the learner is gone, so nothing newer can be saved; the last checkpoint is "
             f"{run / 'checkpoints' / f'step_{latest:06d}'}; continue with --resume.") in err
+
+
+def test_a_canary_failure_stops_the_run(tiny_model_dir, tmp_path):
+    # bf16 engines against the fp32 learner differ by ~3e-3 per token (docs/architecture.md); held to the fp32
+    # bounds, the canary after the start-up sync fails, and nothing trains.
+    run = tmp_path / "run"
+    proc = start(tiny_model_dir, run, "canary", "rollout.dtype=bfloat16", "sync.canary_mean_abs_diff=1e-4",
+                 "sync.canary_max_abs_diff=1e-3")
+    rc, out, err = finish(proc, run, "canary", timeout_s=600)
+    assert rc == 1, out[-3000:] + err[-3000:]
+    assert "rl train: weight sync canary failed on engine 0 at version 0: engine and learner log-probs" in err
+    assert logged_steps(run) == [] and checkpoint_steps(run) == []
