@@ -19,13 +19,13 @@ def _train(args: argparse.Namespace) -> int:
         cfg.ray.address = args.ray_address
     if args.verbose:
         cfg.run.verbose = True
-    from rl.driver import CanaryError, train
+    from rl.driver import ActorDiedError, CanaryError, train
 
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, CanaryError) as e:
+    except (ValueError, CanaryError, ActorDiedError) as e:
         print(f"rl train: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1))
@@ -179,6 +179,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("config", nargs="?", default=None, help="YAML recipe (e.g. configs/tiny_cpu.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.7 run.num_steps=50")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even though the config changed keys other than run length, "
+                   "saving, logging and Ray (the changes are printed either way)")
     p.add_argument("--ray-address", default=None, help="attach to a running Ray cluster (e.g. auto or ray://host:10001)")
     p.add_argument("--verbose", action="store_true",
                    help="every engine, learner, Ray and DeepSpeed line on the console (run.verbose=true); without "

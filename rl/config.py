@@ -8,6 +8,7 @@ strict loading: an unknown or misspelled key is an error that names the nearest 
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -814,3 +815,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def dump_config(cfg: Config) -> str:
     """The fully resolved config as YAML (written into every run directory)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys a resumed run may change (`rl train --resume`): where the run directory is, how long the run goes, what it
+# writes and how often, how often it evaluates, where its processes run. Any other change would continue the
+# checkpoint under another recipe: it is shown and refused unless `--allow-config-change`. A key ending in "." is
+# a whole section.
+RESUME_SAFE_KEYS = ("run.output_dir", "run.num_steps", "run.save_every_steps", "run.keep_last_checkpoints",
+                    "run.log_samples_per_step", "run.tensorboard", "run.progress", "eval.every_steps",
+                    "reward_pool.num_workers", "ray.")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None,
+                   prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` of every value that differs between two resolved configs (mappings
+    as ``dump_config`` writes them), in key order; a list is one value. A key on one side only has ``"<absent>"``
+    on the other, except that a key the old config lacks (written before the key existed) is no change when the
+    new value is its default in ``defaults`` (a resolved default config)."""
+    defaults = defaults or {}
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = defaults.get(key)
+            out += config_changes(a, b, sub if isinstance(sub, dict) else {}, f"{prefix}{key}.")
+        elif a != b and not (key not in old and key in defaults and b == defaults[key]):
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def resume_safe(key: str) -> bool:
+    """Whether a resumed run may change ``key`` (``RESUME_SAFE_KEYS``)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_SAFE_KEYS)
+
+
+def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """One ``  key: old -> new`` line per change; keys a resume may not change are marked."""
+    return "\n".join(f"  {key}: {json.dumps(a)} -> {json.dumps(b)}{'' if resume_safe(key) else '  (not resumable)'}"
+                     for key, a, b in changes)

@@ -21,9 +21,9 @@ import numpy as np
 from rl.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInput
 from rl.algorithms.dapo import keep_group, overlong_penalty
 from rl.algorithms.smoothing import shape_advantages
-from rl.config import Config, dump_config
+from rl.config import Config, config_changes, dump_config, format_changes, resume_safe
 from rl.console import quiet_driver
-from rl.data.datasets import PromptSampler, load_dataset, resolve_dataset
+from rl.data.datasets import PromptSampler, load_dataset, load_jsonl_prompts, resolve_dataset
 from rl.ray_init import actor_env_vars, start_ray  # noqa: F401  (actor_env_vars: part of this module's API)
 from rl.round_robin import deal, interleave
 from rl.seeding import stable_seed
@@ -38,6 +38,10 @@ class CanaryError(RuntimeError):
 class RewardError(ValueError):
     """A configured reward errored on at least ``reward_pool.max_error_rate`` of a step's responses: training on
     its fail-closed zeros would be a silent 0."""
+
+
+class ActorDiedError(RuntimeError):
+    """An engine or learner actor died mid-run; the message names it, says why, and where the run was saved."""
 
 
 # A reward that keeps erroring below the stop threshold is warned about at most once per this many steps.
@@ -200,9 +204,16 @@ def preflight(cfg: Config) -> None:
         ds = getattr(cfg.data, split)
         if ds.kind == "jsonl" and ds.path:
             try:
-                resolve_dataset(ds.path, cfg.data.data_dir)
+                path = resolve_dataset(ds.path, cfg.data.data_dir)
             except ValueError as e:
                 problems.append(f"data.{split}.path: {e}")
+                continue
+            try:  # every row, as training will read it (a chat template is applied later, with the tokenizer)
+                load_jsonl_prompts(path, problem_field=ds.problem_field, answer_field=ds.answer_field,
+                                   id_field=ds.id_field, on_bad_row=ds.on_bad_row, limit=ds.num_problems,
+                                   format_prompt=str)
+            except ValueError as e:
+                problems.append(f"data.{split}: {e}")
     for i, r in enumerate(cfg.rewards):
         try:
             check_spec(RewardSpec(name=r.name, weight=r.weight, kwargs=dict(r.kwargs)))
@@ -238,13 +249,17 @@ def _preflight_benchmarks_and_trackers(cfg: Config) -> list[str]:
 class Trainer:
     """Owns the actors and the loop. ``run()`` trains; ``close()`` releases everything."""
 
-    def __init__(self, cfg: Config, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: bool = False, allow_config_change: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
+        self.allow_config_change = allow_config_change
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator)
         self._stop_requested = False
+        # The step whose update the learner holds (or is applying): a checkpoint labelled with any other step
+        # would hold another step's weights.
+        self._learner_step = 0
         self._reward_error_warned: dict[str, int] = {}  # reward name -> step of its last warning
         self.engine_version = 0  # the policy version the engines serve (set by every sync)
         self._pending: dict[int, dict] = {}  # async mode: batches generated ahead, by the step that trains on them
@@ -268,6 +283,7 @@ class Trainer:
         quiet_driver(self.cfg.run.verbose)  # before the tiny model's build imports DeepSpeed
         cfg = self.cfg
         preflight(cfg)  # before the tiny model's build, Ray and the engines: seconds, not a minute, to an error
+        self._check_resumed_config()
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         # trackers first: a wandb or MLflow that cannot start fails the run before a minute of start-up
         self.logger = MetricsLogger(self.run_dir, TrackerSettings(
@@ -295,6 +311,25 @@ class Trainer:
         if self.resume:
             self._load_latest()
         self.probe = None
+
+    def _check_resumed_config(self) -> None:
+        """On ``--resume``: this run's config against the run directory's ``config.yaml``. Every difference is
+        printed; one outside ``rl.config.RESUME_SAFE_KEYS`` refuses the resume (``ValueError``) unless
+        ``allow_config_change``."""
+        import yaml
+
+        saved = self.run_dir / "config.yaml"
+        if not self.resume or not saved.is_file():
+            return
+        changes = config_changes(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_config(self.cfg)),
+                                 yaml.safe_load(dump_config(Config())))
+        unsafe = [key for key, _, _ in changes if not resume_safe(key)]
+        if unsafe and not self.allow_config_change:
+            raise ValueError(f"--resume: this config differs from the run's {saved} in {', '.join(unsafe)}, which a "
+                             f"resumed run may not change:\n{format_changes(changes)}\nResume with the run's config, "
+                             "or pass --allow-config-change to continue the checkpoint under the new values.")
+        if changes:
+            print(f"[rl] --resume: config changes from {saved}:\n{format_changes(changes)}", flush=True)
 
     def _load_benchmarks(self, tokenizer) -> dict[str, list[PromptItem]]:
         """The ``eval.benchmarks`` problems, formatted as ``rl eval`` formats them."""
@@ -887,12 +922,14 @@ class Trainer:
             self.gdro.load_state_dict(state["gdro"])
         if self.spec is not None and "spec_decode" in state:
             self.spec.load_state_dict(state["spec_decode"])
-        self.start_step = int(state["step"])
+        self.start_step = self._learner_step = int(state["step"])
         self.logger.truncate_after(self.start_step)
         print(f"[rl] resumed from {latest} at step {self.start_step}", flush=True)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        from ray.exceptions import RayActorError
+
         cfg = self.cfg
         self.setup()
         # A fixed probe for the canary: the greedy answer to the first eval prompt, fixed for the whole run.
@@ -902,8 +939,9 @@ class Trainer:
         summary: dict = {"run_dir": str(self.run_dir)}
         progress = Progress(cfg.run.num_steps, self.start_step, cfg.run.progress)
         step = self.start_step
-        old_handler = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in old_handlers:
+            signal.signal(sig, self._on_stop_signal)
         try:
             if self.start_step == 0:
                 ev = self.evaluate(0)
@@ -926,24 +964,66 @@ class Trainer:
                     self.save_checkpoint(step)
         except KeyboardInterrupt:
             progress.close()
-            if step > self.start_step or step == 0:
-                path = self.save_checkpoint(step)
-                print(f"\n[rl] interrupted: saved step {step} to {path}; continue with --resume", flush=True)
+            print(f"\n[rl] interrupted: {self._save_after_failure(step)}; continue with --resume", flush=True)
             raise
         except RewardError as exc:
             progress.close()
-            path = self.save_checkpoint(step) if step > self.start_step or step == 0 else self.ckpt.latest()
-            raise RewardError(f"{exc}\nSaved the last completed step ({step}) to {path}: fix the reward, then "
-                              "continue with --resume.") from None
+            raise RewardError(f"{exc}\n{self._save_after_failure(step)}: fix the reward, then continue with "
+                              "--resume.") from None
+        except RayActorError as exc:
+            progress.close()
+            who, why = self._dead_actor(exc)
+            saved = self._save_after_failure(step, learner_died=who.startswith("learner"))
+            raise ActorDiedError(f"{who} died during step {step + 1}: {why}\n{saved}; continue with --resume.") from None
         finally:
-            signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
             progress.close()
         summary["final_step"] = step
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_stop_signal(self, signum, frame) -> None:
+        """SIGTERM or a first Ctrl-C: stop after the current step (its checkpoint then holds exactly its update). A
+        second Ctrl-C stops at once."""
+        if signum == signal.SIGINT:
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            print("\n[rl] Ctrl-C: stopping after this step (Ctrl-C again to stop now)", flush=True)
         self._stop_requested = True
+
+    def _save_after_failure(self, step: int, learner_died: bool = False) -> str:
+        """Save what a stopped run can: step ``step`` when the learner is alive, holds exactly that step's update,
+        and the step is not the one resumed from; otherwise the newest complete checkpoint stays the one to resume
+        from. Says which, for the user."""
+        from ray.exceptions import RayError
+
+        if learner_died:
+            reason = "the learner is gone, so nothing newer can be saved"
+        elif self._learner_step != step:
+            reason = f"step {step + 1}'s update had started, so the learner no longer holds step {step}"
+        elif step > self.start_step or step == 0:
+            try:
+                return f"saved step {step} to {self.save_checkpoint(step)}"
+            except RayError as exc:  # e.g. the learner died while saving
+                reason = f"saving step {step} failed ({type(exc).__name__})"
+        else:
+            reason = f"nothing new since step {step}"
+        latest = self.ckpt.latest()
+        return f"{reason}; the last checkpoint is {latest}" if latest else f"{reason}; no checkpoint yet"
+
+    def _dead_actor(self, exc) -> tuple[str, str]:
+        """(which actor: ``engine i`` / ``learner rank k``, why it died: Ray's account, on one line) of a
+        ``RayActorError``."""
+        from ray.exceptions import ActorDiedError as ActorDied
+
+        names = {**{e._actor_id.hex(): f"engine {i}" for i, e in enumerate(self.engines)},
+                 **{a._actor_id.hex(): f"learner rank {k}" for k, a in enumerate(self.learner.actors)}}
+        who = names.get(exc.actor_id, f"actor {exc.actor_id}")
+        lines = [ln.strip() for ln in str(exc.error_msg).splitlines() if ln.strip()]
+        why = "; ".join(ln for ln in lines if ln != ActorDied.BASE_ERROR_MSG
+                        and not ln.startswith(("class_name:", "actor_id:", "namespace:")))
+        return who, why or "Ray gave no reason"
 
     def prepare_batch(self, step: int) -> dict:
         """Step ``step``'s rollouts turned into learner samples, with their metrics (the reward pool's counters
@@ -1009,6 +1089,8 @@ class Trainer:
         if colocated:
             metrics["perf/engine_sleep_s"] = self._engines_call("sleep", cfg.placement.engine_sleep_level)
         t_learn = time.perf_counter()
+        if samples:
+            self._learner_step = step
         refs = self.learner.submit("train_step", samples) if samples else None
         if not samples:
             print(f"[rl] step {step}: no group survived dynamic sampling; no update this step", flush=True)
@@ -1128,8 +1210,8 @@ class Trainer:
             ray.shutdown()
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    trainer = Trainer(cfg, resume=resume)
+def train(cfg: Config, resume: bool = False, allow_config_change: bool = False) -> dict:
+    trainer = Trainer(cfg, resume=resume, allow_config_change=allow_config_change)
     try:
         return trainer.run()
     finally:

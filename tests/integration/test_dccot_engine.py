@@ -4,8 +4,6 @@ workers, path lengths, loss masks, and the learner seeing each token in exactly 
 import pytest
 from transformers import AutoTokenizer
 
-from rl.types import TrainSample
-
 pytestmark = pytest.mark.integration
 
 
@@ -89,5 +87,9 @@ def test_executor_on_engine_masks_paths_and_learner_context(ray_local, dccot_mod
     got = learner.compute_logprobs(samples)
     worst = max(abs(g - b) for s, gs in zip(samples, got) for g, b, m in zip(gs, s.behaviour_logprobs, s.loss_mask) if m)
     assert worst < 1e-3
-    assert all(isinstance(s, TrainSample) for s in samples)
+    # One director sample per trajectory, then one per worker, each with its own trajectory's id and advantage.
+    tagged = to_train_samples(trajs, [float(i) for i in range(len(trajs))])
+    want = [(t.prompt_id, float(i)) for i, t in enumerate(trajs) if t.segments
+            for _ in range(1 + sum(len(ws) for ws in t.worker_blocks))]
+    assert [(s.group_id, s.advantage) for s in tagged] == want
     ray.kill(engine)

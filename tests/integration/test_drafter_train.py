@@ -43,7 +43,7 @@ def test_rl_train_with_adaptive_drafter_then_resume(warm_tiny_model_dir, tmp_pat
 
     # resumed in fixed mode (K=3 at every batch size of this run), so step 5 surely drafts
     resumed = train("configs/drafter_tiny_cpu.yaml", warm_tiny_model_dir, out, *SMALL, "run.num_steps=5",
-                    "drafter.mode=fixed", "--resume")
+                    "drafter.mode=fixed", "--resume", "--allow-config-change")
     assert sorted(resumed) == [0, 1, 2, 3, 4, 5]  # the log was kept up to the checkpoint, step 5 appended
     # the engines started with the checkpoint's trained drafter (a fresh one accepts almost nothing: ~1.0)
     assert resumed[5]["rollout/spec_decode/mean_acceptance_length"] > 1.2

@@ -1,5 +1,6 @@
-"""`rl eval` end to end on the tiny CPU model (real Ray, real vLLM, math-verify): outputs, resume, bad rows, prompts
-longer than the context, a training checkpoint folder as the model, the built-in arith benchmark."""
+"""`rl eval` end to end on the tiny CPU model (real Ray, real vLLM, math-verify): outputs, resume, prompts longer
+than the context, a training checkpoint folder as the model, the built-in arith benchmark. (Bad rows and over-long
+prompts stopping `rl eval` before any engine starts: tests/unit/test_rl_eval_checks.py.)"""
 
 from __future__ import annotations
 
@@ -41,18 +42,6 @@ def _problems(tmp_path: Path, bad_line: int | None = None, long_row: bool = Fals
     path = tmp_path / ("bad.jsonl" if bad_line else "arith20.jsonl")
     path.write_text("\n".join(rows) + "\n")
     return path
-
-
-def test_malformed_row_is_reported_with_its_line(tiny_model_dir, tmp_path):
-    proc = rl_eval(tiny_model_dir, _problems(tmp_path, bad_line=7), tmp_path / "bad_out")
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "bad.jsonl:7: not valid JSON" in proc.stderr
-    assert "engine(s) up" not in proc.stdout  # fails before any engine starts
-
-    long = rl_eval(tiny_model_dir, _problems(tmp_path, long_row=True), tmp_path / "long_out")
-    assert long.returncode == 2, long.stdout[-2000:] + long.stderr[-2000:]
-    assert "leave no room for 16 response tokens within max_model_len 256: arith20/too-long (" in long.stderr
-    assert "--on-long-prompt skip" in long.stderr and "engine(s) up" not in long.stdout
 
 
 def test_rl_eval_writes_outputs_then_resumes_without_generating(tiny_model_dir, tmp_path):

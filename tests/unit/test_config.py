@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from rl.config import Config, ConfigError, dump_config, load_config, parse_overrides
+from rl.config import ConfigError, dump_config, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,10 +15,36 @@ def test_defaults_are_valid():
     assert cfg.model.build_tiny and cfg.rollout.num_samples_per_prompt == 8
 
 
+def _leaves(data: dict, prefix: tuple = ()):
+    """(key path, value) of every non-mapping value in a nested mapping."""
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _same(got, written) -> bool:
+    """A loaded value equals what the YAML wrote (YAML reads ``1e-6`` as text; list items may leave defaults out)."""
+    if isinstance(got, list) and isinstance(written, list):
+        return len(got) == len(written) and all(_same(g, w) for g, w in zip(got, written))
+    if isinstance(got, dict) and isinstance(written, dict):
+        return all(k in got and _same(got[k], w) for k, w in written.items())
+    if isinstance(got, float) and not isinstance(written, bool):
+        return got == float(written)
+    return got == written
+
+
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_loads(recipe):
     cfg = load_config(recipe)
-    assert isinstance(cfg, Config)
+    # every value the recipe sets is the loaded value (no key silently dropped or defaulted)
+    dumped = cfg.model_dump(mode="json")
+    for key, value in _leaves(yaml.safe_load(recipe.read_text()) or {}):
+        got = dumped
+        for part in key:
+            got = got[part]
+        assert _same(got, value), (key, got, value)
     if cfg.multiturn.env is not None:  # the environment and its options are checked when the trainer starts
         from rollout.env import make_env
 
@@ -88,3 +115,80 @@ def test_dtypes_master_compute_engine():
         load_config(None, ["learner.fsdp.param_dtype=bfloat16"])
     with pytest.raises(ConfigError, match="rollout.dtype"):
         load_config(None, ["rollout.dtype=int8"])
+
+
+def test_config_changes_lists_every_changed_value_and_which_a_resume_may_change():
+    from rl.config import config_changes, format_changes, resume_safe
+
+    old = yaml.safe_load(dump_config(load_config(None, [])))
+    new = yaml.safe_load(dump_config(load_config(None, ["run.num_steps=50", "learner.lr=3e-6", "ray.num_cpus=8",
+                                                        "rewards=[{name: math_verify, weight: 2}]"])))
+    changes = config_changes(old, new)
+    assert changes == [("run.num_steps", 20, 50), ("learner.lr", 1e-5, 3e-6),
+                       ("rewards", [{"name": "math_verify", "weight": 1.0, "kwargs": {}}],
+                        [{"name": "math_verify", "weight": 2.0, "kwargs": {}}]),
+                       ("ray.num_cpus", None, 8)]
+    assert [resume_safe(k) for k, _, _ in changes] == [True, False, False, True]
+    assert format_changes(changes[:2]).splitlines() == ["  run.num_steps: 20 -> 50",
+                                                         "  learner.lr: 1e-05 -> 3e-06  (not resumable)"]
+    assert config_changes({"a": {"b": 1}}, {"a": {"c": 1}}) == [("a.b", 1, "<absent>"), ("a.c", "<absent>", 1)]
+    # a key added to the schema after the run started is no change while it keeps its default
+    assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}, {"a": {"b": 0, "c": 2}}) == []
+    assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 3}}, {"a": {"b": 0, "c": 2}}) == [("a.c", "<absent>", 3)]
+    assert not resume_safe("run.seed") and not resume_safe("rayx.y") and resume_safe("ray.address")
+
+
+def _resume(tmp_path, monkeypatch, *overrides: str, allow: bool = False) -> int:
+    """`rl train --resume` over a run directory whose config.yaml has the defaults; the model build and Ray are
+    not reached (a resume the check lets through stops there)."""
+    from rl import driver
+    from rl.cli import main
+
+    class Reached(Exception):
+        pass
+
+    def stop(self):
+        raise Reached
+
+    monkeypatch.setattr(driver.Trainer, "_resolve_model", stop)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    (run / "config.yaml").write_text(dump_config(load_config(None, [f"run.output_dir={run}"])))
+    try:
+        return main(["train", f"run.output_dir={run}", *overrides, "--resume", *(["--allow-config-change"] * allow)])
+    except Reached:
+        return -1
+
+
+def test_resume_refuses_a_changed_recipe_and_shows_the_diff(tmp_path, monkeypatch, capsys):
+    saved = (tmp_path / "run" / "config.yaml")
+    assert _resume(tmp_path, monkeypatch, "algorithm.clip_eps_high=0.28", "run.num_steps=40") == 1
+    err = capsys.readouterr().err
+    assert f"--resume: this config differs from the run's {saved} in algorithm.clip_eps_high, which" in err
+    assert "  run.num_steps: 20 -> 40\n  algorithm.clip_eps_high: 0.2 -> 0.28  (not resumable)\n" in err
+    assert "--allow-config-change" in err
+    assert yaml.safe_load(saved.read_text())["algorithm"]["clip_eps_high"] == 0.2  # not overwritten
+
+    # safe keys only: shown, and the run goes on (to the model build, stubbed here)
+    assert _resume(tmp_path, monkeypatch, "run.num_steps=40", "run.save_every_steps=5") == -1
+    assert "[rl] --resume: config changes from" in capsys.readouterr().out
+    assert yaml.safe_load(saved.read_text())["run"]["num_steps"] == 40
+    # an unsafe change with --allow-config-change: shown, and the run goes on under the new values
+    assert _resume(tmp_path, monkeypatch, "algorithm.clip_eps_high=0.28", allow=True) == -1
+    assert "  algorithm.clip_eps_high: 0.2 -> 0.28  (not resumable)" in capsys.readouterr().out
+    assert yaml.safe_load(saved.read_text())["algorithm"]["clip_eps_high"] == 0.28
+
+
+def test_resume_accepts_a_run_written_before_a_key_existed(tmp_path, capsys):
+    from rl.driver import Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = yaml.safe_load(dump_config(load_config(None, [f"run.output_dir={run}"])))
+    del saved["algorithm"]["clip_eps_high"]  # as if the run's code had no such key yet
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    Trainer(load_config(None, [f"run.output_dir={run}"]), resume=True)._check_resumed_config()  # the default: no change
+    assert capsys.readouterr().out == ""
+    trainer = Trainer(load_config(None, [f"run.output_dir={run}", "algorithm.clip_eps_high=0.28"]), resume=True)
+    with pytest.raises(ValueError, match=r"algorithm.clip_eps_high: \"<absent>\" -> 0.28  \(not resumable\)"):
+        trainer._check_resumed_config()

@@ -60,3 +60,42 @@ def test_jsonl_only_keys_are_refused_for_the_embedded_tasks():
         load_config("configs/tiny_cpu.yaml", ["data.train.prompt_template='Q: {problem}'"])
     cfg = load_config("configs/tiny_cpu.yaml")
     assert cfg.data.train.prompt_template is None  # the resolved config shows no template the task does not use
+
+
+def _heavy_work_forbidden(monkeypatch):
+    """The model build and Ray must not start: the check has to come first."""
+    from rl import driver
+
+    def forbidden(self, *args):
+        raise AssertionError("heavy work started before the data was checked")
+
+    monkeypatch.setattr(driver.Trainer, "_resolve_model", forbidden)
+    monkeypatch.setattr(driver.Trainer, "_start_ray", forbidden)
+
+
+@pytest.mark.parametrize(("row", "problem"), [
+    ('{"id": "b", "problem": "Compute 1 + 1."', "not valid JSON (JSONDecodeError: Expecting ',' delimiter"),
+    ('{"id": "b", "question": "Compute 1 + 1.", "answer": "2"}', "missing field 'problem' (fields present: id, "
+                                                                 "question, answer)"),
+    ('{"id": "a", "problem": "Compute 1 + 2.", "answer": "3"}', "duplicate id 'a'"),
+    ('{"id": "b", "problem": "Compute 1 + 1.", "answer": ""}', "field 'answer' is empty"),
+    ('["Compute 1 + 1.", "2"]', "expected a JSON object, got list"),
+])
+def test_rl_train_names_a_malformed_row_before_heavy_work(tmp_path, monkeypatch, capsys, row, problem):
+    from rl.cli import main
+
+    _heavy_work_forbidden(monkeypatch)
+    data = tmp_path / "train.jsonl"
+    rows = [f'{{"id": "{c}", "problem": "Compute 2 + {i}.", "answer": "{2 + i}"}}' for i, c in enumerate("acd")]
+    data.write_text("\n".join(rows[:2] + [row] + rows[2:]) + "\n")
+    assert main(["train", f"run.output_dir={tmp_path / 'run'}", "data.train.kind=jsonl",
+                 f"data.train.path={data}"]) == 1
+    err = capsys.readouterr().err
+    assert f"data.train: {data}:3: {problem}" in err, err
+    assert "on_bad_row=skip" in err
+
+
+def test_on_bad_row_skip_lets_the_run_go_on(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"id": "a", "problem": "Compute 2 + 0.", "answer": "2"}\nnot json\n')
+    preflight(load_config(None, ["data.train.kind=jsonl", f"data.train.path={data}", "data.train.on_bad_row=skip"]))

@@ -65,8 +65,14 @@ def test_auditor_samples_only_incorrect_ok_or_parse_fail() -> None:
 
 
 def test_auditor_fraction_is_seeded() -> None:
-    draws = [[Auditor(0.3, None, seed=7).should_audit(RewardResult(0.0, False)) for _ in range(1)] for _ in range(2)]
-    assert draws[0] == draws[1]
+    def draws(seed: int) -> list[bool]:
+        auditor = Auditor(0.3, None, seed=seed)
+        return [auditor.should_audit(RewardResult(0.0, False)) for _ in range(500)]
+
+    first = draws(7)
+    assert draws(7) == first  # the whole sequence repeats under one seed
+    assert draws(8) != first  # and another seed draws another one
+    assert 120 <= sum(first) <= 180  # 0.3 * 500 = 150, sd 10
     auditor = Auditor(0.3, None, seed=1)
     hits = sum(auditor.should_audit(RewardResult(0.0, False)) for _ in range(2000))
     assert 500 < hits < 700
