@@ -715,7 +715,8 @@ class Config(_Section):
             "eval.max_response_tokens (DC-CoT evaluation uses the dccot budgets)":
                 self.eval.max_response_tokens is not None,
             "rollout.max_response_tokens (DC-CoT budgets are dccot.max_path_tokens / max_total_tokens)":
-                "max_response_tokens" in self.rollout.model_fields_set,
+                # compared with the default, not with the keys set, so that a run's written config.yaml loads back
+                self.rollout.max_response_tokens != type(self.rollout).model_fields["max_response_tokens"].default,
         }
         bad = [name for name, on in unsupported.items() if on]
         if bad:

@@ -192,3 +192,16 @@ def test_resume_accepts_a_run_written_before_a_key_existed(tmp_path, capsys):
     trainer = Trainer(load_config(None, [f"run.output_dir={run}", "algorithm.clip_eps_high=0.28"]), resume=True)
     with pytest.raises(ValueError, match=r"algorithm.clip_eps_high: \"<absent>\" -> 0.28  \(not resumable\)"):
         trainer._check_resumed_config()
+
+
+def test_every_recipes_written_config_loads_back_the_same(tmp_path):
+    """A run's config.yaml (dump_config) is a config: `rl train runs/X/config.yaml` reproduces the run's settings."""
+    import glob
+
+    recipes = sorted(glob.glob(str(Path(__file__).resolve().parents[2] / "configs" / "*.yaml")))
+    assert len(recipes) >= 20
+    for recipe in recipes:
+        cfg = load_config(recipe, [] if "tiny" in recipe else ["model.path=/models/m"])
+        written = tmp_path / "config.yaml"
+        written.write_text(dump_config(cfg))
+        assert load_config(written).model_dump() == cfg.model_dump(), recipe
