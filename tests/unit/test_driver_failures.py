@@ -20,7 +20,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 from rl import driver
 from rl.config import load_config
 from rl.driver import ActorDiedError as RunActorDied, Trainer
-from rl.tracking import CheckpointManager, MetricsLogger
+from rl.tracking import CheckpointManager, MetricsLogger, TrackerSettings
 from rl.types import PromptItem, Rollout, TrainSample
 
 
@@ -114,7 +114,7 @@ class FakeTrainer(Trainer):
         self.eval_items = [PromptItem(f"e{i}", f"eval {i}", "1") for i in range(2)]
         self.sampler = driver.PromptSampler([PromptItem(f"p{i}", f"train {i}", "1") for i in range(6)], seed=0)
         self.engines, self.learner = self.fake_engines, self.fake_learner
-        self.logger = MetricsLogger(self.run_dir, tensorboard=False)
+        self.logger = MetricsLogger(self.run_dir, TrackerSettings(trackers=("jsonl",)))
         self.ckpt = CheckpointManager(self.run_dir, self.cfg.run.keep_last_checkpoints)
         self.start_step = 0
         if self.resume:
@@ -152,7 +152,7 @@ def _fake_ray(monkeypatch):
 
 
 def config(run_dir, *overrides):
-    return load_config(None, [f"run.output_dir={run_dir}", "run.progress=false", "run.tensorboard=false",
+    return load_config(None, [f"run.output_dir={run_dir}", "run.progress=false", "run.trackers=[jsonl]",
                               "run.num_steps=6", "run.save_every_steps=2", "run.keep_last_checkpoints=10",
                               *overrides])
 
@@ -239,7 +239,7 @@ def test_the_cli_exits_1_naming_the_dead_actor(tmp_path, monkeypatch, capsys):
         return FakeTrainer(cfg, resume=resume, engines=engines)
 
     monkeypatch.setattr(driver, "Trainer", with_dead_engine)
-    assert main(["train", f"run.output_dir={tmp_path}", "run.progress=false", "run.tensorboard=false",
+    assert main(["train", f"run.output_dir={tmp_path}", "run.progress=false", "run.trackers=[jsonl]",
                  "run.num_steps=3"]) == 1
     assert "rl train: engine 0 died during step 2: " in capsys.readouterr().err
     assert checkpoints(tmp_path) == {1: 1}
@@ -254,7 +254,7 @@ def test_a_canary_failure_stops_the_run_at_that_step(tmp_path, monkeypatch, caps
         return FakeTrainer(cfg, resume=resume, engines=engines)
 
     monkeypatch.setattr(driver, "Trainer", with_stale_engine)
-    assert main(["train", f"run.output_dir={tmp_path}", "run.progress=false", "run.tensorboard=false",
+    assert main(["train", f"run.output_dir={tmp_path}", "run.progress=false", "run.trackers=[jsonl]",
                  "run.num_steps=6", "run.save_every_steps=1", "run.keep_last_checkpoints=10"]) == 1
     err = capsys.readouterr().err
     # probe log-probs -1 - 0.1 * updates: engine 1 serves 2 updates, the learner holds 3 -> 0.1 on every token
