@@ -278,6 +278,21 @@ def push_weights_transfer(learner: LearnerGroup, engines: list, version: int, bu
             "sync/bytes": float(sum(s["bytes"] for s in sent))}
 
 
+def push_drafter_transfer(learner: LearnerGroup, engines: list) -> dict[str, float]:
+    """The speculative drafter's own weights into every engine over the transfer group, as one bucket: vLLM's
+    ``start_draft_weight_update`` retargets the engines' transfer engine at the drafter for this update (the
+    embedding and LM head it shares with the target are not sent). The target's version does not move."""
+    meta = learner.call("drafter_transfer_meta")
+    ranks = [f"learner rank {k}" + (" (sender)" if k == 0 else "") for k in range(len(learner.actors))]
+    _wait_all([(f"engine {i}", e.start_weight_update.remote(True)) for i, e in enumerate(engines)],
+              "drafter publish (start)")
+    labelled = [(f"engine {i}", e.update_weights.remote(meta)) for i, e in enumerate(engines)]
+    sent = _wait_all(labelled + list(zip(ranks, learner.submit("send_drafter"))), "drafter publish")[len(engines)]
+    _wait_all([(f"engine {i}", e.finish_weight_update.remote(None)) for i, e in enumerate(engines)],
+              "drafter publish (finish)")
+    return {"bytes": float(sent["bytes"])}
+
+
 WEIGHT_PUSH = {"object_store": push_weights, "gloo": push_weights_transfer}
 """``sync.transport`` (resolved) -> the push that runs it."""
 ENGINE_WEIGHT_TRANSFER = {"object_store": None, "gloo": "gloo"}
@@ -508,6 +523,8 @@ class Trainer:
                   f"ranks formed in {took:.1f} s", flush=True)
         if self.spec is not None:
             self._drafter_start_metrics = self.spec.attach(engines, group)
+            if ENGINE_WEIGHT_TRANSFER[transport] is not None:  # the drafter goes the way the target's weights go
+                self.spec.push_drafter = lambda: push_drafter_transfer(group, engines)
         return engines, group
 
     # ------------------------------------------------------------------ pieces of a step

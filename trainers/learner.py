@@ -934,6 +934,28 @@ class Learner:
         finally:
             self._release_cached_memory()  # it trains while the engines generate beside it
 
+    def drafter_transfer_meta(self) -> dict:
+        """The drafter's own weights as one bucket's update info (``weight_bucket_meta``'s format) for the transfer
+        group, taken now and sent by the next ``send_drafter`` (rank 0; the replicas are identical, so the other
+        ranks take no part: an empty dict)."""
+        if self.drafter is None or self.rank != 0:
+            return {}
+        self._drafter_out = self.drafter.export_tensors()
+        named = list(self._drafter_out.items())
+        meta = BucketMeta([n for n, _ in named], [dtype_name(t.dtype) for _, t in named], [list(t.shape) for _, t in named])
+        return {**meta.as_dict(), "bucket": 0, "num_buckets": 1}
+
+    def send_drafter(self) -> dict[str, float]:
+        """Broadcast the weights ``drafter_transfer_meta`` took to the engine workers (rank 0)."""
+        if self.drafter is None or self.rank != 0:
+            return {}
+        named, self._drafter_out = list(self._drafter_out.items()), None
+        meta = BucketMeta([n for n, _ in named], [dtype_name(t.dtype) for _, t in named], [list(t.shape) for _, t in named])
+        try:
+            return self._sender.send(meta, [t for _, t in named])
+        except Exception as e:  # noqa: BLE001 - the transport's error, named
+            raise RuntimeError(f"weight transfer: sending the drafter failed: {str(e).splitlines()[0][:300]}") from None
+
     def export_drafter(self) -> bytes | None:
         """The drafter's weights for ``Engine.load_drafter_weights`` (rank 0; None elsewhere: the replicas are
         identical)."""

@@ -193,3 +193,38 @@ def test_transport_override_in_a_recipe(tmp_path):
     assert cfg.sync.transport == "gloo" and cfg.sync.transport_timeout_s == 30
     with pytest.raises(ConfigError, match="transport"):
         load_config(recipe, ["sync.transprot=gloo"])
+
+
+def test_gloo_drafter_publish_delivers_the_drafters_own_weights(tmp_path, no_layerwise_reload):
+    """The drafter's own weights (no shared embedding or LM head) go as one bucket, equal to what the object-store
+    publish sends; the engine's completeness check is for the target only, so the drafter's update finishes."""
+    from safetensors.torch import load as st_load
+    from transformers import AutoModelForCausalLM
+
+    from rl.config import LearnerConfig
+    from rollout.drafter.checkpoint import save_drafter
+    from rollout.drafter.model import Drafter
+    from trainers.learner import Learner
+
+    model_dir = save_tiny_qwen2(tmp_path / "model", tie=False)
+    drafter_dir = save_drafter(Drafter.from_target(AutoModelForCausalLM.from_pretrained(model_dir), seed=0),
+                               tmp_path / "drafter")
+    learner = Learner(model_dir, LearnerConfig(micro_batch_tokens=64).model_dump(), {"kl_coef": 0.0}, temperature=1.0)
+    learner.drafter_setup(load_config(None, ["drafter.mode=fixed"]).drafter.model_dump(), str(drafter_dir))
+    want = st_load(learner.export_drafter())
+    meta = learner.drafter_transfer_meta()
+    assert sorted(meta["names"]) == sorted(want) and meta["num_buckets"] == 1
+    assert not any("embed_tokens" in n or "lm_head" in n for n in meta["names"])
+    target = _Model({"model.embed_tokens.weight": (50, 64)})
+    draft = _Model({n: tuple(t.shape) for n, t in want.items()})
+    engine = _engine(target)
+    thread, errors = _run_pair(lambda s: setattr(learner, "_sender", s) or learner.send_drafter(), engine)
+    engine.set_weight_update_target(draft, None)  # what vLLM's start_draft_weight_update does first
+    engine.start_weight_update()
+    engine.update_weights(meta)
+    engine.finish_weight_update()
+    engine.reset_weight_update_target()
+    thread.join()
+    assert not errors and sorted(draft.received) == sorted(want) and not target.received
+    for name, tensor in want.items():
+        assert torch.equal(draft.received[name], tensor), name
