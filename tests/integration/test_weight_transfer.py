@@ -83,3 +83,30 @@ def test_gloo_sync_equals_object_store_and_breaks_off_cleanly(ray_local, tiny_mo
         ray.get(engine.generate.remote([GenerationRequest("p", "Compute 1 + 2.", 1, seed=0)], SamplingSettings()))
     ray.kill(engine)
     ray.kill(actor)
+
+
+def test_a_broken_sync_names_the_engine_that_failed_or_died(ray_local):
+    """The driver's wait over a sync's calls: the first failure ends it, named by who failed (a task's error, or
+    an actor that died mid-sync, as an engine whose worker crashed)."""
+    ray = ray_local
+    from rl.driver import WeightSyncError, _wait_all
+
+    @ray.remote(num_cpus=0)
+    class Peer:
+        def ok(self):
+            return 1
+
+        def fail(self):
+            raise RuntimeError("recv timed out")
+
+        def die(self):
+            import os
+
+            os._exit(1)
+
+    a, b = Peer.remote(), Peer.remote()
+    assert _wait_all([("engine 0", a.ok.remote()), ("engine 1", b.ok.remote())], "sync") == [1, 1]
+    with pytest.raises(WeightSyncError, match=r"^sync at bucket 2/3 broke off on engine 1: RuntimeError: recv timed out$"):
+        _wait_all([("engine 0", a.ok.remote()), ("engine 1", b.fail.remote())], "sync at bucket 2/3")
+    with pytest.raises(WeightSyncError, match=r"^sync at bucket 2/3 broke off on engine 1: ActorDiedError"):
+        _wait_all([("engine 0", a.ok.remote()), ("engine 1", b.die.remote())], "sync at bucket 2/3")
