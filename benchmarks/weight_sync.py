@@ -1,22 +1,27 @@
-"""Weight sync learner -> engine: the whole model in one piece vs buckets of whole decoder layers, same run.
+"""Weight sync learner -> engine: object store vs the gloo transport, whole model vs buckets, same run.
 
     python benchmarks/weight_sync.py                   # CPU: a 156M-parameter Qwen2 shape in fp32 (0.62 GB)
     python benchmarks/weight_sync.py --smoke           # a tiny shape: proves the script runs
-    python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --gpu   # GPU machine
-    python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --param-dtype bfloat16 --gpu  # pure bf16
+    python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --gpu --transports object_store  # GPU
+    python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --param-dtype bfloat16 --gpu \
+        --transports object_store  # pure bf16
 
-One learner actor (single strategy) and one vLLM engine actor on local Ray; ``rl.driver.push_weights`` does the
-sync exactly as ``rl train`` does, with ``--buckets-mb`` (0: one piece). Each setting runs ``--repeats`` syncs
-after a warm-up sync. Reported per setting: median sync time, the engine's own loading time, and the learner
-process's peak resident memory above its level before the sync (sampled every 2 ms during the syncs), which is
-what the bucketing bounds (the whole model serialized in one piece vs at most two buckets in flight). After every
-sync the engine's log-probs on a probe are compared with the learner's (mean and max |diff|, against the run's
-default canary bounds for the dtype, ``rl.config.CANARY_BOUNDS``).
+One learner actor (single strategy) and one vLLM engine actor on local Ray, the engine started with the gloo
+weight-transfer backend so that both transports reach the same engine; ``rl.driver.push_weights``
+(``sync.transport=object_store``) and ``rl.driver.push_weights_transfer`` (``sync.transport=gloo``) do the sync
+exactly as ``rl train`` does, with ``--buckets-mb`` (0: one piece). Each (bucket size, transport) runs ``--repeats``
+syncs after a warm-up sync; the transports take turns within each repeat, so drift on a shared machine hits both
+alike. Reported per setting: median sync time, the engine's own loading time (object store: the whole
+``collective_rpc`` of the bytes, deserialization and reload; gloo: ``load_weights`` of the received views plus the
+finish), and the learner process's peak resident memory above its level before the sync (sampled every 2 ms
+during the syncs). After every sync the engine's log-probs on a probe are compared with the learner's (mean and
+max |diff|, against the run's default canary bounds for the dtype, ``rl.config.CANARY_BOUNDS``).
 
 Precision is a run's default: ``--dtype`` is ``model.dtype``, the learner's compute dtype and the engine's weights
 dtype; the learner holds fp32 master weights (``--param-dtype``, ``learner.param_dtype``: float32) and the export
 casts them to ``--dtype`` on the learner's device before the gather, so a bf16 sync moves bf16 bytes either way.
 ``--param-dtype bfloat16`` measures pure bf16 (the learner holds bf16 weights; needs ``--dtype bfloat16``).
+The gloo transport is the CPU one: on a GPU machine pass ``--transports object_store``.
 """
 
 from __future__ import annotations
@@ -74,12 +79,13 @@ def _rss_sampler():
     return finish
 
 
-def run_setting(model_dir: str, args, bucket_mb: float) -> dict:
+def run_all(model_dir: str, args) -> list[dict]:
+    """Every (bucket size, transport) setting against one learner and one engine; one row per setting."""
     import gc
 
     import ray
 
-    from rl.driver import LearnerGroup, push_weights
+    from rl.driver import LearnerGroup, init_weight_transfer, push_weights, push_weights_transfer
     from rollout.engine import Engine
     from trainers.learner import Learner
 
@@ -103,33 +109,51 @@ def run_setting(model_dir: str, args, bucket_mb: float) -> dict:
     cfg = dict(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
                mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=gpus,
                param_dtype=args.param_dtype)
+    gloo = "gloo" in args.transports
+    engine = ray.remote(Engine).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
+        model_dir, dtype=args.dtype, max_model_len=256, gpu_memory_utilization=args.gpu_memory_utilization,
+        weight_transfer="gloo" if gloo else None)
+    ray.get(engine.ping.remote())
     learner = ray.remote(MeasuredLearner).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
         model_dir, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=args.dtype, export_dtype=args.dtype)
-    engine = ray.remote(Engine).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
-        model_dir, dtype=args.dtype, max_model_len=256, gpu_memory_utilization=args.gpu_memory_utilization)
     group = LearnerGroup([learner])
+    ray.get(learner.ping.remote())
+    if gloo:
+        init_weight_transfer(group, [engine], 1, timeout_s=600.0)
+    push = {"object_store": push_weights, "gloo": push_weights_transfer}
     probe = [([5, 6, 7, 8], [9, 10, 11, 12])]
-    bucket_bytes = int(bucket_mb * 2**20)
-    push_weights(group, [engine], 1, bucket_bytes)  # warm-up
+    version = 0
     rows = []
-    for k in range(args.repeats):
-        ray.get(learner.perturb.remote(1e-2))  # new weights each time, so a sync that loads nothing is caught
-        ray.get(learner.rss_start.remote())
-        out = push_weights(group, [engine], k + 2, bucket_bytes)
-        out["learner_rss_peak_mb"] = ray.get(learner.rss_stop.remote()) / 2**20
-        want = ray.get(learner.probe_logprobs.remote(probe))
-        got = ray.get(engine.score_tokens.remote(probe))
-        diffs = [abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g)]
-        out["canary_mean_abs_diff"], out["canary_max_abs_diff"] = sum(diffs) / len(diffs), max(diffs)
-        rows.append(out)
+    for bucket_mb in args.buckets_mb:
+        bucket_bytes = int(bucket_mb * 2**20)
+        runs: dict[str, list[dict]] = {t: [] for t in args.transports}
+        for t in args.transports:  # warm-up
+            version += 1
+            push[t](group, [engine], version, bucket_bytes)
+        for _ in range(args.repeats):
+            for t in args.transports:
+                ray.get(learner.perturb.remote(1e-2))  # new weights each time: a sync that loads nothing is caught
+                version += 1
+                ray.get(learner.rss_start.remote())
+                out = push[t](group, [engine], version, bucket_bytes)
+                out["learner_rss_peak_mb"] = ray.get(learner.rss_stop.remote()) / 2**20
+                want = ray.get(learner.probe_logprobs.remote(probe))
+                got = ray.get(engine.score_tokens.remote(probe))
+                diffs = [abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g)]
+                out["canary_mean_abs_diff"], out["canary_max_abs_diff"] = sum(diffs) / len(diffs), max(diffs)
+                runs[t].append(out)
+        for t, outs in runs.items():
+            med = {k: statistics.median(r[k] for r in outs) for k in outs[0]}
+            rows.append({"transport": t, "bucket_mb": bucket_mb, "buckets": int(outs[0]["sync/buckets"]),
+                         "bytes": outs[0]["sync/bytes"], "sync_s": med["perf/weight_sync_s"],
+                         "sync_s_all": [r["perf/weight_sync_s"] for r in outs],
+                         "engine_load_s": med["perf/weight_load_s"],
+                         "learner_rss_peak_mb": med["learner_rss_peak_mb"],
+                         "canary_mean_abs_diff": max(r["canary_mean_abs_diff"] for r in outs),
+                         "canary_max_abs_diff": max(r["canary_max_abs_diff"] for r in outs)})
     ray.kill(engine)
     ray.kill(learner)
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return {"bucket_mb": bucket_mb, "buckets": int(rows[0]["sync/buckets"]), "bytes": rows[0]["sync/bytes"],
-            "sync_s": med["perf/weight_sync_s"], "engine_load_s": med["perf/weight_load_s"],
-            "learner_rss_peak_mb": med["learner_rss_peak_mb"],
-            "canary_mean_abs_diff": max(r["canary_mean_abs_diff"] for r in rows),
-            "canary_max_abs_diff": max(r["canary_max_abs_diff"] for r in rows)}
+    return rows
 
 
 def main() -> None:
@@ -144,6 +168,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="learner and engine share one GPU")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.15)
     ap.add_argument("--buckets-mb", type=float, nargs="+", default=[0, 64])
+    ap.add_argument("--transports", nargs="+", default=["object_store", "gloo"], choices=["object_store", "gloo"],
+                    help="the first is the baseline of the ratios")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = ap.parse_args()
@@ -160,15 +186,16 @@ def main() -> None:
         masters = "" if args.param_dtype == args.dtype else f", learner {args.param_dtype} master weights"
         print(f"[bench] {args.shape}: {n / 1e6:.1f}M parameters, {args.dtype}{masters}", flush=True)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        results = [run_setting(model_dir, args, mb) for mb in args.buckets_mb]
+        results = run_all(model_dir, args)
         ray.shutdown()
-    base = results[0]
-    print(f"\n| bucket MiB | buckets | sync s | engine load s | learner peak RSS +MiB | vs {base['bucket_mb']:g} MiB: "
-          "time, memory | canary mean, max |\n|---|---|---|---|---|---|---|")
+    base = {r["bucket_mb"]: r for r in results if r["transport"] == args.transports[0]}
+    print(f"\n| transport | bucket MiB | buckets | sync s | engine load s | learner peak RSS +MiB | vs "
+          f"{args.transports[0]}, same buckets: time, memory | canary mean, max |\n|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['bucket_mb']:g} | {r['buckets']} | {r['sync_s']:.3f} | {r['engine_load_s']:.3f} | "
-              f"{r['learner_rss_peak_mb']:.0f} | {r['sync_s'] / base['sync_s']:.2f}x, "
-              f"{r['learner_rss_peak_mb'] / max(base['learner_rss_peak_mb'], 1e-9):.2f}x | "
+        b = base[r["bucket_mb"]]
+        print(f"| {r['transport']} | {r['bucket_mb']:g} | {r['buckets']} | {r['sync_s']:.3f} | {r['engine_load_s']:.3f} | "
+              f"{r['learner_rss_peak_mb']:.0f} | {r['sync_s'] / b['sync_s']:.2f}x, "
+              f"{r['learner_rss_peak_mb'] / max(b['learner_rss_peak_mb'], 1e-9):.2f}x | "
               f"{r['canary_mean_abs_diff']:.1e}, {r['canary_max_abs_diff']:.1e} |")
     mean_bound, max_bound = CANARY_BOUNDS[args.dtype]  # engine and learner both compute in --dtype
     record = {"shape": args.shape, "dtype": args.dtype, "param_dtype": args.param_dtype, "parameters": n,
@@ -177,7 +204,7 @@ def main() -> None:
         args.out.write_text(json.dumps(record, indent=1))
     bad = [r for r in results if r["canary_mean_abs_diff"] > mean_bound or r["canary_max_abs_diff"] > max_bound]
     if bad:
-        sys.exit(f"canary failed for bucket sizes {[r['bucket_mb'] for r in bad]} (bounds for {args.dtype}: mean "
+        sys.exit(f"canary failed for {[(r['transport'], r['bucket_mb']) for r in bad]} (bounds for {args.dtype}: mean "
                  f"{mean_bound:g}, max {max_bound:g})")
 
 

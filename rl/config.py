@@ -352,7 +352,35 @@ class SyncConfig(_Section):
         "bucket b+1 while the engines load bucket b, and no process holds more than two buckets in flight "
         "(0: the whole model in one piece).",
     )
+    transport: Literal["auto", "object_store", "ipc", "nccl", "gloo"] = Field(
+        "auto",
+        description="How the buckets travel from the learner to the engines. object_store: safetensors bytes through "
+        "the Ray object store into each engine's collective_rpc (works everywhere). gloo: vLLM's weight-transfer API "
+        "with the project's gloo engine: learner rank 0 broadcasts each bucket to every engine worker, which loads it "
+        "in place (the CPU transport; the same control flow as vLLM's NCCL transport). ipc / nccl: vLLM's CUDA IPC "
+        "(colocated) and NCCL (disaggregated) transports, not wired yet (rejected). auto: gloo when the engines run "
+        "on CPU (rollout.num_gpus_per_engine=0), object_store on GPUs until ipc / nccl are wired.",
+    )
+    transport_timeout_s: float = Field(
+        300.0, gt=0,
+        description="gloo transport: the longest the rendezvous or one bucket's broadcast may take; a transport that "
+        "breaks mid-sync (a dead engine, a sender that stopped) fails the step after this, naming the engine and the "
+        "bucket.",
+    )
 
+    @model_validator(mode="after")
+    def _check_transport(self) -> "SyncConfig":
+        if self.transport in UNWIRED_TRANSPORTS:
+            raise ValueError(f"sync.transport={self.transport}: vLLM's {self.transport} weight transfer is not wired "
+                             f"into this system yet; use one of {list(WIRED_TRANSPORTS)} (auto picks gloo on CPU, "
+                             "object_store on GPUs)")
+        return self
+
+    def resolved_transport(self, engines_on_gpu: bool) -> str:
+        """The transport a run uses: ``transport``, with ``auto`` resolved for where the engines run."""
+        if self.transport != "auto":
+            return self.transport
+        return "object_store" if engines_on_gpu else "gloo"
 
     def canary_bounds(self, dtype: str) -> tuple[float, float]:
         """(mean bound, max bound) of the canary for engines and learner computing in ``dtype``: the configured
@@ -360,6 +388,11 @@ class SyncConfig(_Section):
         mean, largest = CANARY_BOUNDS[dtype]
         return (self.canary_mean_abs_diff or mean, self.canary_max_abs_diff or largest)
 
+
+WIRED_TRANSPORTS = ("auto", "object_store", "gloo")
+"""``sync.transport`` values a run can use."""
+UNWIRED_TRANSPORTS = ("ipc", "nccl")
+"""``sync.transport`` values of the design that are rejected until they are wired (docs/architecture.md)."""
 
 CANARY_BOUNDS: dict[str, tuple[float, float]] = {
     "float32": (1e-4, 1e-3),
@@ -675,6 +708,10 @@ class Config(_Section):
             raise ValueError("drafter.train learns from the learner's old-log-prob pass over the rollouts: set "
                              "learner.old_logprob_source=learner (or drafter.train=false)")
         return self
+
+    def weight_transport(self) -> str:
+        """``sync.transport`` resolved for this run's engines (``object_store`` or ``gloo``)."""
+        return self.sync.resolved_transport(engines_on_gpu=self.rollout.num_gpus_per_engine > 0)
 
     def canary_dtype(self) -> str:
         """The least precise of the dtypes the canary's two sides compute in: the learner's ``model.dtype`` and the

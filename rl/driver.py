@@ -182,6 +182,106 @@ def push_weights(learner: LearnerGroup, engines: list, version: int, bucket_byte
             "sync/bytes": float(sum(i["bytes"] for i in infos[::len(engines)]))}
 
 
+class WeightSyncError(RuntimeError):
+    """A weight sync that broke off: the message names the engine (or learner rank) and the bucket."""
+
+
+def _wait_all(labelled: list[tuple[str, object]], what: str) -> list:
+    """``ray.get`` of every ref, in order, returning as soon as one fails: a ``WeightSyncError`` naming its label
+    (``engine 1``, ``learner rank 0 (sender)``) and ``what``. The others are left running (a broken transfer group
+    ends them at its timeout)."""
+    import ray
+
+    index = {ref: k for k, (_, ref) in enumerate(labelled)}
+    results: list = [None] * len(labelled)
+    pending = [ref for _, ref in labelled]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        k = index[ready[0]]
+        try:
+            results[k] = ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - a task's error or a dead actor, reported with who and where
+            cause = getattr(e, "cause", None) or e
+            text = str(cause).strip().splitlines()
+            raise WeightSyncError(f"{what} broke off on {labelled[k][0]}: {type(cause).__name__}: "
+                                  f"{text[-1][:500] if text else ''}") from None
+    return results
+
+
+def init_weight_transfer(learner: LearnerGroup, engines: list, tensor_parallel_size: int, timeout_s: float) -> float:
+    """Form the transfer group of ``sync.transport=gloo``: learner rank 0 (the sender, rank 0 of the group, hosting
+    its rendezvous) and every engine's workers (engine i at ranks ``1 + i * tensor_parallel_size`` onwards: each
+    engine its own offset). Returns seconds."""
+    import ray
+
+    t0 = time.perf_counter()
+    address, port = ray.get(learner.actors[0].weight_transport_address.remote())
+    world = 1 + len(engines) * tensor_parallel_size
+    sends = learner.submit("init_weight_transport", address, port, world, timeout_s)
+    joins = [e.init_weight_transfer.remote({"master_address": address, "master_port": port,
+                                            "rank_offset": 1 + i * tensor_parallel_size, "world_size": world,
+                                            "timeout_s": timeout_s})
+             for i, e in enumerate(engines)]
+    _wait_all([(f"engine {i}", r) for i, r in enumerate(joins)] +
+              [(f"learner rank {k}" + (" (sender)" if k == 0 else ""), r) for k, r in enumerate(sends)],
+              f"the weight transfer group's rendezvous at {address}:{port} ({world} ranks)")
+    return time.perf_counter() - t0
+
+
+def push_weights_transfer(learner: LearnerGroup, engines: list, version: int, bucket_bytes: int) -> dict[str, float]:
+    """``push_weights`` over vLLM's weight-transfer API (``sync.transport=gloo``; the group formed by
+    ``init_weight_transfer``): every engine starts an update; per bucket, the engines receive (``update_weights``
+    with the bucket's names, dtypes and shapes) while the learner ranks gather it and rank 0 broadcasts it, the next
+    bucket queued behind it; then every engine finishes (checks that every parameter arrived, clears its prefix
+    cache, serves ``version``). The engines' version moves only in that last call, so a sync that breaks off (a
+    ``WeightSyncError`` naming the engine and the bucket) leaves every engine at its old version."""
+    t0 = time.perf_counter()
+    n = learner.call("begin_weight_export", bucket_bytes, False)
+    metas = learner.call("weight_bucket_meta")
+    ranks = [f"learner rank {k}" + (" (sender)" if k == 0 else "") for k in range(len(learner.actors))]
+    _wait_all([(f"engine {i}", e.start_weight_update.remote()) for i, e in enumerate(engines)],
+              f"weight sync to version {version} (start)")
+    sent: list[dict] = []
+    in_flight: list[tuple[int, list]] = []
+    for b in range(n + 1):
+        if b < n:  # queued behind bucket b-1 on every actor: the gather of b overlaps the engines' loading of b-1
+            labelled = [(f"engine {i}", e.update_weights.remote(metas[b])) for i, e in enumerate(engines)]
+            in_flight.append((b, labelled + list(zip(ranks, learner.submit("send_weight_bucket", b)))))
+        if len(in_flight) == 2 or (b == n and in_flight):
+            done_b, labelled = in_flight.pop(0)
+            what = f"weight sync to version {version} at bucket {done_b + 1}/{n}"
+            sent.append(_wait_all(labelled, what)[len(engines)])
+    done = _wait_all([(f"engine {i}", e.finish_weight_update.remote(version)) for i, e in enumerate(engines)],
+                     f"weight sync to version {version} (finish: every parameter must have arrived)")
+    return {"perf/weight_sync_s": time.perf_counter() - t0,
+            "perf/weight_load_s": max(d["load_s"] + d["finish_s"] for d in done),
+            "perf/weight_gather_s": sum(s["gather_s"] for s in sent),
+            "perf/weight_send_s": sum(s["pack_s"] + s["send_s"] for s in sent),
+            "sync/weight_version": float(version), "sync/buckets": float(n),
+            "sync/bytes": float(sum(s["bytes"] for s in sent))}
+
+
+def push_drafter_transfer(learner: LearnerGroup, engines: list) -> dict[str, float]:
+    """The speculative drafter's own weights into every engine over the transfer group, as one bucket: vLLM's
+    ``start_draft_weight_update`` retargets the engines' transfer engine at the drafter for this update (the
+    embedding and LM head it shares with the target are not sent). The target's version does not move."""
+    meta = learner.call("drafter_transfer_meta")
+    ranks = [f"learner rank {k}" + (" (sender)" if k == 0 else "") for k in range(len(learner.actors))]
+    _wait_all([(f"engine {i}", e.start_weight_update.remote(True)) for i, e in enumerate(engines)],
+              "drafter publish (start)")
+    labelled = [(f"engine {i}", e.update_weights.remote(meta)) for i, e in enumerate(engines)]
+    sent = _wait_all(labelled + list(zip(ranks, learner.submit("send_drafter"))), "drafter publish")[len(engines)]
+    _wait_all([(f"engine {i}", e.finish_weight_update.remote(None)) for i, e in enumerate(engines)],
+              "drafter publish (finish)")
+    return {"bytes": float(sent["bytes"])}
+
+
+WEIGHT_PUSH = {"object_store": push_weights, "gloo": push_weights_transfer}
+"""``sync.transport`` (resolved) -> the push that runs it."""
+ENGINE_WEIGHT_TRANSFER = {"object_store": None, "gloo": "gloo"}
+"""``sync.transport`` (resolved) -> the backend of vLLM's weight-transfer API the engines start with."""
+
+
 def canary_gap(want: list[list[float]], got: list[list[float]]) -> tuple[float, float]:
     """(mean, max) absolute difference of two sets of per-token log-probs of the same sequences."""
     if [len(w) for w in want] != [len(g) for g in got]:
@@ -435,7 +535,7 @@ class Trainer:
                 gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
                 tensor_parallel_size=r.tensor_parallel_size,
                 enable_sleep_mode=colocated and pc.engine_sleep_level > 0, speculative_config=speculative_config,
-                model_runner=r.model_runner,
+                model_runner=r.model_runner, weight_transfer=ENGINE_WEIGHT_TRANSFER[cfg.weight_transport()],
             ))
         ray.get([e.ping.remote() for e in engines])
         t1 = time.perf_counter()
@@ -458,8 +558,15 @@ class Trainer:
             print("[rl] placement colocated: this vLLM build has no sleep mode (CPU), so a sleeping engine only pauses "
                   "its scheduler while the learner trains (no memory is freed)", flush=True)
         group = LearnerGroup(actors)
+        transport = cfg.weight_transport()
+        if ENGINE_WEIGHT_TRANSFER[transport] is not None:
+            took = init_weight_transfer(group, engines, r.tensor_parallel_size, cfg.sync.transport_timeout_s)
+            print(f"[rl] weight sync over {transport}: transfer group of {1 + len(engines) * r.tensor_parallel_size} "
+                  f"ranks formed in {took:.1f} s", flush=True)
         if self.spec is not None:
             self._drafter_start_metrics = self.spec.attach(engines, group)
+            if ENGINE_WEIGHT_TRANSFER[transport] is not None:  # the drafter goes the way the target's weights go
+                self.spec.push_drafter = lambda: push_drafter_transfer(group, engines)
         return engines, group
 
     # ------------------------------------------------------------------ pieces of a step
@@ -499,9 +606,10 @@ class Trainer:
         return {**self.push(version), **self.canary(version)}
 
     def push(self, version: int) -> dict[str, float]:
-        """Learner -> engines through the object store (``push_weights``). A sleeping engine needs its weights awake
+        """Learner -> engines over ``sync.transport`` (``WEIGHT_PUSH``). A sleeping engine needs its weights awake
         for this, and every tag awake before anything generates (``canary``)."""
-        out = push_weights(self.learner, self.engines, version, int(self.cfg.sync.bucket_mb * 2**20))
+        push = WEIGHT_PUSH[self.cfg.weight_transport()]
+        out = push(self.learner, self.engines, version, int(self.cfg.sync.bucket_mb * 2**20))
         self.engine_version = version
         return out
 

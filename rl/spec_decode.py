@@ -50,6 +50,9 @@ class DrafterController:
         self.last_generation_s: float | None = None
         self.submitted_budget_s = 0.0
         self.published_version = 0
+        self.push_drafter = None
+        """Set by the driver when the weights travel over a transfer group (``rl.driver.push_drafter_transfer``);
+        None: publish through the object store (``Engine.load_drafter_weights``)."""
 
     # ------------------------------------------------------------------ start-up
     def _initial_drafter(self, resume_checkpoint: Path | None) -> str:
@@ -171,11 +174,14 @@ class DrafterController:
         if not self.cfg.train or step % self.cfg.publish_every:
             return {}
         t0 = time.perf_counter()
-        blob = self.learner.call("export_drafter")
-        infos = ray.get([e.load_drafter_weights.remote(blob) for e in self.engines])
+        if self.push_drafter is not None:
+            nbytes = self.push_drafter()["bytes"]
+        else:
+            blob = self.learner.call("export_drafter")
+            nbytes = ray.get([e.load_drafter_weights.remote(blob) for e in self.engines])[0]["bytes"]
         self.published_version = step
         return {"perf/drafter_publish_s": time.perf_counter() - t0, "drafter/published_version": float(step),
-                "drafter/publish_bytes": float(infos[0]["bytes"])}
+                "drafter/publish_bytes": float(nbytes)}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -17,6 +17,8 @@ from rl.types import Rollout
 WORKER_EXTENSION = "rollout.worker_ext.WeightSyncExtension"
 SLEEP_TAGS = ("weights", "kv_cache")
 """What ``Engine.sleep`` puts to sleep; vLLM resumes scheduling only once every one of them is awake again."""
+WEIGHT_TRANSFER_BACKENDS = ("gloo",)
+"""Backends of vLLM's weight-transfer API an engine can start with (``gloo``: ``rollout.weight_transfer``)."""
 MODEL_RUNNERS = {"auto": None, "v1": "0", "v2": "1"}
 """``rollout.model_runner`` -> ``VLLM_USE_V2_MODEL_RUNNER`` (None: vLLM's choice: V2 on CUDA with Triton, V1 on
 the CPU build)."""
@@ -43,8 +45,10 @@ class SamplingSettings:
 
 def llm_kwargs(model_path: str, *, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float,
                enforce_eager: bool, tensor_parallel_size: int, speculative_config: dict | None, sleep_mode: bool,
-               cuda: bool) -> dict:
-    """Keyword arguments of ``vllm.LLM`` for an engine (``sleep_mode``: vLLM's sleep mode, CUDA only)."""
+               cuda: bool, weight_transfer: str | None = None) -> dict:
+    """Keyword arguments of ``vllm.LLM`` for an engine (``sleep_mode``: vLLM's sleep mode, CUDA only;
+    ``weight_transfer``: the backend of vLLM's weight-transfer engine, ``gloo`` (``rollout.weight_transfer``),
+    ``nccl`` or ``ipc``; None: weights arrive through the worker extension only)."""
     kwargs = dict(
         model=model_path,
         dtype=dtype,
@@ -60,6 +64,11 @@ def llm_kwargs(model_path: str, *, dtype: str, seed: int, max_model_len: int, gp
     )
     if speculative_config:
         kwargs["speculative_config"] = speculative_config
+    if weight_transfer is not None:
+        if weight_transfer not in WEIGHT_TRANSFER_BACKENDS:
+            raise ValueError(f"weight_transfer={weight_transfer!r}: use one of {list(WEIGHT_TRANSFER_BACKENDS)} "
+                             "(or None for the object store)")
+        kwargs["weight_transfer_config"] = {"backend": weight_transfer}
     if tensor_parallel_size > 1:
         # Inside a Ray actor vLLM would pick its Ray executor, whose workers then wait for GPUs this actor already
         # holds; the actor sees its TP GPUs, so the workers are local processes.
@@ -94,6 +103,7 @@ class Engine:
         speculative_config: dict | None = None,
         enable_sleep_mode: bool = False,
         model_runner: str = "auto",
+        weight_transfer: str | None = None,
     ) -> None:
         name_log("engine")  # <run>/logs/engine-<pid>.log when the run captures its workers' output
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.getcwd(), ".cache", "vllm"))
@@ -120,10 +130,12 @@ class Engine:
         kwargs = llm_kwargs(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                             tensor_parallel_size=tensor_parallel_size, speculative_config=speculative_config,
-                            sleep_mode=self.can_sleep, cuda=cuda)
+                            sleep_mode=self.can_sleep, cuda=cuda, weight_transfer=weight_transfer)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
+        self.weight_transfer = weight_transfer
+        self.sync_failure: str | None = None  # set by a weight transfer that broke off; cleared by a complete one
         self.start_s = time.perf_counter() - t0
         self.runner = self.model_runner_name()
         print(f"[engine] vLLM model runner {self.runner} (rollout.model_runner={model_runner}), dtype {dtype}, "
@@ -135,6 +147,9 @@ class Engine:
         return "v2" if ".worker.gpu." in module else "v1"
 
     def _require_awake(self, what: str) -> None:
+        if self.sync_failure is not None:
+            raise RuntimeError(f"engine asked to {what} after a weight sync broke off ({self.sync_failure}): some of "
+                               f"its layers may hold new weights while it reports version {self.weight_version}")
         if self.asleep:
             raise RuntimeError(
                 f"engine asked to {what} while {sorted(self.asleep)} is asleep: vLLM keeps its scheduler paused "
@@ -277,6 +292,52 @@ class Engine:
             if versions != {int(version)}:
                 raise RuntimeError(f"weight sync: workers report versions {versions}, expected {version}")
         return {"version": self.weight_version, "sync_s": time.perf_counter() - t0, "bytes": len(blob)}
+
+    # The control plane of vLLM's weight-transfer API (engines started with ``weight_transfer``): the driver calls
+    # these on every engine while the learner's sender broadcasts (``rl.driver.push_weights_transfer``).
+    def init_weight_transfer(self, init_info: dict) -> float:
+        """Join the transfer group (blocks until the sender and every other worker have joined); seconds."""
+        t0 = time.perf_counter()
+        self.llm.init_weight_transfer_engine({"init_info": dict(init_info)})
+        return time.perf_counter() - t0
+
+    def start_weight_update(self, draft: bool = False) -> None:
+        """Begin a sync of the target model (or of the speculative drafter, ``draft``)."""
+        if draft:
+            self.llm.start_draft_weight_update()
+        else:
+            self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> dict:
+        """Receive one bucket (its metadata here, its bytes from the transfer group) and load it. A failed receive
+        ends the sync: the engine keeps its version, and refuses to generate until a complete sync arrives."""
+        t0 = time.perf_counter()
+        try:
+            self.llm.update_weights({"update_info": dict(update_info)})
+        except Exception as e:
+            self.sync_failure = (f"bucket {int(update_info.get('bucket', 0)) + 1}/"
+                                 f"{int(update_info.get('num_buckets', 1))}: {str(e).splitlines()[0][:300]}")
+            raise
+        return {"sync_s": time.perf_counter() - t0}
+
+    def finish_weight_update(self, version: int | None) -> dict:
+        """End a sync. For the target model (``version`` given): the layerwise reload is finalized, every parameter
+        checked to have arrived, the prefix cache cleared (its blocks hold the old weights' keys and values) and
+        ``version`` served from now on; for the drafter (None) the version stays."""
+        t0 = time.perf_counter()
+        try:
+            self.llm.finish_weight_update()
+        except Exception as e:
+            self.sync_failure = f"finish: {str(e).splitlines()[0][:300]}"
+            raise
+        self.llm.reset_prefix_cache()
+        stats = self.llm.collective_rpc("rl_weight_transfer_stats")
+        if version is not None:
+            self.llm.collective_rpc("rl_set_weight_version", args=(int(version),))
+            self.weight_version = int(version)
+            self.sync_failure = None
+        return {"version": self.weight_version, "finish_s": time.perf_counter() - t0,
+                "recv_s": max(s["recv_s"] for s in stats), "load_s": max(s["load_s"] for s in stats)}
 
     def load_drafter_weights(self, blob: bytes) -> dict:
         """Replace the speculative drafter's weights in place (``rollout.drafter.checkpoint.weights_for_reload``

@@ -20,6 +20,10 @@ affected; measured: with an EAGLE drafter at temperature 1, half of the tiny mod
 sampled log-probs equal to a uniform distribution's). ``register`` replaces it, before vLLM registers its CPU
 kernels, with a plain torch version that writes into the output in its own dtype.
 
+It also registers the CPU weight transport, backend ``gloo`` of vLLM's weight-transfer API
+(``rollout.weight_transfer``), which an engine's worker creates when the engine starts with
+``weight_transfer_config={"backend": "gloo"}``.
+
 It is registered as a vLLM general plugin (entry point ``vllm.general_plugins`` in ``pyproject.toml``), which vLLM
 loads in every one of its processes, the engine core included; ``rollout.engine`` also calls ``register()`` in
 its own process (for an in-process engine core). The step timer wraps the scheduler of an engine only once that
@@ -32,8 +36,10 @@ import time
 
 
 def register() -> None:
-    """Add the ``rl_*`` methods to ``EngineCore`` and repair the CPU expand kernel (idempotent)."""
+    """Add the ``rl_*`` methods to ``EngineCore``, repair the CPU expand kernel and register the ``gloo`` weight
+    transfer engine (``rollout.weight_transfer``) with vLLM (idempotent)."""
     _repair_cpu_expand_kernel()
+    _register_gloo_weight_transfer()
     try:
         from vllm.v1.engine.core import EngineCore
     except ImportError:  # a vLLM without the v1 engine: nothing to patch
@@ -41,6 +47,15 @@ def register() -> None:
     if getattr(EngineCore, "rl_set_spec_schedule", None) is None:
         EngineCore.rl_set_spec_schedule = _set_spec_schedule
         EngineCore.rl_spec_step_stats = _spec_step_stats
+
+
+def _register_gloo_weight_transfer() -> None:
+    try:
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+    except ImportError:  # a vLLM without the weight-transfer API
+        return
+    if "gloo" not in WeightTransferEngineFactory._registry:  # imported only when an engine asks for it
+        WeightTransferEngineFactory.register_engine("gloo", "rollout.weight_transfer", "GlooWeightTransferEngine")
 
 
 def expand_to_tokens(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None) -> None:

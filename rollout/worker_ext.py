@@ -84,6 +84,16 @@ class WeightSyncExtension:
     def rl_weight_version(self) -> int:
         return int(getattr(self, "_rl_weight_version", 0))
 
+    def rl_set_weight_version(self, version: int) -> int:
+        """The version a complete sync through vLLM's weight-transfer API brought (``Engine.finish_weight_update``)."""
+        self._rl_weight_version = int(version)
+        return self._rl_weight_version
+
+    def rl_weight_transfer_stats(self) -> dict:
+        """Seconds this worker's transfer engine spent receiving and loading during the last sync, and its bytes."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        return dict(getattr(engine, "stats", None) or {"recv_s": 0.0, "load_s": 0.0, "bytes": 0.0})
+
     def rl_load_drafter_weights(self, blob: bytes) -> dict:
         """Load the speculative drafter's own weights (safetensors bytes, EAGLE checkpoint names such as
         ``fc.weight``, ``layers.0.*``; the shared embedding and LM head stay the target's)."""

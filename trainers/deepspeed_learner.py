@@ -196,7 +196,12 @@ class DeepSpeedLearner(Learner):
         return [(name, (v.ds_numel if hasattr(v, "ds_id") else v.numel()) * size)
                 for name, v in self.model.state_dict(keep_vars=True).items()]
 
-    def _full_weights(self, everywhere: frozenset[str] = frozenset()):
+    def _weight_shapes(self) -> list[tuple[str, list[int]]]:
+        return [(name, list(v.ds_shape if hasattr(v, "ds_id") else v.shape))
+                for name, v in self.model.state_dict(keep_vars=True).items()]
+
+    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True):
+        # ``copy`` is moot here: a gathered parameter is released after its host copy, which is always made
         yielded: set[int] = set()
         for name, full, _ in self._gathered_parameters(everywhere, self.export_dtype):
             if full is not None and id(full) in yielded:

@@ -40,6 +40,7 @@ from rl.algorithms import (
 from rl.config import KernelsConfig
 from rl.console import name_log
 from rl.types import TrainSample
+from rl.weight_wire import BucketMeta, dtype_name
 from trainers import distributed as D
 from trainers.fused_logprob import (
     IGNORE_INDEX,
@@ -582,11 +583,13 @@ class Learner:
         self.optimizer.step()
         return float(grad_norm)
 
-    def _full_weights(self, everywhere: frozenset[str] = frozenset()):
+    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True):
         """(HF name, whole tensor on the CPU in ``export_dtype``) for every entry of the model's state dict, on rank
         0 (and on every rank for the names in ``everywhere``); (name, None) on the others. A collective when
         sharded: every rank iterates to the end. The cast to the engines' dtype happens on the device, before the
-        gather and the host copy, so fp32 master weights cost no more bytes than the engines' weights."""
+        gather and the host copy, so fp32 master weights cost no more bytes than the engines' weights.
+        ``copy=False``: a tensor that needs neither cast nor move may be the live parameter itself (for a caller
+        that copies it anyway, such as the transport's packing)."""
         for k, v in self.model.state_dict().items():
             cast = v.detach().to(self.export_dtype)
             full = D.full_tensor(cast)  # gathers one tensor at a time
@@ -594,9 +597,14 @@ class Learner:
                 yield k, None
                 continue
             out = full.to("cpu")
-            if out.dtype == v.dtype and v.device.type == "cpu":  # neither the cast nor the move copied: a copy
+            if copy and out.dtype == v.dtype and v.device.type == "cpu":  # neither the cast nor the move copied
                 out = out.clone()
             yield k, out.contiguous()
+
+    def _weight_shapes(self) -> list[tuple[str, list[int]]]:
+        """(HF name, whole shape) for every state-dict entry, in the order ``_full_weights`` yields them (a sharded
+        DTensor reports its global shape); read from metadata, nothing gathered."""
+        return [(k, list(v.shape)) for k, v in self.model.state_dict().items()]
 
     # ---------------------------------------------------------------- log-probs
     @torch.no_grad()
@@ -803,16 +811,63 @@ class Learner:
         size = torch.empty(0, dtype=self.export_dtype).element_size()
         return [(k, v.numel() * size) for k, v in self.model.state_dict().items()]
 
-    def begin_weight_export(self, bucket_bytes: int = 0) -> int:
+    def begin_weight_export(self, bucket_bytes: int = 0, copy: bool = True) -> int:
         """Start an export of the whole weights in buckets of about ``bucket_bytes`` (0: one bucket), cut only
         between decoder layers (``plan_weight_buckets``); returns the number of buckets. Every rank then calls
-        ``next_weight_bucket`` for each bucket in order (the gathers are collectives)."""
+        ``next_weight_bucket`` (or ``send_weight_bucket``) for each bucket in order (the gathers are collectives).
+        ``copy=False``: the bucket's tensors may be the live parameters (``send_weight_bucket`` packs them into its
+        send buffer, which is the copy)."""
         self._export_plan = plan_weight_buckets(self._weight_sizes(), bucket_bytes)
-        # every rank's drafter replica reads the shared embedding and LM head
-        self._export_iter = self._full_weights(frozenset(self._shared_weight_names()) if self.drafter is not None
-                                               else frozenset())
+        # every rank's drafter replica reads the shared embedding and LM head (and keeps them: copies)
+        self._export_iter = self._full_weights(
+            frozenset(self._shared_weight_names()) if self.drafter is not None else frozenset(),
+            copy=copy or self.drafter is not None)
         self._export_shared: dict[str, torch.Tensor] = {}
         return len(self._export_plan)
+
+    def weight_bucket_meta(self) -> list[dict]:
+        """What each bucket of the started export holds (``rl.weight_wire.BucketMeta`` fields plus ``bucket`` and
+        ``num_buckets``): the update info of vLLM's weight-transfer API, one per bucket, for the engines."""
+        n = len(self._export_plan)
+        return [{**self._bucket_meta(b).as_dict(), "bucket": b, "num_buckets": n} for b in range(n)]
+
+    def _bucket_meta(self, index: int) -> BucketMeta:
+        """Names, dtype (``export_dtype``: ``_full_weights`` casts every entry to it) and whole shapes of a bucket."""
+        shapes = dict(self._weight_shapes())
+        names = list(self._export_plan[index])
+        return BucketMeta(names, [dtype_name(self.export_dtype)] * len(names), [shapes[x] for x in names])
+
+    def weight_transport_address(self) -> tuple[str, int]:
+        """This node's address and a free port for the transfer group's rendezvous (asked of rank 0, which hosts
+        it)."""
+        return D.free_address()
+
+    def init_weight_transport(self, address: str, port: int, world_size: int, timeout_s: float) -> float:
+        """Rank 0 opens the transfer group as its sender (``trainers.weight_transport.GlooSender``) and waits for the
+        engine workers to join; the other ranks only take part in the gathers. Returns seconds."""
+        if self.rank != 0:
+            return 0.0
+        from trainers.weight_transport import GlooSender
+
+        t0 = time.perf_counter()
+        self._sender = GlooSender(address, port, world_size, timeout_s)
+        return time.perf_counter() - t0
+
+    def send_weight_bucket(self, index: int) -> dict[str, float]:
+        """Gather bucket ``index`` of the started export (every rank) and broadcast it to the engine workers (rank
+        0); returns rank 0's bytes and seconds (gather, pack, send), nothing on the others."""
+        t0 = time.perf_counter()
+        bucket = self._next_bucket(index)
+        if self.rank != 0:
+            return {}
+        gather_s = time.perf_counter() - t0
+        meta = self._bucket_meta(index)  # what the engines were told; packing checks every tensor against it
+        try:
+            info = self._sender.send(meta, [bucket[x] for x in meta.names])
+        except Exception as e:  # noqa: BLE001 - the transport's error, with the bucket's position
+            raise RuntimeError(f"weight transfer: sending bucket {index + 1}/{len(self._export_plan)} failed: "
+                               f"{str(e).splitlines()[0][:300]}") from None
+        return {**info, "gather_s": gather_s}
 
     def next_weight_bucket(self, index: int) -> bytes | None:
         """Bucket ``index`` of the export ``begin_weight_export`` started: safetensors bytes of its whole tensors
@@ -820,6 +875,13 @@ class Learner:
         parameters are gathered one tensor at a time, so no rank holds more than its shard plus one bucket."""
         from safetensors.torch import save as st_save
 
+        bucket = self._next_bucket(index)
+        if self.rank != 0:
+            return None
+        return st_save(bucket)
+
+    def _next_bucket(self, index: int) -> dict[str, torch.Tensor | None]:
+        """Bucket ``index``'s whole tensors by name (None on ranks other than 0), gathered in the plan's order."""
         names = self._export_plan[index]
         bucket = {}
         for want in names:
@@ -835,9 +897,7 @@ class Learner:
                 self._export_shared = {}
         if index == len(self._export_plan) - 1:
             self._release_cached_memory()  # the gathers' blocks go back to the device (the engines wake next)
-        if self.rank != 0:
-            return None
-        return st_save(bucket)
+        return bucket
 
     def export_weights(self) -> bytes | None:
         """The whole weights in one piece: ``next_weight_bucket`` of a one-bucket export."""
@@ -875,6 +935,28 @@ class Learner:
             return self.drafter.train(time_budget_s, max_steps)
         finally:
             self._release_cached_memory()  # it trains while the engines generate beside it
+
+    def drafter_transfer_meta(self) -> dict:
+        """The drafter's own weights as one bucket's update info (``weight_bucket_meta``'s format) for the transfer
+        group, taken now and sent by the next ``send_drafter`` (rank 0; the replicas are identical, so the other
+        ranks take no part: an empty dict)."""
+        if self.drafter is None or self.rank != 0:
+            return {}
+        self._drafter_out = self.drafter.export_tensors()
+        named = list(self._drafter_out.items())
+        meta = BucketMeta([n for n, _ in named], [dtype_name(t.dtype) for _, t in named], [list(t.shape) for _, t in named])
+        return {**meta.as_dict(), "bucket": 0, "num_buckets": 1}
+
+    def send_drafter(self) -> dict[str, float]:
+        """Broadcast the weights ``drafter_transfer_meta`` took to the engine workers (rank 0)."""
+        if self.drafter is None or self.rank != 0:
+            return {}
+        named, self._drafter_out = list(self._drafter_out.items()), None
+        meta = BucketMeta([n for n, _ in named], [dtype_name(t.dtype) for _, t in named], [list(t.shape) for _, t in named])
+        try:
+            return self._sender.send(meta, [t for _, t in named])
+        except Exception as e:  # noqa: BLE001 - the transport's error, named
+            raise RuntimeError(f"weight transfer: sending the drafter failed: {str(e).splitlines()[0][:300]}") from None
 
     def export_drafter(self) -> bytes | None:
         """The drafter's weights for ``Engine.load_drafter_weights`` (rank 0; None elsewhere: the replicas are

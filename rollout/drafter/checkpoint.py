@@ -106,6 +106,12 @@ def _export_tensors(drafter: Drafter, dtype: torch.dtype | None) -> dict[str, to
     return {n: t.detach().to(dtype or t.dtype).contiguous().clone().cpu() for n, t in state.items()}
 
 
+def weights_for_transfer(drafter: Drafter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The drafter's own weights by checkpoint name, as CPU tensors in ``dtype`` (``weights_for_reload``'s content,
+    for a transport that sends tensors rather than bytes)."""
+    return _export_tensors(drafter, dtype)
+
+
 def weights_for_reload(drafter: Drafter, dtype: torch.dtype | None = None) -> bytes:
     """The drafter's own weights as safetensors bytes (checkpoint names): ``Engine.load_drafter_weights``'s input.
 

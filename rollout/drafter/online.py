@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rollout.drafter.buffer import DrafterBuffer, DrafterSequence
-from rollout.drafter.checkpoint import load_drafter, save_drafter, weights_for_reload
+from rollout.drafter.checkpoint import load_drafter, save_drafter, weights_for_reload, weights_for_transfer
 from rollout.drafter.train import DrafterLossConfig, DrafterTrainer, DrafterTrainerConfig
 
 TRAINER_STATE = "drafter_trainer.pt"
@@ -106,6 +106,9 @@ class OnlineDrafter:
     # ---------------------------------------------------------------- weights
     def export(self) -> bytes:
         return weights_for_reload(self.drafter, dtype=self.export_dtype)
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return weights_for_transfer(self.drafter, dtype=self.export_dtype)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
