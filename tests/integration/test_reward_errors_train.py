@@ -66,7 +66,8 @@ def test_a_reward_failing_at_run_time_stops_the_run_with_a_checkpoint(tiny_model
         assert not [ln for ln in console if noise in ln], (noise, console)
     assert len(console) <= 12, console
     engine_log = next((out / "logs").glob("engine-*.log")).read_text()
-    assert "Reloading weights inplace" in engine_log and "RotaryEmbedding" in engine_log
+    # vLLM's lines of every sync (whatever the transport) are in the engine's log, not on the console
+    assert "Successfully reset prefix cache" in engine_log and "RotaryEmbedding" in engine_log
     assert "[learner] kernels" in next((out / "logs").glob("learner0-*.log")).read_text()
 
     # The trackers got step 0 (the only step logged before the stop), the run's name and tags, and were closed.

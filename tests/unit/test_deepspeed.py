@@ -62,6 +62,16 @@ def _rank_main(rank, world, port, model_dir, out_dir, resume_from):
                 f.write(blob)
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(res, f)
+    _leave_together()
+
+
+def _leave_together():
+    """Every rank waits for the others, then the group is torn down before the process exits: a rank that exits
+    while another still runs gloo work was seen to abort ("terminate called without an active exception")."""
+    from trainers import distributed as D
+
+    D.barrier()
+    D.destroy()
 
 
 def _run(world, model_dir, out_dir, resume_from=None):
@@ -183,6 +193,7 @@ def _bf16_rank_main(rank, world, port, model_dir, out_dir):
         for key, blob in blobs.items():
             with open(os.path.join(out_dir, f"{key}.safetensors"), "wb") as f:
                 f.write(blob)
+    _leave_together()
 
 
 @pytest.mark.multiproc

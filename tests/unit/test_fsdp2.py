@@ -42,6 +42,10 @@ def _rank_main(rank, world, port, model_dir, out_dir, cfg, resume_from):
             f.write(blob)
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"before": before, "metrics": metrics}, f)
+    from trainers import distributed as D
+
+    D.barrier()  # the ranks leave together and tear the group down before exiting (see test_deepspeed)
+    D.destroy()
 
 
 def _run(world, model_dir, out_dir, cfg=None, resume_from=None):
