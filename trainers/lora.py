@@ -8,8 +8,8 @@ is not a config key yet. vLLM's CPU build serves adapters (its Punica CPU wrappe
 
 from __future__ import annotations
 
-import io
 import json
+from pathlib import Path
 
 import torch
 
@@ -70,10 +70,7 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 
 def write_adapter(files: dict[str, bytes], directory) -> None:
     """Write :func:`adapter_files`' output into ``directory`` (created)."""
-    from pathlib import Path
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        with io.open(d / name, "wb") as f:
-            f.write(data)
+        (d / name).write_bytes(data)
