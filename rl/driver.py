@@ -183,7 +183,14 @@ def push_weights(learner: LearnerGroup, engines: list, version: int, bucket_byte
 
 
 class WeightSyncError(RuntimeError):
-    """A weight sync that broke off: the message names the engine (or learner rank) and the bucket."""
+    """A weight sync that broke off: the message names the engine (or learner rank) and the bucket. ``actor_error``
+    is Ray's ``RayActorError`` when the cause was an actor that died (the run then reports it as that actor's
+    death, with what was saved)."""
+
+    def __init__(self, message: str, what: str = "weight sync", actor_error: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.what = what
+        self.actor_error = actor_error
 
 
 def _wait_all(labelled: list[tuple[str, object]], what: str) -> list:
@@ -191,6 +198,7 @@ def _wait_all(labelled: list[tuple[str, object]], what: str) -> list:
     (``engine 1``, ``learner rank 0 (sender)``) and ``what``. The others are left running (a broken transfer group
     ends them at its timeout)."""
     import ray
+    from ray.exceptions import RayActorError
 
     index = {ref: k for k, (_, ref) in enumerate(labelled)}
     results: list = [None] * len(labelled)
@@ -204,7 +212,8 @@ def _wait_all(labelled: list[tuple[str, object]], what: str) -> list:
             cause = getattr(e, "cause", None) or e
             text = str(cause).strip().splitlines()
             raise WeightSyncError(f"{what} broke off on {labelled[k][0]}: {type(cause).__name__}: "
-                                  f"{text[-1][:500] if text else ''}") from None
+                                  f"{text[-1][:500] if text else ''}",
+                                  what, actor_error=e if isinstance(e, RayActorError) else None) from None
     return results
 
 
@@ -1078,11 +1087,16 @@ class Trainer:
             progress.close()
             raise RewardError(f"{exc}\n{self._save_after_failure(step)}: fix the reward, then continue with "
                               "--resume.") from None
-        except RayActorError as exc:
+        except (RayActorError, WeightSyncError) as exc:
             progress.close()
-            who, why = self._dead_actor(exc)
+            dead = exc.actor_error if isinstance(exc, WeightSyncError) else exc
+            if dead is None:
+                raise
+            who, why = self._dead_actor(dead)
+            where = f" (in the {exc.what})" if isinstance(exc, WeightSyncError) else ""
             saved = self._save_after_failure(step, learner_died=who.startswith("learner"))
-            raise ActorDiedError(f"{who} died during step {step + 1}: {why}\n{saved}; continue with --resume.") from None
+            raise ActorDiedError(f"{who} died during step {step + 1}: {why}{where}\n{saved}; continue with "
+                                 "--resume.") from None
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
@@ -1110,6 +1124,8 @@ class Trainer:
             reason = "the learner is gone, so nothing newer can be saved"
         elif self._learner_step != step:
             reason = f"step {step + 1}'s update had started, so the learner no longer holds step {step}"
+        elif (saved := self.ckpt.root / f"step_{step:06d}") in self.ckpt.list():
+            return f"saved step {step} to {saved}"  # already, by the regular save (a re-save would replace it)
         elif step > self.start_step or step == 0:
             try:
                 return f"saved step {step} to {self.save_checkpoint(step)}"

@@ -83,9 +83,11 @@ def checkpoint_steps(run: Path) -> list[int]:
 
 def test_engine_death_saves_the_last_step_then_resume_and_ctrl_c(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    proc = start(tiny_model_dir, run, "killed")
+    proc = start(tiny_model_dir, run, "killed", "run.save_every_steps=1")
     wait_for_step(proc, run, 1)
-    # Freeze the driver so the engine dies between two steps' calls, not in the middle of a weight sync.
+    # Freeze the driver and kill the engine. Where the driver finds it dead depends on how far step `done + 1` had
+    # got (its generation, or its weight sync once the learner had taken the update): both name the engine and
+    # the step, and leave step `done` as the checkpoint to resume from.
     os.kill(proc.pid, signal.SIGSTOP)
     done = logged_steps(run)[-1]
     kill_actor(proc, "ray::Engine")
@@ -93,10 +95,14 @@ def test_engine_death_saves_the_last_step_then_resume_and_ctrl_c(tiny_model_dir,
     rc, out, err = finish(proc, run, "killed")
     assert rc == 1, out[-3000:] + err[-3000:]
     assert f"rl train: engine 0 died during step {done + 1}: " in err, err[-3000:]
-    assert f"saved step {done} to {run / 'checkpoints' / f'step_{done:06d}'}; continue with --resume." in err
-    assert checkpoint_steps(run) == [done] and logged_steps(run) == list(range(done + 1))
+    ckpt = run / "checkpoints" / f"step_{done:06d}"
+    assert (f"saved step {done} to {ckpt}; continue with --resume." in err
+            or f"step {done + 1}'s update had started, so the learner no longer holds step {done}; the last "
+               f"checkpoint is {ckpt}; continue with --resume." in err), err[-3000:]
+    assert checkpoint_steps(run)[-1] == done and logged_steps(run) == list(range(done + 1))
 
-    # --resume continues from the saved step; a Ctrl-C mid-step lets that step finish and saves exactly it.
+    # --resume continues from the saved step (no periodic saves now: a safe change, shown); a Ctrl-C mid-step lets
+    # that step finish and saves exactly it.
     proc = start(tiny_model_dir, run, "resumed", "--resume")
     wait_for_step(proc, run, done + 1)
     os.kill(proc.pid, signal.SIGINT)
@@ -107,7 +113,7 @@ def test_engine_death_saves_the_last_step_then_resume_and_ctrl_c(tiny_model_dir,
     last = logged_steps(run)[-1]
     assert last in (done + 1, done + 2)  # the step the Ctrl-C came in, finished
     assert f"interrupted: saved step {last} to" in out
-    assert logged_steps(run) == list(range(last + 1)) and checkpoint_steps(run) == [done, last]
+    assert logged_steps(run) == list(range(last + 1)) and checkpoint_steps(run)[-2:] == [done, last]
 
 
 def test_learner_death_keeps_the_last_checkpoint_and_says_so(tiny_model_dir, tmp_path):

@@ -90,6 +90,7 @@ class FakeEngine:
         self.serving = 0  # the learner update count it was last pushed
         self.stale_from_version: int | None = None  # from this version on, pushes do not reach the weights
         self.dead_at_step: int | None = None
+        self.dead_at_push: int | None = None  # dies when the sync to this version starts (after the update)
         self._actor_id = SimpleNamespace(hex=lambda: f"engine{index}")
         self.score_tokens = _method(lambda probe: Ref([[-1.0 - 0.1 * self.serving] * len(r) for _, r in probe]))
 
@@ -138,6 +139,12 @@ class FakeTrainer(Trainer):
                 "gdro_feed": None}
 
     def push(self, version):
+        for i, e in enumerate(self.engines):
+            if e.dead_at_push is not None and version >= e.dead_at_push:  # as driver._wait_all reports it
+                raise driver.WeightSyncError(
+                    f"weight sync to version {version} (start) broke off on engine {i}: ActorDiedError: ...",
+                    f"weight sync to version {version} (start)",
+                    actor_error=dead(f"engine{i}", "Worker exit type: SYSTEM_ERROR Worker exit detail: EOF"))
         for e in self.engines:
             if e.stale_from_version is None or version < e.stale_from_version:
                 e.serving = self.learner.updates
@@ -215,6 +222,27 @@ def test_an_engine_dying_mid_run_saves_the_last_step_names_it_and_resume_continu
     resumed = FakeTrainer(config(tmp_path, "run.save_every_steps=0"), resume=True)
     assert resumed.run()["final_step"] == 6 and resumed.fake_learner.updates == 6
     assert checkpoints(tmp_path) == {3: 3, 6: 6} and logged_steps(tmp_path) == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_an_engine_dying_in_the_weight_sync_is_named_as_its_death(tmp_path):
+    """Found dead by the sync after step 4's update: reported as engine 1's death during step 4 (with where), and the
+    learner, already past step 3, saves nothing under that label; the regular checkpoint of step 3 stays."""
+    engines = [FakeEngine(0), FakeEngine(1)]
+    engines[1].dead_at_push = 4
+    with pytest.raises(RunActorDied) as info:
+        FakeTrainer(config(tmp_path, "run.save_every_steps=1"), engines=engines).run()
+    assert str(info.value) == (
+        "engine 1 died during step 4: Worker exit type: SYSTEM_ERROR Worker exit detail: EOF (in the weight sync to "
+        "version 4 (start))\nstep 4's update had started, so the learner no longer holds step 3; the last checkpoint "
+        f"is {tmp_path / 'checkpoints' / 'step_000003'}; continue with --resume.")
+    assert checkpoints(tmp_path) == {1: 1, 2: 2, 3: 3} and logged_steps(tmp_path) == [0, 1, 2, 3]
+
+
+def test_a_sync_error_without_a_dead_actor_is_not_reported_as_a_death(tmp_path):
+    trainer = FakeTrainer(config(tmp_path))
+    trainer.push = lambda version: (_ for _ in ()).throw(driver.WeightSyncError("broke off on engine 0: timeout"))
+    with pytest.raises(driver.WeightSyncError, match="timeout"):
+        trainer.run()
 
 
 def test_the_learner_dying_keeps_the_last_checkpoint_and_says_so(tmp_path):
