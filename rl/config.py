@@ -81,6 +81,44 @@ class TinyModelConfig(_Section):
     sft_steps: int | None = Field(None, ge=0, description="Supervised warm-start steps (None: the builder's default).")
 
 
+LORA_ENGINE_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM accepts: an engine is started with the smallest one >= ``model.lora.rank``."""
+LORA_UNSERVED_MODULES = ("lm_head", "embed_tokens")
+"""Target modules whose adapters the engines' LoRA path does not take (vLLM serves adapters on the decoder's
+linear layers only)."""
+
+
+class LoraSection(_Section):
+    """LoRA training (docs/lora.md): the base weights are frozen, only the low-rank adapters (peft) train, and each
+    sync ships the adapter alone to the engines, which serve it as a new versioned LoRA request."""
+
+    rank: int = Field(..., ge=1, le=512, description="Rank r of every adapter (vLLM serves ranks up to 512).")
+    alpha: float = Field(..., gt=0, description="LoRA alpha: the adapter's output is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input in the learner's forward.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Names of the linear layers that get an adapter (peft's target_modules: a module whose name "
+        "ends with one of these). Default: every attention and MLP projection of Qwen2 / Llama-style decoders.",
+    )
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> "LoraSection":
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty: name the linear layers that get an adapter, "
+                             "e.g. [q_proj, v_proj]")
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"model.lora.target_modules={self.target_modules} names a module twice")
+        unserved = [m for m in self.target_modules if m in LORA_UNSERVED_MODULES]
+        if unserved:
+            raise ValueError(f"model.lora.target_modules: {unserved} cannot be served by the engines' LoRA path "
+                             "(vLLM takes adapters on the decoder's linear layers only); remove them")
+        return self
+
+    def engine_max_rank(self) -> int:
+        """The ``max_lora_rank`` the engines start with: the smallest value vLLM accepts that holds ``rank``."""
+        return next(r for r in LORA_ENGINE_RANKS if r >= self.rank)
+
+
 class ModelConfig(_Section):
     path: str | None = Field(
         None,
@@ -95,6 +133,13 @@ class ModelConfig(_Section):
         "learner.strategy=single, FSDP2's mixed-precision parameter dtype, DeepSpeed's bf16/fp16 mode) and, unless "
         "rollout.dtype says otherwise, the engines' weights. The learner's own parameters, gradients and AdamW state "
         "are held in learner.param_dtype (float32 by default: fp32 master weights with bfloat16 compute).",
+    )
+    lora: LoraSection | None = Field(
+        None,
+        description="LoRA training (docs/lora.md): {rank, alpha, dropout, target_modules}. None: full fine-tuning. "
+        "Set: only the adapters train (the optimizer holds them alone), each sync sends the adapter alone to the "
+        "engines (through the object store, in one piece: sync.transport and sync.bucket_mb do not apply) and the "
+        "canary runs through it, checkpoints hold the adapter (and the merged model). learner.strategy=single only.",
     )
 
     @model_validator(mode="after")
@@ -704,14 +749,37 @@ class Config(_Section):
         if not self.rewards:
             raise ValueError("rewards is empty: configure at least one reward, e.g. [{name: math_verify}]")
         self._check_distributed()
+        if self.model.lora is not None:
+            self._check_lora()
         if self.drafter.mode != "off" and self.drafter.train and self.learner.old_logprob_source != "learner":
             raise ValueError("drafter.train learns from the learner's old-log-prob pass over the rollouts: set "
                              "learner.old_logprob_source=learner (or drafter.train=false)")
         return self
 
     def weight_transport(self) -> str:
-        """``sync.transport`` resolved for this run's engines (``object_store`` or ``gloo``)."""
+        """``sync.transport`` resolved for this run's engines (``object_store`` or ``gloo``; ``adapter`` with
+        ``model.lora``: the adapter alone, through the object store)."""
+        if self.model.lora is not None:
+            return "adapter"
         return self.sync.resolved_transport(engines_on_gpu=self.rollout.num_gpus_per_engine > 0)
+
+    def _check_lora(self) -> None:
+        """What ``model.lora`` is not wired with is refused here, naming the key."""
+        if self.learner.strategy != "single":
+            raise ValueError(f"model.lora with learner.strategy={self.learner.strategy}: LoRA training is wired for "
+                             "learner.strategy=single only (the adapter of a 7B model fits one GPU with its "
+                             "optimizer; FSDP2 / DeepSpeed sharding of the adapter is not built); set "
+                             "learner.strategy=single and learner.num_ranks=1")
+        if self.sync.transport != "auto":
+            raise ValueError(f"sync.transport={self.sync.transport} with model.lora: the engines receive the adapter "
+                             "alone, through the object store (a few MiB); leave sync.transport=auto")
+        if self.drafter.mode != "off":
+            raise ValueError(f"drafter.mode={self.drafter.mode} with model.lora: the online drafter is not wired "
+                             "with LoRA engines; set drafter.mode=off")
+        if self.placement.mode == "colocated" and self.placement.engine_sleep_level == 2:
+            raise ValueError("placement.engine_sleep_level=2 with model.lora: level 2 drops the engines' base weights "
+                             "and a LoRA sync sends the adapter alone, so they would never come back; set "
+                             "placement.engine_sleep_level=1 (offload and restore) or 0")
 
     def canary_dtype(self) -> str:
         """The least precise of the dtypes the canary's two sides compute in: the learner's ``model.dtype`` and the

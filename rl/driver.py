@@ -285,9 +285,15 @@ def push_drafter_transfer(learner: LearnerGroup, engines: list) -> dict[str, flo
     return {"bytes": float(sent["bytes"])}
 
 
-WEIGHT_PUSH = {"object_store": push_weights, "gloo": push_weights_transfer}
-"""``sync.transport`` (resolved) -> the push that runs it."""
-ENGINE_WEIGHT_TRANSFER = {"object_store": None, "gloo": "gloo"}
+def _push_adapter(*args, **kwargs) -> dict[str, float]:
+    from rl.lora_sync import push_adapter
+
+    return push_adapter(*args, **kwargs)
+
+
+WEIGHT_PUSH = {"object_store": push_weights, "gloo": push_weights_transfer, "adapter": _push_adapter}
+"""``sync.transport`` (resolved; ``adapter`` with ``model.lora``) -> the push that runs it."""
+ENGINE_WEIGHT_TRANSFER = {"object_store": None, "gloo": "gloo", "adapter": None}
 """``sync.transport`` (resolved) -> the backend of vLLM's weight-transfer API the engines start with."""
 
 
@@ -545,13 +551,15 @@ class Trainer:
                 tensor_parallel_size=r.tensor_parallel_size,
                 enable_sleep_mode=colocated and pc.engine_sleep_level > 0, speculative_config=speculative_config,
                 model_runner=r.model_runner, weight_transfer=ENGINE_WEIGHT_TRANSFER[cfg.weight_transport()],
+                max_lora_rank=cfg.model.lora.engine_max_rank() if cfg.model.lora is not None else None,
             ))
         ray.get([e.ping.remote() for e in engines])
         t1 = time.perf_counter()
         # The rendezvous port is picked on rank 0's node just before the ranks bind it (a port free now may not be
         # free minutes later).
         master = ray.get(ray.remote(free_address).options(**placement.rank0_options(placed)).remote())
-        learner_cfg = {**lc.model_dump(), "tis_cap": cfg.async_mode.tis_cap if cfg.async_mode.enabled else None}
+        learner_cfg = {**lc.model_dump(), "tis_cap": cfg.async_mode.tis_cap if cfg.async_mode.enabled else None,
+                       "lora": cfg.model.lora.model_dump() if cfg.model.lora is not None else None}
         actors = [
             ray.remote(learner_class(lc.strategy)).options(**learner_actor_options(cfg, placed, k)).remote(
                 self.model_path, learner_cfg, cfg.algorithm.model_dump(), temperature=r.temperature,

@@ -45,10 +45,11 @@ class SamplingSettings:
 
 def llm_kwargs(model_path: str, *, dtype: str, seed: int, max_model_len: int, gpu_memory_utilization: float,
                enforce_eager: bool, tensor_parallel_size: int, speculative_config: dict | None, sleep_mode: bool,
-               cuda: bool, weight_transfer: str | None = None) -> dict:
+               cuda: bool, weight_transfer: str | None = None, max_lora_rank: int | None = None) -> dict:
     """Keyword arguments of ``vllm.LLM`` for an engine (``sleep_mode``: vLLM's sleep mode, CUDA only;
     ``weight_transfer``: the backend of vLLM's weight-transfer engine, ``gloo`` (``rollout.weight_transfer``),
-    ``nccl`` or ``ipc``; None: weights arrive through the worker extension only)."""
+    ``nccl`` or ``ipc``; None: weights arrive through the worker extension only; ``max_lora_rank``: serve LoRA
+    adapters up to this rank, one at a time (``model.lora``: ``Engine.load_adapter``))."""
     kwargs = dict(
         model=model_path,
         dtype=dtype,
@@ -69,6 +70,9 @@ def llm_kwargs(model_path: str, *, dtype: str, seed: int, max_model_len: int, gp
             raise ValueError(f"weight_transfer={weight_transfer!r}: use one of {list(WEIGHT_TRANSFER_BACKENDS)} "
                              "(or None for the object store)")
         kwargs["weight_transfer_config"] = {"backend": weight_transfer}
+    if max_lora_rank is not None:
+        # one adapter at a time: each sync's adapter replaces the previous one (Engine.load_adapter)
+        kwargs.update(enable_lora=True, max_lora_rank=int(max_lora_rank), max_loras=1, max_cpu_loras=2)
     if tensor_parallel_size > 1:
         # Inside a Ray actor vLLM would pick its Ray executor, whose workers then wait for GPUs this actor already
         # holds; the actor sees its TP GPUs, so the workers are local processes.
@@ -104,6 +108,7 @@ class Engine:
         enable_sleep_mode: bool = False,
         model_runner: str = "auto",
         weight_transfer: str | None = None,
+        max_lora_rank: int | None = None,
     ) -> None:
         name_log("engine")  # <run>/logs/engine-<pid>.log when the run captures its workers' output
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.getcwd(), ".cache", "vllm"))
@@ -130,12 +135,17 @@ class Engine:
         kwargs = llm_kwargs(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                             tensor_parallel_size=tensor_parallel_size, speculative_config=speculative_config,
-                            sleep_mode=self.can_sleep, cuda=cuda, weight_transfer=weight_transfer)
+                            sleep_mode=self.can_sleep, cuda=cuda, weight_transfer=weight_transfer,
+                            max_lora_rank=max_lora_rank)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
         self.weight_transfer = weight_transfer
         self.sync_failure: str | None = None  # set by a weight transfer that broke off; cleared by a complete one
+        # model.lora: the adapter every generation and the canary's scoring run through (None: the base weights)
+        self.lora_request = None
+        self.lora_enabled = max_lora_rank is not None
+        self._adapter_root = None
         self.start_s = time.perf_counter() - t0
         self.runner = self.model_runner_name()
         print(f"[engine] vLLM model runner {self.runner} (rollout.model_runner={model_runner}), dtype {dtype}, "
@@ -177,7 +187,8 @@ class Engine:
             )
             for r in requests
         ]
-        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         groups: list[list[Rollout]] = []
         for req, out in zip(requests, outputs):
             group = []
@@ -236,7 +247,8 @@ class Engine:
             )
             for seed, limit, stop in zip(seeds, max_tokens, stops)
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         rollouts = []
         for k, out in enumerate(outputs):
             comp = out.outputs[0]
@@ -258,7 +270,8 @@ class Engine:
     def score_tokens(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Log-probs (temperature 1) the engine assigns to given responses: ``[(prompt_ids, response_ids)]``.
 
-        Used by the weight-sync canary: computed from the prompt log-probs of prompt+response.
+        Used by the weight-sync canary: computed from the prompt log-probs of prompt+response, through the adapter
+        the engine serves (``model.lora``), as every generation is.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -266,7 +279,7 @@ class Engine:
         self._require_awake("score tokens")
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
         prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in sequences]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         result = []
         for (p, r), out in zip(sequences, outputs):
             plp = out.prompt_logprobs
@@ -292,6 +305,52 @@ class Engine:
             if versions != {int(version)}:
                 raise RuntimeError(f"weight sync: workers report versions {versions}, expected {version}")
         return {"version": self.weight_version, "sync_s": time.perf_counter() - t0, "bytes": len(blob)}
+
+    def load_adapter(self, files: dict[str, bytes], version: int) -> dict:
+        """``model.lora``'s sync: the adapter (``trainers.lora.adapter_files``) written into this engine's own
+        directory and loaded by vLLM as a new LoRA request whose id is new for every version (vLLM caches adapters
+        by id: reusing one would keep serving the old adapter). It replaces the previous adapter only once vLLM has
+        loaded it, and only then does the engine serve ``version``."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from vllm.lora.request import LoRARequest
+
+        from trainers.lora import write_adapter
+
+        if not self.lora_enabled:
+            raise RuntimeError("load_adapter on an engine started without LoRA (max_lora_rank)")
+        self._require_awake("load an adapter")
+        t0 = time.perf_counter()
+        if self._adapter_root is None:
+            import atexit
+
+            self._adapter_root = tempfile.mkdtemp(prefix="rl-adapter-")
+            atexit.register(shutil.rmtree, self._adapter_root, True)
+        directory = Path(self._adapter_root) / f"v{int(version)}"
+        if directory.exists():
+            shutil.rmtree(directory)
+        write_adapter(files, directory)
+        old = self.lora_request
+        lora_id = (old.lora_int_id + 1) if old is not None else 1
+        request = LoRARequest(f"policy-v{int(version)}", lora_id, str(directory))
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the adapter of version {version} from {directory}")
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            if old.lora_path != str(directory):
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.lora_request = request
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+        return {"version": self.weight_version, "lora_id": lora_id, "sync_s": time.perf_counter() - t0,
+                "bytes": sum(len(b) for b in files.values())}
+
+    def served_adapter(self) -> dict | None:
+        """The LoRA request generations run through (name, id, path), None when serving the base weights."""
+        r = self.lora_request
+        return None if r is None else {"name": r.lora_name, "lora_id": r.lora_int_id, "path": r.lora_path}
 
     # The control plane of vLLM's weight-transfer API (engines started with ``weight_transfer``): the driver calls
     # these on every engine while the learner's sender broadcasts (``rl.driver.push_weights_transfer``).

@@ -511,6 +511,9 @@ class Learner:
         if self.algo.kl_coef > 0:  # KL to the initial policy, as a loss term or a reward penalty (algorithm.kl_in)
             # frozen, so no master copy: held in the compute dtype
             self.ref_model = copy.deepcopy(self.model).to(self.compute_dtype).eval().requires_grad_(False)
+        self.lora_model = None  # the peft model (model.lora): self.model is its base, adapters injected in place
+        if learner_cfg.get("lora"):
+            self._apply_lora(learner_cfg["lora"])
         self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
         self.kernels = KernelChoice()  # until checked below
         self._setup_policy()
@@ -526,6 +529,25 @@ class Learner:
             print(f"[learner] kernels: {self.kernels.describe()}; strategy={self.strategy} ranks={world_size}",
                   flush=True)
         self.num_updates = 0
+
+    def _apply_lora(self, lora: dict) -> None:
+        """``model.lora``: freeze the base and inject peft adapters into ``self.model`` in place (after the
+        reference copy, which stays the base policy). Only ``learner.strategy=single`` is wired."""
+        from trainers.lora import apply_lora
+
+        if self.strategy != "single":
+            raise ValueError(f"model.lora with learner.strategy={self.strategy}: LoRA is wired for strategy=single only")
+        self.lora_model = apply_lora(self.model, rank=int(lora["rank"]), alpha=float(lora["alpha"]),
+                                     dropout=float(lora.get("dropout", 0.0)), target_modules=lora["target_modules"])
+        self.model = self.lora_model.get_base_model()
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        print(f"[learner] LoRA rank {lora['rank']} alpha {lora['alpha']} on {list(lora['target_modules'])}: "
+              f"{trainable} trainable of {total} parameters", flush=True)
+
+    def trainable_parameters(self) -> dict[str, int]:
+        """Trainable parameter count per parameter name (those the optimizer holds)."""
+        return {n: p.numel() for n, p in self.model.named_parameters() if p.requires_grad}
 
     # ---------------------------------------------------------------- dtypes
     def _set_dtypes(self, dtype: str, export_dtype: str | None) -> None:
@@ -565,7 +587,7 @@ class Learner:
             if self.ref_policy is not None:
                 D.shard_with_fsdp2(self.ref_policy, fsdp_cfg, self.device, trainable=False)
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
+            [p for p in self.policy.parameters() if p.requires_grad],  # with model.lora: the adapters alone
             lr=self.cfg["lr"],
             betas=tuple(self.cfg["betas"]),
             weight_decay=self.cfg["weight_decay"],
@@ -579,7 +601,8 @@ class Learner:
 
     def _optimizer_step(self) -> float:
         """Clip the global gradient norm to ``grad_clip``, step; the norm before clipping."""
-        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg["grad_clip"]))
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, self.cfg["grad_clip"]))
         self.optimizer.step()
         return float(grad_norm)
 
@@ -968,12 +991,25 @@ class Learner:
         samples = [TrainSample(list(p), list(r), [0.0] * len(r), 0.0, "probe") for p, r in sequences]
         return self.compute_logprobs(samples, temperature=1.0)
 
+    def export_adapter(self) -> dict[str, bytes] | None:
+        """``model.lora``: the adapter's files (``trainers.lora.adapter_files``) in the engines' dtype, what each
+        sync sends; rank 0 (None elsewhere, and without LoRA)."""
+        from trainers.lora import adapter_files
+
+        if self.lora_model is None or self.rank != 0:
+            return None
+        return adapter_files(self.lora_model, dtype=self.export_dtype)
+
     def save(self, directory: str) -> None:
         """Model (safetensors, HF names), optimizer and RNG states into ``directory`` (the caller makes it atomic).
         The optimizer state is saved whole, keyed by parameter name, so a checkpoint resumes under any strategy
-        and rank count. A collective under FSDP2; rank 0 writes."""
+        and rank count. A collective under FSDP2; rank 0 writes. With ``model.lora``: ``adapter/`` (what trains,
+        in the master dtype; what a resume loads), ``model/`` the merged weights (a complete ``model.path``), and
+        the optimizer state of the adapter alone."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+        if self.lora_model is not None:
+            return self._save_lora(Path(directory))
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
@@ -994,12 +1030,56 @@ class Learner:
                 self.drafter.save(path)
         D.barrier()
 
+    def _learner_state(self, optim_sd: dict) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"format": "fqn", "optimizer": optim_sd, "num_updates": self.num_updates, "rng": _rng_state(),
+                    "lora": self.lora_model is not None}, buf)
+        return buf.getvalue()
+
+    def _save_lora(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from trainers.lora import adapter_files, merged_state_dict, write_adapter
+
+        optim_sd = get_optimizer_state_dict(self.policy, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        path.mkdir(parents=True, exist_ok=True)
+        write_adapter(adapter_files(self.lora_model), path / "adapter")
+        self.model.save_pretrained(path / "model", state_dict=merged_state_dict(self.lora_model))
+        (path / "learner_state.pt").write_bytes(self._learner_state(optim_sd))
+
+    def _load_lora(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        file = path / "adapter" / "adapter_model.safetensors"
+        if not file.is_file():
+            raise RuntimeError(f"checkpoint {path} has no adapter ({file}): it was not written by a model.lora run; "
+                               "resume it without model.lora, or start a LoRA run from its model/ (model.path)")
+        tensors = load_file(str(file))
+        want = set(adapter_state_dict_names(self.lora_model))
+        if set(tensors) != want:
+            raise RuntimeError(f"checkpoint {path}: its adapter does not fit model.lora (missing "
+                               f"{sorted(want - set(tensors))[:4]}, unexpected {sorted(set(tensors) - want)[:4]})")
+        set_peft_model_state_dict(self.lora_model, tensors)
+        state = torch.load(path / "learner_state.pt", weights_only=False)
+        set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.num_updates = state["num_updates"]
+        _set_rng_state(state["rng"])
+
     def load(self, directory: str) -> None:
         """Every rank reads the checkpoint (so ``directory`` must be on storage all learner nodes see)."""
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         path = Path(directory)
+        if self.lora_model is not None:
+            return self._load_lora(path)
+        if (path / "adapter").is_dir():
+            raise RuntimeError(f"checkpoint {path} was written by a model.lora run: resume it with the same "
+                               "model.lora (its model/ holds the merged weights, which a new run can start from)")
         weights = load_file(str(path / "model" / "model.safetensors"))
         expected = set(self.model.state_dict())
         if self.model.config.tie_word_embeddings and "lm_head.weight" in expected and "lm_head.weight" not in weights:
@@ -1051,6 +1131,13 @@ def _drafter_sequences(mb: MicroBatch, samples: list[TrainSample], hidden: torch
         out.append(DrafterSequence(torch.tensor(s.prompt_token_ids + s.response_token_ids),
                                    hidden[row, col0:col0 + n].detach().to("cpu", dtype), mask))
     return out
+
+
+def adapter_state_dict_names(lora_model) -> list[str]:
+    """The names an adapter's safetensors file holds (peft's saved names)."""
+    from trainers.lora import adapter_state_dict
+
+    return list(adapter_state_dict(lora_model))
 
 
 def _rng_state() -> dict:
