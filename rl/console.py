@@ -40,6 +40,8 @@ BENIGN_WARNINGS: dict[str, str] = {
     "shape; it compiles again (once) and caches that",
     "Pin memory is not supported": "pinned host memory only matters for copies to a GPU",
     "Using 'pin_memory=False'": "pinned host memory only matters for copies to a GPU",
+    "different tokenizers for different LoRAs": "vLLM's notice on the first LoRA request (model.lora); the "
+    "adapters written by trainers/lora.py carry no tokenizer, so the base model's is used",
 }
 _OWN_TAGS = re.compile(r"^\[(rl|engine|learner|eval|drafter|reward)\]")
 # Ray's markers in a worker's output (":actor_name:Engine", ":job_id:01000000", ...): its log monitor reads them to

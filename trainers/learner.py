@@ -540,6 +540,9 @@ class Learner:
         self.lora_model = apply_lora(self.model, rank=int(lora["rank"]), alpha=float(lora["alpha"]),
                                      dropout=float(lora.get("dropout", 0.0)), target_modules=lora["target_modules"])
         self.model = self.lora_model.get_base_model()
+        for p in self.model.parameters():  # the adapters are the master weights: learner.param_dtype
+            if p.requires_grad:
+                p.data = p.data.to(self.param_dtype)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         print(f"[learner] LoRA rank {lora['rank']} alpha {lora['alpha']} on {list(lora['target_modules'])}: "
@@ -566,8 +569,9 @@ class Learner:
                              f"compute) or model.dtype={param}")
 
     def _load_dtype(self) -> torch.dtype:
-        """The dtype the model's parameters are held in (the master copy)."""
-        return self.param_dtype
+        """The dtype the model's parameters are held in (the master copy). With ``model.lora`` the base is frozen
+        and needs no master copy: it is held in the compute dtype (the adapters in ``param_dtype``)."""
+        return self.compute_dtype if self.cfg.get("lora") else self.param_dtype
 
     # ---------------------------------------------------------------- strategy hooks
     # The strategy-specific parts: how the policy is wrapped, backward, the optimizer step, the whole weights.

@@ -58,6 +58,19 @@ class ModelShape:
     def num_params(self) -> int:
         return self.layers * self.layer_params() + self.root_params()
 
+    LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def lora_params(self, rank: int, target_modules) -> int:
+        """Parameters of rank-``rank`` adapters on ``target_modules`` of every layer: r * (in + out) each."""
+        h, q, k, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        dims = {"q_proj": h + q, "k_proj": h + k, "v_proj": h + k, "o_proj": q + h, "gate_proj": h + i,
+                "up_proj": h + i, "down_proj": i + h}
+        unknown = [m for m in target_modules if m not in dims]
+        if unknown:
+            raise ValueError(f"model.lora.target_modules {unknown}: not a linear layer of this shape's decoder "
+                             f"(rl plan knows {list(dims)})")
+        return self.layers * sum(rank * dims[m] for m in target_modules)
+
     def describe(self) -> str:
         return (f"hidden {self.hidden}, {self.layers} layers, {self.heads} heads / {self.kv_heads} KV heads "
                 f"(dim {self.d}), MLP {self.intermediate}, vocab {self.vocab}, {'tied' if self.tie else 'untied'}")

@@ -52,6 +52,11 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
         "optimizer": 2 * params,
         "reference": _ceil_div(p * c, n) if ref else 0,  # frozen: held in the compute dtype
     }
+    lora = cfg.model.lora
+    adapter = shape.lora_params(lora.rank, lora.target_modules) if lora is not None else 0
+    if lora is not None:  # frozen base in the compute dtype; adapters, their gradients and AdamW state in param_dtype
+        states = {"parameters": p * c + adapter * b, "gradients": adapter * b, "optimizer": 2 * adapter * b,
+                  "reference": states["reference"]}
     if ds and b < 4:  # ZeRO-3 in bf16/fp16 keeps fp32 gradient partitions and fp32 master weights beside AdamW
         states["gradients"] = _ceil_div(p * 4, n)
         states["optimizer"] = _ceil_div(3 * p * 4, n)
@@ -63,7 +68,9 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
     host = {k: bool(v and on_gpu) for k, v in host.items()}
     offload = any(host.values())
     on_device = {k: (0 if host[k] else v) for k, v in states.items()}
-    if not fsdp:
+    if lora is not None:
+        gathered = adapter * c if c < b else 0  # the base is held in the compute dtype: only the adapters are cast
+    elif not fsdp:
         gathered = p * c if c < b else 0  # autocast's compute-dtype copies of the weights, forward to backward
     elif ds or lc.fsdp.reshard_after_forward:  # ZeRO-3 gathers module by module, like FSDP2 with resharding
         gathered = c * (2 * p_root + 3 * p_layer)
@@ -78,7 +85,7 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
     kernel = _resolve_logprob_kernel(cfg, shape, on_gpu, tokens)
     logprob = tokens * v * (c + 8) if kernel == "naive" else FUSED_BUFFER_BYTES + v * h * 4
     context = CUDA_CONTEXT_BYTES if on_gpu else 0
-    whole = p * b + (p * c if ref else 0)
+    whole = (p * c + adapter * b if lora is not None else p * b) + (p * c if ref else 0)
     drafter = _drafter_memory(cfg, shape)
     train = sum(on_device.values()) + drafter["states"] + gathered + activations + logprob + context
     # the gradients are freed at the end of each update (DeepSpeed's partitions are one persistent buffer)
@@ -94,6 +101,7 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
         "compute_dtype": cfg.model.dtype,
         "cpu_offload": bool(offload),
         "reference_policy": ref,
+        "lora_params": adapter,
         "logprob_kernel": kernel,
         "activation_bytes_per_token_per_layer": per_token_layer,
         "parameters": on_device["parameters"],
@@ -195,6 +203,14 @@ def _memory(cfg, shape: ModelShape, gpu_memory_gib: float, host_memory_gib: floa
     host_bytes = host_memory_gib * GIB if host_memory_gib else None
     learner_gpu, engine_gpu = lc.num_gpus > 0, r.num_gpus_per_engine > 0
     tokens = batch["estimate_micro_batch_tokens"]
+    lora = cfg.model.lora
+    unknown = [m for m in lora.target_modules if m not in ModelShape.LORA_MODULES] if lora is not None else []
+    if unknown:
+        f.error("model.lora.target_modules", f"model.lora.target_modules {unknown}: not a linear layer of a "
+                f"Qwen2-layout decoder (rl plan counts {list(ModelShape.LORA_MODULES)}); the adapters on them are "
+                "not counted")
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.lora.target_modules = [m for m in lora.target_modules if m in ModelShape.LORA_MODULES] or ["q_proj"]
     learner = _learner_memory(cfg, shape, learner_gpu, tokens)
     engine = _engine_memory(cfg, shape, engine_gpu, gpu_bytes, host_bytes, f)
     out: dict[str, Any] = {

@@ -82,6 +82,12 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
               ("gradients", f"gradients, {'float32 partitions' if zero_masters else master}"),
               ("optimizer", f"AdamW state, {'float32 masters + ' if zero_masters else ''}{master} moments"),
               ("reference", f"reference policy, {compute}"))
+    if lr.get("lora_params"):
+        a = lr["lora_params"]
+        labels = (("parameters", f"parameters: frozen base {compute} + LoRA adapters {master} ({a / 1e6:.1f}M)"),
+                  ("gradients", f"gradients, adapters only, {master}"),
+                  ("optimizer", f"AdamW state, adapters only, {master} moments"),
+                  ("reference", f"reference policy, {compute}"))
     for key, label in labels:
         if key == "reference" and not lr["reference_policy"]:
             continue
