@@ -18,28 +18,14 @@ pytest.importorskip("peft")
 
 FAST = ["run.progress=false", "data.eval.num_problems=4", "eval.num_samples=1", "eval.every_steps=0",
         "run.save_every_steps=0", "run.num_steps=2", "rollout.prompts_per_step=4", "rollout.num_samples_per_prompt=4",
-        "run.log_samples_per_step=0", "reward_pool.num_workers=1", "ray.num_cpus=3"]
+        "run.log_samples_per_step=0", "reward_pool.num_workers=1", "ray.num_cpus=3",
+        # the briefly warmed fixture model is rarely right: a length penalty from 4 tokens on makes the scores of a
+        # group differ, so every update moves the adapter
+        "rewards=[{name: math_verify}, {name: length_penalty, kwargs: {unit: tokens, max_length: 20, "
+        "buffer_length: 16}}]"]
 
 
-def _reuse_the_served_id(engine, files: dict, version: int) -> int:
-    """The naive adapter sync, run inside the engine actor: the new files at a new path but under the LoRA id
-    the engine already serves."""
-    import tempfile
-
-    from vllm.lora.request import LoRARequest
-
-    from trainers.lora import write_adapter
-
-    directory = tempfile.mkdtemp(prefix="rl-stale-id-")
-    write_adapter(files, directory)
-    old = engine.lora_request
-    engine.lora_request = LoRARequest(f"policy-v{version}", old.lora_int_id, directory)
-    engine.llm.llm_engine.add_lora(engine.lora_request)
-    engine.weight_version = version
-    return old.lora_int_id
-
-
-def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arrive(warm_tiny_model_dir, tmp_path):
+def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arrive(tiny_model_dir, tmp_path):
     import ray
 
     from rl.config import load_config
@@ -47,8 +33,26 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
 
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     out = tmp_path / "run"
-    cfg = load_config("configs/lora_tiny_cpu.yaml", [f"run.output_dir={out}", f"model.path={warm_tiny_model_dir}",
+    cfg = load_config("configs/lora_tiny_cpu.yaml", [f"run.output_dir={out}", f"model.path={tiny_model_dir}",
                                                      "model.build_tiny=false", *FAST])
+
+    def reuse_the_served_id(engine, files: dict, version: int) -> int:
+        """The naive adapter sync, run inside the engine actor: the new files at a new path but under the LoRA id
+        the engine already serves. Defined here so that Ray sends it by value."""
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from trainers.lora import write_adapter
+
+        directory = tempfile.mkdtemp(dir=engine._adapter_root)  # removed with the engine's own
+        write_adapter(files, directory)
+        old = engine.lora_request
+        engine.lora_request = LoRARequest(f"policy-v{version}", old.lora_int_id, directory)
+        engine.llm.llm_engine.add_lora(engine.lora_request)
+        engine.weight_version = version
+        return old.lora_int_id
+
     trainer = Trainer(cfg)
     try:
         summary = trainer.run()
@@ -60,7 +64,7 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
             # fp32 engine and learner through the adapter: measured ~7e-7; bounds 1e-4 mean / 1e-3 max
             assert r["sync/canary_max_abs_diff"] < 1e-3 and r["sync/canary_mean_abs_diff"] < 1e-4
         # the adapter moved (mixed rewards in a group), so a sync that delivered nothing would differ
-        assert max(m[s]["loss/grad_norm"] for s in (1, 2)) > 0
+        assert min(m[s]["loss/grad_norm"] for s in (1, 2)) > 0
         # the adapter is small: rank 8 on the 7 projections of 4 layers of width 128 (MLP 512), fp32
         assert m[1]["sync/bytes"] < 500_000
         ckpt = out / "checkpoints" / "step_000002"
@@ -71,24 +75,27 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
         # 1. the push skipped: the learner moves on, the engine keeps serving version 2's adapter
         real_push = trainer.push
         trainer.push = lambda version: {}
-        with pytest.raises(CanaryError, match="canary failed on engine 0 at version 3"):
+        with pytest.raises(CanaryError, match="canary failed on engine 0 at version 3") as skipped:
             trainer.train_one_step(3)
+        print("[push skipped]", skipped.value)
         trainer.push = real_push
         assert trainer.sync_weights(3)["sync/canary_max_abs_diff"] < 1e-3  # the real push repairs it
 
         # 2. a stale adapter under the new version: the version moves, the weights do not
         stale = trainer.learner.call("export_adapter")
         trainer.push = lambda version: {"v": ray.get(engine.load_adapter.remote(stale, version))["version"]}
-        with pytest.raises(CanaryError, match="at version 4"):
+        with pytest.raises(CanaryError, match="at version 4") as stale_files:
             trainer.train_one_step(4)
+        print("[stale adapter]", stale_files.value)
         assert ray.get(engine.ping.remote()) == 4  # the engine claims the version; only the canary tells
         trainer.push = real_push
         assert trainer.sync_weights(4)["sync/canary_max_abs_diff"] < 1e-3
 
         # 3. the new adapter's files under the id already served: vLLM keeps its cached adapter
         trainer.push = lambda version: {"id": ray.get(engine.__ray_call__.remote(
-            _reuse_the_served_id, trainer.learner.call("export_adapter"), version))}
-        with pytest.raises(CanaryError, match="at version 5"):
+            reuse_the_served_id, trainer.learner.call("export_adapter"), version))}
+        with pytest.raises(CanaryError, match="at version 5") as reused_id:
             trainer.train_one_step(5)
+        print("[reused id]", reused_id.value)
     finally:
         trainer.close()
