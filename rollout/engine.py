@@ -317,8 +317,6 @@ class Engine:
 
         from vllm.lora.request import LoRARequest
 
-        from trainers.lora import write_adapter
-
         if not self.lora_enabled:
             raise RuntimeError("load_adapter on an engine started without LoRA (max_lora_rank)")
         self._require_awake("load an adapter")
@@ -331,7 +329,9 @@ class Engine:
         directory = Path(self._adapter_root) / f"v{int(version)}"
         if directory.exists():
             shutil.rmtree(directory)
-        write_adapter(files, directory)
+        directory.mkdir(parents=True)
+        for name, data in files.items():  # adapter_config.json, adapter_model.safetensors
+            (directory / name).write_bytes(data)
         old = self.lora_request
         lora_id = (old.lora_int_id + 1) if old is not None else 1
         request = LoRARequest(f"policy-v{int(version)}", lora_id, str(directory))

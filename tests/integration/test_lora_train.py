@@ -43,10 +43,10 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
 
         from vllm.lora.request import LoRARequest
 
-        from trainers.lora import write_adapter
-
         directory = tempfile.mkdtemp(dir=engine._adapter_root)  # removed with the engine's own
-        write_adapter(files, directory)
+        for name, data in files.items():
+            with open(f"{directory}/{name}", "wb") as f:
+                f.write(data)
         old = engine.lora_request
         engine.lora_request = LoRARequest(f"policy-v{version}", old.lora_int_id, directory)
         engine.llm.llm_engine.add_lora(engine.lora_request)

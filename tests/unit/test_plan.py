@@ -40,6 +40,7 @@ def test_every_recipe_plans(recipe, capsys):
     ("cluster_1gpu_qwen2.5_math_1.5b.yaml", "1", []),
     ("cluster_8gpu_qwen2.5_math_7b.yaml", "8", []),
     ("cluster_4x8gpu_qwen2.5_math_7b.yaml", "32", ["--nodes", "4"]),
+    ("cluster_8gpu_qwen2.5_math_7b_lora.yaml", "8", []),
 ])
 def test_cluster_recipes_fit_their_cluster(name, gpus, extra, capsys):
     """The cluster recipes use their cluster exactly, with no error, no warning, and peaks under 80 GiB."""
@@ -333,3 +334,33 @@ def test_strict_spread_counts_each_group_on_its_own(ranks, engines, nodes, ok, c
         group = "learner" if ranks > nodes else "engine"
         assert f"the {group} group's {max(ranks, engines)} bundles on its own node, but there are {nodes}" in \
             errors[0]["message"]
+
+
+def test_lora_recipe_by_hand(capsys):
+    """configs/cluster_8gpu_qwen2.5_math_7b_lora.yaml: rank 64 on the 7 projections of Qwen2.5-Math-7B's 28
+    layers, r * (in + out) each: q 3584+3584, k 3584+512, v 3584+512, o 3584+3584, gate / up 3584+18944,
+    down 18944+3584 = 90112 per layer -> 64 * 90112 * 28 = 161,480,704 adapter parameters. The frozen base is
+    held in bf16 (no master copy), the adapters, their gradients and AdamW moments in fp32."""
+    rc, out, _ = run_plan(capsys, str(ROOT / "configs" / "cluster_8gpu_qwen2.5_math_7b_lora.yaml"),
+                          "--cluster-gpus", "8", "--json")
+    assert rc == 0
+    lr = json.loads(out)["memory"]["learner"]
+    adapter = 64 * 90112 * 28
+    assert lr["lora_params"] == adapter == 161_480_704
+    base = KNOWN_SHAPES["qwen2.5-math-7b"].num_params()
+    assert lr["parameters"] == base * 2 + adapter * 4
+    assert lr["gradients"] == adapter * 4 and lr["optimizer"] == 2 * adapter * 4
+    assert lr["gathered"] == adapter * 2  # autocast's bf16 copies of the fp32 adapters only
+    # the same run without LoRA would hold fp32 masters, gradients and AdamW state for all 7.6B parameters
+    rc, out, _ = run_plan(capsys, str(ROOT / "configs" / "cluster_8gpu_qwen2.5_math_7b_lora.yaml"), "model.lora=null",
+                          "--cluster-gpus", "8", "--json")
+    full = json.loads(out)["memory"]["learner"]
+    assert full["lora_params"] == 0 and full["optimizer"] == 2 * base * 4 and full["peak"] > 80 * GIB
+
+
+def test_lora_targets_plan_does_not_know(capsys):
+    rc, out, _ = run_plan(capsys, str(ROOT / "configs" / "cluster_8gpu_qwen2.5_math_7b_lora.yaml"),
+                          "model.lora.target_modules=[q_proj,qkv_proj]", "--cluster-gpus", "8", "--json")
+    result = json.loads(out)
+    assert rc == 1 and [e["key"] for e in result["errors"]] == ["model.lora.target_modules"]
+    assert "['qkv_proj']" in result["errors"][0]["message"]
