@@ -3,6 +3,7 @@ model): `configs/lora_tiny_cpu.yaml` trains the adapter alone, every sync ships 
 canary passes after each. Then the bug LoRA users lose weeks to is put back three ways, each of which must stop
 the run at that step with the canary: the adapter push skipped, a stale adapter delivered under the new version,
 and the new adapter loaded under the id vLLM already serves (vLLM caches adapters by id, so it keeps the old one).
+A corrupted adapter is refused at the load, naming the engine, which keeps its version.
 
 One engine start for all of it: the trainer runs in this process, its actors in a local Ray."""
 
@@ -90,6 +91,20 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
         assert ray.get(engine.ping.remote()) == 4  # the engine claims the version; only the canary tells
         trainer.push = real_push
         assert trainer.sync_weights(4)["sync/canary_max_abs_diff"] < 1e-3
+
+        # a corrupted adapter is refused by vLLM: the sync fails naming the engine, which keeps serving version 4
+        from rl.lora_sync import push_adapter
+        from rl.driver import WeightSyncError
+
+        class Corrupting:  # the learner group, with the adapter's tensors cut short on the way
+            def call(self, method):
+                files = trainer.learner.call(method)
+                return {**files, "adapter_model.safetensors": files["adapter_model.safetensors"][:1000]}
+
+        with pytest.raises(WeightSyncError, match="adapter sync to version 9 broke off on engine 0"):
+            push_adapter(Corrupting(), trainer.engines, 9)
+        assert ray.get(engine.ping.remote()) == 4 and ray.get(engine.served_adapter.remote())["name"] == "policy-v4"
+        assert trainer.check_canary(4)["sync/canary_max_abs_diff"] < 1e-3
 
         # 3. the new adapter's files under the id already served: vLLM keeps its cached adapter
         trainer.push = lambda version: {"id": ray.get(engine.__ray_call__.remote(
