@@ -55,7 +55,7 @@ def _eval(args: argparse.Namespace) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
             enforce_eager=args.enforce_eager, chunk_problems=args.chunk_problems, reward_workers=args.reward_workers,
             num_resamples=args.num_resamples, max_time_s=args.max_time_s, ray_address=args.ray_address, verbose=args.verbose,
-            dccot=_dccot_options(args),
+            dccot=_dccot_options(args), adapter=args.adapter,
         )
         summary = run_eval(settings, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -98,6 +98,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--model", required=True,
                    help="transformers checkpoint directory (see rl convert-gguf), or a training checkpoint folder "
                    "(runs/NAME/checkpoints/step_000010: its model/ is loaded)")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter directory served on --model, the base it was trained on (a model.lora "
+                   "checkpoint's adapter/; its model/ folder is the merged model and needs no --adapter)")
     p.add_argument("--benchmarks", required=True,
                    help="comma-separated names in --data-dir (math500, aime24, aime25, amc23, hmmt_feb25, gsm8k, ...), "
                    "paths to .jsonl/.parquet files, or arith: the embedded task's held-out set of the demo (200 "

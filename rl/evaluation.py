@@ -43,7 +43,7 @@ GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "eval_settings.json"
 # Settings that change what a generation is; a resumed run must match them.
 _RESUME_KEYS = ("model", "n", "temperature", "top_p", "max_tokens", "seed", "prompt_template", "system_prompt",
-                "chat_template", "dccot")
+                "chat_template", "dccot", "adapter")
 
 
 # ---------------------------------------------------------------------------------------------------- rl eval
@@ -78,6 +78,7 @@ class EvalSettings:
     num_resamples: int = 1000
     max_time_s: float | None = None
     ray_address: str | None = None
+    adapter: str | None = None  # a LoRA adapter directory (a model.lora checkpoint's adapter/): served on --model
     verbose: bool = False  # every engine and Ray line on the console; else they go to <out_dir>/logs/
     dccot: dict | None = None  # DC-CoT executor options (rl.dccot.DCCoTConfig fields); None: plain sampling
 
@@ -177,7 +178,28 @@ def _skipped_summary(long: list[LongPrompt]) -> dict[str, dict]:
     return out
 
 
-def _start_engines(settings: EvalSettings, model_dir: Path, max_model_len: int) -> list:
+def read_adapter(directory: str) -> tuple[dict[str, bytes], int]:
+    """``rl eval --adapter``: the adapter's files (``adapter_config.json``, ``adapter_model.safetensors``) and the
+    ``max_lora_rank`` its engines start with (the smallest vLLM accepts that holds its rank); a ValueError naming
+    what is missing, before any engine starts."""
+    from rl.config import LORA_ENGINE_RANKS
+
+    d = Path(directory)
+    names = ("adapter_config.json", "adapter_model.safetensors")
+    missing = [n for n in names if not (d / n).is_file()]
+    if missing:
+        raise ValueError(f"--adapter {directory}: no {', '.join(missing)} there; give a LoRA adapter directory "
+                         "(a model.lora checkpoint's adapter/, or peft's save_pretrained output)")
+    rank = int(json.loads((d / names[0]).read_text()).get("r", 0))
+    fits = [r for r in LORA_ENGINE_RANKS if r >= rank]
+    if rank < 1 or not fits:
+        raise ValueError(f"--adapter {directory}: rank r={rank} in adapter_config.json; vLLM serves ranks 1 to "
+                         f"{LORA_ENGINE_RANKS[-1]}")
+    return {n: (d / n).read_bytes() for n in names}, fits[0]
+
+
+def _start_engines(settings: EvalSettings, model_dir: Path, max_model_len: int,
+                   adapter: tuple[dict[str, bytes], int] | None = None) -> list:
     """Engine actors: one per ``tensor_parallel_size`` GPUs when Ray has GPUs, else ``num_engines`` or one (a vLLM
     CPU engine already uses every core; a second one on the same machine only contends)."""
     import ray
@@ -192,9 +214,14 @@ def _start_engines(settings: EvalSettings, model_dir: Path, max_model_len: int) 
     cls = ray.remote(Engine).options(num_cpus=1, num_gpus=tp if gpus else 0)
     engines = [cls.remote(str(model_dir), dtype=dtype, seed=settings.seed + i, max_model_len=max_model_len,
                           gpu_memory_utilization=settings.gpu_memory_utilization, enforce_eager=eager,
-                          tensor_parallel_size=tp) for i in range(num)]
+                          tensor_parallel_size=tp, max_lora_rank=adapter[1] if adapter else None)
+               for i in range(num)]
     t0 = time.perf_counter()
     ray.get([e.ping.remote() for e in engines])
+    if adapter is not None:  # every generation then runs through it (Engine.load_adapter)
+        files = ray.put(adapter[0])
+        ray.get([e.load_adapter.remote(files, 0) for e in engines])
+        print(f"[eval] serving the LoRA adapter {settings.adapter} on {model_dir}", flush=True)
     print(f"[eval] {num} engine(s) up in {time.perf_counter() - t0:.0f} s (dtype {dtype}, max_model_len "
           f"{max_model_len}, {'eager' if eager else 'compiled'})", flush=True)
     return engines
@@ -228,6 +255,7 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
         raise ValueError(f"--n must be >= 1, got {settings.n}")
     ks = check_ks(settings.ks or default_ks(settings.n), settings.n)
     model_dir = resolve_model_dir(settings.model)
+    adapter = read_adapter(settings.adapter) if settings.adapter else None
     dccot = None
     if settings.dccot is not None:
         from rl.dccot import DCCoTConfig
@@ -263,7 +291,7 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict:
             max_model_len = min(max_model_len, context)
         t0 = time.perf_counter()
         start_ray(settings.ray_address, max(2, os.cpu_count() or 1), out / "logs", settings.verbose)
-        engines = _start_engines(settings, model_dir, max_model_len)
+        engines = _start_engines(settings, model_dir, max_model_len, adapter)
         start_s = time.perf_counter() - t0
         # DC-CoT: the dccot reward's verdict is math-verify on the text after </think>; no length penalty in eval
         spec = (RewardSpec("dccot", kwargs={"overlong_buffer_tokens": 0, "workers_per_block": dccot.workers_per_block})

@@ -213,3 +213,14 @@ def test_lora_config_resolves_the_engine_rank_and_sync():
     assert cfg.model.lora.engine_max_rank() == 16 and cfg.weight_transport() == "adapter"
     assert load_config(None, ["model.build_tiny=true", "model.lora={rank: 8, alpha: 16}"]).model.lora.engine_max_rank() == 8
     assert load_config(None, []).model.lora is None and load_config(None, []).weight_transport() == "gloo"
+
+
+def test_rl_eval_reads_an_adapter_directory(tiny, tmp_path):
+    from rl.evaluation import read_adapter
+
+    model = apply_lora(tiny, rank=12, alpha=24)
+    write_adapter(adapter_files(model), tmp_path / "adapter")
+    files, max_rank = read_adapter(str(tmp_path / "adapter"))
+    assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"] and max_rank == 16
+    with pytest.raises(ValueError, match="no adapter_config.json, adapter_model.safetensors there"):
+        read_adapter(str(tmp_path))
