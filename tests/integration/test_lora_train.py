@@ -93,8 +93,8 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
         assert trainer.sync_weights(4)["sync/canary_max_abs_diff"] < 1e-3
 
         # a corrupted adapter is refused by vLLM: the sync fails naming the engine, which keeps serving version 4
-        from rl.lora_sync import push_adapter
         from rl.driver import WeightSyncError
+        from rl.lora_sync import push_adapter
 
         class Corrupting:  # the learner group, with the adapter's tensors cut short on the way
             def call(self, method):

@@ -211,7 +211,8 @@ def test_lora_config_resolves_the_engine_rank_and_sync():
 
     cfg = load_config(None, ["model.build_tiny=true", "model.lora={rank: 12, alpha: 24}"])
     assert cfg.model.lora.engine_max_rank() == 16 and cfg.weight_transport() == "adapter"
-    assert load_config(None, ["model.build_tiny=true", "model.lora={rank: 8, alpha: 16}"]).model.lora.engine_max_rank() == 8
+    eight = load_config(None, ["model.build_tiny=true", "model.lora={rank: 8, alpha: 16}"])
+    assert eight.model.lora.engine_max_rank() == 8
     assert load_config(None, []).model.lora is None and load_config(None, []).weight_transport() == "gloo"
 
 
