@@ -552,6 +552,7 @@ class Trainer:
                 enable_sleep_mode=colocated and pc.engine_sleep_level > 0, speculative_config=speculative_config,
                 model_runner=r.model_runner, weight_transfer=ENGINE_WEIGHT_TRANSFER[cfg.weight_transport()],
                 max_lora_rank=cfg.model.lora.engine_max_rank() if cfg.model.lora is not None else None,
+                adapter_dir=str(self.run_dir / "adapters" / f"engine{i}") if cfg.model.lora is not None else None,
             ))
         ray.get([e.ping.remote() for e in engines])
         t1 = time.perf_counter()

@@ -109,6 +109,7 @@ class Engine:
         model_runner: str = "auto",
         weight_transfer: str | None = None,
         max_lora_rank: int | None = None,
+        adapter_dir: str | None = None,
     ) -> None:
         name_log("engine")  # <run>/logs/engine-<pid>.log when the run captures its workers' output
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.getcwd(), ".cache", "vllm"))
@@ -145,7 +146,7 @@ class Engine:
         # model.lora: the adapter every generation and the canary's scoring run through (None: the base weights)
         self.lora_request = None
         self.lora_enabled = max_lora_rank is not None
-        self._adapter_root = None
+        self._adapter_root = adapter_dir  # where load_adapter writes each version (None: a temporary directory)
         self.start_s = time.perf_counter() - t0
         self.runner = self.model_runner_name()
         print(f"[engine] vLLM model runner {self.runner} (rollout.model_runner={model_runner}), dtype {dtype}, "
@@ -321,7 +322,7 @@ class Engine:
             raise RuntimeError("load_adapter on an engine started without LoRA (max_lora_rank)")
         self._require_awake("load an adapter")
         t0 = time.perf_counter()
-        if self._adapter_root is None:
+        if self._adapter_root is None:  # removed at a clean exit (the driver gives a directory of the run instead)
             import atexit
 
             self._adapter_root = tempfile.mkdtemp(prefix="rl-adapter-")

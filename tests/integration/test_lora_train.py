@@ -71,7 +71,9 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
         ckpt = out / "checkpoints" / "step_000002"
         assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and (ckpt / "model" / "config.json").is_file()
         engine = trainer.engines[0]
-        assert ray.get(engine.served_adapter.remote())["lora_id"] == 3
+        served = ray.get(engine.served_adapter.remote())
+        assert served["lora_id"] == 3 and served["path"] == str(out / "adapters" / "engine0" / "v2")
+        assert sorted(p.name for p in (out / "adapters" / "engine0").iterdir()) == ["v2"]  # older versions removed
 
         # 1. the push skipped: the learner moves on, the engine keeps serving version 2's adapter
         real_push = trainer.push
