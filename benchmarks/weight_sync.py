@@ -1,4 +1,4 @@
-"""Weight sync learner -> engine: object store vs the gloo transport, whole model vs buckets, same run.
+"""Weight sync learner -> engine: object store vs the gloo and ipc transports, whole model vs buckets, same run.
 
     python benchmarks/weight_sync.py                   # CPU: a 156M-parameter Qwen2 shape in fp32 (0.62 GB)
     python benchmarks/weight_sync.py --smoke           # a tiny shape: proves the script runs
@@ -6,10 +6,10 @@
     python benchmarks/weight_sync.py --shape qwen2.5-1.5b --dtype bfloat16 --param-dtype bfloat16 --gpu \
         --transports object_store  # pure bf16
 
-One learner actor (single strategy) and one vLLM engine actor on local Ray, the engine started with the gloo
-weight-transfer backend so that both transports reach the same engine; ``rl.driver.push_weights``
-(``sync.transport=object_store``) and ``rl.driver.push_weights_transfer`` (``sync.transport=gloo``) do the sync
-exactly as ``rl train`` does, with ``--buckets-mb`` (0: one piece). Each (bucket size, transport) runs ``--repeats``
+One learner actor (single strategy) and one vLLM engine actor on local Ray per weight-transfer transport (an
+engine starts with one backend; the object store shares the first pair); ``rl.driver.push_weights``
+(``sync.transport=object_store``) and ``rl.driver.push_weights_transfer`` (``gloo``; ``ipc`` with its handoff) do the
+sync exactly as ``rl train`` does, with ``--buckets-mb`` (0: one piece). Each (bucket size, transport) runs ``--repeats``
 syncs after a warm-up sync; the transports take turns within each repeat, so drift on a shared machine hits both
 alike. Reported per setting: median sync time, the engine's own loading time (object store: the whole
 ``collective_rpc`` of the bytes, deserialization and reload; gloo: ``load_weights`` of the received views plus the
@@ -21,7 +21,7 @@ Precision is a run's default: ``--dtype`` is ``model.dtype``, the learner's comp
 dtype; the learner holds fp32 master weights (``--param-dtype``, ``learner.param_dtype``: float32) and the export
 casts them to ``--dtype`` on the learner's device before the gather, so a bf16 sync moves bf16 bytes either way.
 ``--param-dtype bfloat16`` measures pure bf16 (the learner holds bf16 weights; needs ``--dtype bfloat16``).
-The gloo transport is the CPU one: on a GPU machine pass ``--transports object_store``.
+On a GPU machine (``--gpu``: learner and engines share one GPU) pass ``--transports object_store ipc``.
 """
 
 from __future__ import annotations
@@ -109,18 +109,25 @@ def run_all(model_dir: str, args) -> list[dict]:
     cfg = dict(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
                mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=gpus,
                param_dtype=args.param_dtype)
-    gloo = "gloo" in args.transports
-    engine = ray.remote(Engine).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
-        model_dir, dtype=args.dtype, max_model_len=256, gpu_memory_utilization=args.gpu_memory_utilization,
-        weight_transfer="gloo" if gloo else None)
-    ray.get(engine.ping.remote())
-    learner = ray.remote(MeasuredLearner).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
-        model_dir, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=args.dtype, export_dtype=args.dtype)
-    group = LearnerGroup([learner])
-    ray.get(learner.ping.remote())
-    if gloo:
-        init_weight_transfer(group, [engine], 1, timeout_s=600.0)
-    push = {"object_store": push_weights, "gloo": push_weights_transfer}
+    # one (engine, learner) pair per weight-transfer transport (an engine has one backend); the object store
+    # reaches any engine, so it shares the first pair
+    backend = {"gloo": "gloo", "ipc": "rl_ipc"}
+    pairs = {}
+    for t in [t for t in args.transports if t in backend] or ["object_store"]:
+        engine = ray.remote(Engine).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
+            model_dir, dtype=args.dtype, max_model_len=256, gpu_memory_utilization=args.gpu_memory_utilization,
+            weight_transfer=backend.get(t))
+        ray.get(engine.ping.remote())
+        learner = ray.remote(MeasuredLearner).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
+            model_dir, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=args.dtype, export_dtype=args.dtype)
+        ray.get(learner.ping.remote())
+        group = LearnerGroup([learner])
+        if t in backend:
+            init_weight_transfer(group, [engine], 1, timeout_s=600.0, transport=t)
+        pairs[t] = (group, learner, engine)
+    pairs.setdefault("object_store", next(iter(pairs.values())))
+    push = {"object_store": push_weights, "gloo": push_weights_transfer,
+            "ipc": lambda *a: push_weights_transfer(*a, handoff=True)}
     probe = [([5, 6, 7, 8], [9, 10, 11, 12])]
     version = 0
     rows = []
@@ -129,9 +136,10 @@ def run_all(model_dir: str, args) -> list[dict]:
         runs: dict[str, list[dict]] = {t: [] for t in args.transports}
         for t in args.transports:  # warm-up
             version += 1
-            push[t](group, [engine], version, bucket_bytes)
+            push[t](pairs[t][0], [pairs[t][2]], version, bucket_bytes)
         for _ in range(args.repeats):
             for t in args.transports:
+                group, learner, engine = pairs[t]
                 ray.get(learner.perturb.remote(1e-2))  # new weights each time: a sync that loads nothing is caught
                 version += 1
                 ray.get(learner.rss_start.remote())
@@ -151,8 +159,9 @@ def run_all(model_dir: str, args) -> list[dict]:
                          "learner_rss_peak_mb": med["learner_rss_peak_mb"],
                          "canary_mean_abs_diff": max(r["canary_mean_abs_diff"] for r in outs),
                          "canary_max_abs_diff": max(r["canary_max_abs_diff"] for r in outs)})
-    ray.kill(engine)
-    ray.kill(learner)
+    for _, learner, engine in {id(v[1]): v for v in pairs.values()}.values():
+        ray.kill(engine)
+        ray.kill(learner)
     return rows
 
 
@@ -168,7 +177,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="learner and engine share one GPU")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.15)
     ap.add_argument("--buckets-mb", type=float, nargs="+", default=[0, 64])
-    ap.add_argument("--transports", nargs="+", default=["object_store", "gloo"], choices=["object_store", "gloo"],
+    ap.add_argument("--transports", nargs="+", default=["object_store", "gloo", "ipc"],
+                    choices=["object_store", "gloo", "ipc"],
                     help="the first is the baseline of the ratios")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -185,7 +195,7 @@ def main() -> None:
         n = build_random_model(model_dir, SHAPES[args.shape], args.dtype)
         masters = "" if args.param_dtype == args.dtype else f", learner {args.param_dtype} master weights"
         print(f"[bench] {args.shape}: {n / 1e6:.1f}M parameters, {args.dtype}{masters}", flush=True)
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         results = run_all(model_dir, args)
         ray.shutdown()
     base = {r["bucket_mb"]: r for r in results if r["transport"] == args.transports[0]}

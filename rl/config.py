@@ -400,31 +400,31 @@ class SyncConfig(_Section):
     transport: Literal["auto", "object_store", "ipc", "nccl", "gloo"] = Field(
         "auto",
         description="How the buckets travel from the learner to the engines. object_store: safetensors bytes through "
-        "the Ray object store into each engine's collective_rpc (works everywhere). gloo: vLLM's weight-transfer API "
-        "with the project's gloo engine: learner rank 0 broadcasts each bucket to every engine worker, which loads it "
-        "in place (the CPU transport; the same control flow as vLLM's NCCL transport). ipc / nccl: vLLM's CUDA IPC "
-        "(colocated) and NCCL (disaggregated) transports, not wired yet (rejected). auto: gloo when the engines run "
-        "on CPU (rollout.num_gpus_per_engine=0), object_store on GPUs until ipc / nccl are wired.",
+        "the Ray object store into each engine's collective_rpc (works everywhere; the slowest). The others use vLLM's "
+        "weight-transfer API with the project's engines (rollout.weight_transfer), one control flow: gloo: learner "
+        "rank 0 broadcasts each bucket to every engine worker over a gloo group (CPU; any placement). nccl: the same "
+        "over NCCL (learner and engines on GPUs, placement.mode=disaggregated). ipc: the learner packs each bucket "
+        "into shared memory (CUDA IPC on a GPU, a shared-memory file on CPU) that the engine maps "
+        "(placement.mode=colocated with one learner rank). auto: ipc when colocated with one learner rank; else nccl "
+        "when learner and engines are on GPUs and disaggregated; else gloo on CPU engines; else object_store.",
     )
     transport_timeout_s: float = Field(
         300.0, gt=0,
         description="gloo transport: the longest the rendezvous or one bucket's broadcast may take; a transport that "
         "breaks mid-sync (a dead engine, a sender that stopped) fails the step after this, naming the engine and the "
-        "bucket.",
+        "bucket. (NCCL has no receive timeout; ipc has nothing to wait for.)",
     )
 
-    @model_validator(mode="after")
-    def _check_transport(self) -> "SyncConfig":
-        if self.transport in UNWIRED_TRANSPORTS:
-            raise ValueError(f"sync.transport={self.transport}: vLLM's {self.transport} weight transfer is not wired "
-                             f"into this system yet; use one of {list(WIRED_TRANSPORTS)} (auto picks gloo on CPU, "
-                             "object_store on GPUs)")
-        return self
-
-    def resolved_transport(self, engines_on_gpu: bool) -> str:
-        """The transport a run uses: ``transport``, with ``auto`` resolved for where the engines run."""
+    def resolved_transport(self, engines_on_gpu: bool, learner_on_gpu: bool, colocated: bool,
+                           learner_ranks: int) -> str:
+        """The transport a run uses: ``transport``, with ``auto`` resolved for where the engines and the learner
+        run (see the field's description)."""
         if self.transport != "auto":
             return self.transport
+        if colocated and learner_ranks == 1:
+            return "ipc"
+        if engines_on_gpu and learner_on_gpu and not colocated:
+            return "nccl"
         return "object_store" if engines_on_gpu else "gloo"
 
     def canary_bounds(self, dtype: str) -> tuple[float, float]:
@@ -434,10 +434,6 @@ class SyncConfig(_Section):
         return (self.canary_mean_abs_diff or mean, self.canary_max_abs_diff or largest)
 
 
-WIRED_TRANSPORTS = ("auto", "object_store", "gloo")
-"""``sync.transport`` values a run can use."""
-UNWIRED_TRANSPORTS = ("ipc", "nccl")
-"""``sync.transport`` values of the design that are rejected until they are wired (docs/architecture.md)."""
 
 CANARY_BOUNDS: dict[str, tuple[float, float]] = {
     "float32": (1e-4, 1e-3),
@@ -751,17 +747,35 @@ class Config(_Section):
         self._check_distributed()
         if self.model.lora is not None:
             self._check_lora()
+        self._check_transport()
         if self.drafter.mode != "off" and self.drafter.train and self.learner.old_logprob_source != "learner":
             raise ValueError("drafter.train learns from the learner's old-log-prob pass over the rollouts: set "
                              "learner.old_logprob_source=learner (or drafter.train=false)")
         return self
 
     def weight_transport(self) -> str:
-        """``sync.transport`` resolved for this run's engines (``object_store`` or ``gloo``; ``adapter`` with
-        ``model.lora``: the adapter alone, through the object store)."""
+        """``sync.transport`` resolved for this run's placement (``object_store``, ``gloo``, ``nccl`` or ``ipc``;
+        ``adapter`` with ``model.lora``: the adapter alone, through the object store)."""
         if self.model.lora is not None:
             return "adapter"
-        return self.sync.resolved_transport(engines_on_gpu=self.rollout.num_gpus_per_engine > 0)
+        return self.sync.resolved_transport(engines_on_gpu=self.rollout.num_gpus_per_engine > 0,
+                                            learner_on_gpu=self.learner.num_gpus > 0,
+                                            colocated=self.placement.mode == "colocated",
+                                            learner_ranks=self.learner.num_ranks)
+
+    def _check_transport(self) -> None:
+        t, pc, lc = self.sync.transport, self.placement, self.learner
+        if t == "nccl":
+            if self.rollout.num_gpus_per_engine <= 0 or lc.num_gpus <= 0:
+                raise ValueError("sync.transport=nccl needs the learner and the engines on GPUs (learner.num_gpus and "
+                                 "rollout.num_gpus_per_engine > 0); on CPU use gloo")
+            if pc.mode == "colocated":
+                raise ValueError("sync.transport=nccl cannot join two processes on one GPU (placement.mode=colocated "
+                                 "puts learner rank 0 and engine 0 on one): use ipc (one learner rank) or object_store")
+        if t == "ipc" and (pc.mode != "colocated" or lc.num_ranks != 1):
+            raise ValueError(f"sync.transport=ipc shares the learner's memory with the engines on its node: it needs "
+                             f"placement.mode=colocated and learner.num_ranks=1 (got {pc.mode}, {lc.num_ranks}); use "
+                             "gloo (CPU), nccl (GPUs, disaggregated) or object_store")
 
     def _check_lora(self) -> None:
         """What ``model.lora`` is not wired with is refused here, naming the key."""

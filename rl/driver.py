@@ -9,6 +9,7 @@ Runs on a local Ray (started here) or attaches to a cluster (``ray.address``). E
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -217,51 +218,79 @@ def _wait_all(labelled: list[tuple[str, object]], what: str) -> list:
     return results
 
 
-def init_weight_transfer(learner: LearnerGroup, engines: list, tensor_parallel_size: int, timeout_s: float) -> float:
-    """Form the transfer group of ``sync.transport=gloo``: learner rank 0 (the sender, rank 0 of the group, hosting
-    its rendezvous) and every engine's workers (engine i at ranks ``1 + i * tensor_parallel_size`` onwards: each
-    engine its own offset). Returns seconds."""
+def init_weight_transfer(learner: LearnerGroup, engines: list, tensor_parallel_size: int, timeout_s: float,
+                         transport: str = "gloo") -> float:
+    """Set up ``sync.transport`` (resolved) on both sides. ``gloo`` / ``nccl``: form the transfer group of learner
+    rank 0 (the sender, rank 0 of the group, hosting its rendezvous) and every engine's workers (engine i at ranks
+    ``1 + i * tensor_parallel_size`` onwards: each engine its own offset). ``ipc``: the sender and the engines'
+    transfer engines start (nothing to join). Returns seconds."""
     import ray
 
     t0 = time.perf_counter()
-    address, port = ray.get(learner.actors[0].weight_transport_address.remote())
-    world = 1 + len(engines) * tensor_parallel_size
-    sends = learner.submit("init_weight_transport", address, port, world, timeout_s)
-    joins = [e.init_weight_transfer.remote({"master_address": address, "master_port": port,
-                                            "rank_offset": 1 + i * tensor_parallel_size, "world_size": world,
-                                            "timeout_s": timeout_s})
-             for i, e in enumerate(engines)]
-    _wait_all([(f"engine {i}", r) for i, r in enumerate(joins)] +
-              [(f"learner rank {k}" + (" (sender)" if k == 0 else ""), r) for k, r in enumerate(sends)],
-              f"the weight transfer group's rendezvous at {address}:{port} ({world} ranks)")
+    if transport == "ipc":
+        sends = learner.submit("init_weight_transport", None, None, 0, timeout_s, transport)
+        joins = [e.init_weight_transfer.remote({}) for e in engines]
+        what = "the ipc weight transfer's start"
+    else:
+        address, port = ray.get(learner.actors[0].weight_transport_address.remote())
+        world = 1 + len(engines) * tensor_parallel_size
+        sends = learner.submit("init_weight_transport", address, port, world, timeout_s, transport)
+        joins = [e.init_weight_transfer.remote({"master_address": address, "master_port": port,
+                                                "rank_offset": 1 + i * tensor_parallel_size, "world_size": world,
+                                                "timeout_s": timeout_s})
+                 for i, e in enumerate(engines)]
+        what = f"the weight transfer group's rendezvous at {address}:{port} ({world} ranks)"
+    _wait_all([(f"engine {i}", r) for i, r in enumerate(joins)] + list(zip(_rank_labels(learner), sends)), what)
     return time.perf_counter() - t0
 
 
-def push_weights_transfer(learner: LearnerGroup, engines: list, version: int, bucket_bytes: int) -> dict[str, float]:
-    """``push_weights`` over vLLM's weight-transfer API (``sync.transport=gloo``; the group formed by
-    ``init_weight_transfer``): every engine starts an update; per bucket, the engines receive (``update_weights``
-    with the bucket's names, dtypes and shapes) while the learner ranks gather it and rank 0 broadcasts it, the next
-    bucket queued behind it; then every engine finishes (checks that every parameter arrived, clears its prefix
-    cache, serves ``version``). The engines' version moves only in that last call, so a sync that breaks off (a
+def _rank_labels(learner: LearnerGroup) -> list[str]:
+    return [f"learner rank {k}" + (" (sender)" if k == 0 else "") for k in range(len(learner.actors))]
+
+
+def _start_bucket(learner: LearnerGroup, engines: list, meta: dict, handoff: bool, what: str, method: str,
+                  *args) -> tuple[list, dict | None]:
+    """Start one bucket's transfer: the learner ranks' ``method`` (gather; rank 0 sends) and every engine's
+    ``update_weights``. A collective transport runs them together (they meet in the broadcast; each call queued
+    behind the previous bucket's on its actor) and returns them all to wait for. ``handoff`` (``ipc``): rank 0
+    packs into a shared buffer first, then the engines get its handle; returns the engines' calls and rank 0's
+    result."""
+    sends = list(zip(_rank_labels(learner), learner.submit(method, *args)))
+    if handoff:
+        sent = _wait_all(sends, what)[0]
+        meta = {**meta, "handle": sent.pop("handle")}
+        return [(f"engine {i}", e.update_weights.remote(meta)) for i, e in enumerate(engines)], sent
+    return [(f"engine {i}", e.update_weights.remote(meta)) for i, e in enumerate(engines)] + sends, None
+
+
+def push_weights_transfer(learner: LearnerGroup, engines: list, version: int, bucket_bytes: int,
+                          handoff: bool = False) -> dict[str, float]:
+    """``push_weights`` over vLLM's weight-transfer API (``sync.transport`` gloo / nccl / ipc, set up by
+    ``init_weight_transfer``): every engine starts an update; per bucket, the learner ranks gather it and rank 0
+    sends it (a broadcast, or a shared buffer's handle: ``handoff``) while the engines receive and load it
+    (``update_weights`` with the bucket's names, dtypes and shapes), the next bucket's gather overlapping the
+    engines' loading; then every engine finishes (checks that every parameter arrived, clears its prefix cache,
+    serves ``version``). The engines' version moves only in that last call, so a sync that breaks off (a
     ``WeightSyncError`` naming the engine and the bucket) leaves every engine at its old version."""
     t0 = time.perf_counter()
     n = learner.call("begin_weight_export", bucket_bytes, False)
     metas = learner.call("weight_bucket_meta")
-    ranks = [f"learner rank {k}" + (" (sender)" if k == 0 else "") for k in range(len(learner.actors))]
     _wait_all([(f"engine {i}", e.start_weight_update.remote()) for i, e in enumerate(engines)],
               f"weight sync to version {version} (start)")
     sent: list[dict] = []
-    in_flight: list[tuple[int, list]] = []
+    in_flight: list[tuple[int, list, dict | None]] = []
     for b in range(n + 1):
-        if b < n:  # queued behind bucket b-1 on every actor: the gather of b overlaps the engines' loading of b-1
-            labelled = [(f"engine {i}", e.update_weights.remote(metas[b])) for i, e in enumerate(engines)]
-            in_flight.append((b, labelled + list(zip(ranks, learner.submit("send_weight_bucket", b)))))
+        if b < n:
+            what = f"weight sync to version {version} at bucket {b + 1}/{n}"
+            in_flight.append((b, *_start_bucket(learner, engines, metas[b], handoff, what, "send_weight_bucket", b)))
         if len(in_flight) == 2 or (b == n and in_flight):
-            done_b, labelled = in_flight.pop(0)
-            what = f"weight sync to version {version} at bucket {done_b + 1}/{n}"
-            sent.append(_wait_all(labelled, what)[len(engines)])
+            done_b, labelled, handed = in_flight.pop(0)
+            results = _wait_all(labelled, f"weight sync to version {version} at bucket {done_b + 1}/{n}")
+            sent.append(handed if handoff else results[len(engines)])
     done = _wait_all([(f"engine {i}", e.finish_weight_update.remote(version)) for i, e in enumerate(engines)],
                      f"weight sync to version {version} (finish: every parameter must have arrived)")
+    if handoff:
+        learner.call("release_weight_buffers")
     return {"perf/weight_sync_s": time.perf_counter() - t0,
             "perf/weight_load_s": max(d["load_s"] + d["finish_s"] for d in done),
             "perf/weight_gather_s": sum(s["gather_s"] for s in sent),
@@ -270,18 +299,20 @@ def push_weights_transfer(learner: LearnerGroup, engines: list, version: int, bu
             "sync/bytes": float(sum(s["bytes"] for s in sent))}
 
 
-def push_drafter_transfer(learner: LearnerGroup, engines: list) -> dict[str, float]:
-    """The speculative drafter's own weights into every engine over the transfer group, as one bucket: vLLM's
+def push_drafter_transfer(learner: LearnerGroup, engines: list, handoff: bool = False) -> dict[str, float]:
+    """The speculative drafter's own weights into every engine over the weight transfer, as one bucket: vLLM's
     ``start_draft_weight_update`` retargets the engines' transfer engine at the drafter for this update (the
     embedding and LM head it shares with the target are not sent). The target's version does not move."""
     meta = learner.call("drafter_transfer_meta")
-    ranks = [f"learner rank {k}" + (" (sender)" if k == 0 else "") for k in range(len(learner.actors))]
     _wait_all([(f"engine {i}", e.start_weight_update.remote(True)) for i, e in enumerate(engines)],
               "drafter publish (start)")
-    labelled = [(f"engine {i}", e.update_weights.remote(meta)) for i, e in enumerate(engines)]
-    sent = _wait_all(labelled + list(zip(ranks, learner.submit("send_drafter"))), "drafter publish")[len(engines)]
+    labelled, handed = _start_bucket(learner, engines, meta, handoff, "drafter publish", "send_drafter")
+    results = _wait_all(labelled, "drafter publish")
+    sent = handed if handoff else results[len(engines)]
     _wait_all([(f"engine {i}", e.finish_weight_update.remote(None)) for i, e in enumerate(engines)],
               "drafter publish (finish)")
+    if handoff:
+        learner.call("release_weight_buffers")
     return {"bytes": float(sent["bytes"])}
 
 
@@ -291,10 +322,12 @@ def _push_adapter(*args, **kwargs) -> dict[str, float]:
     return push_adapter(*args, **kwargs)
 
 
-WEIGHT_PUSH = {"object_store": push_weights, "gloo": push_weights_transfer, "adapter": _push_adapter}
+WEIGHT_PUSH = {"object_store": push_weights, "gloo": push_weights_transfer, "nccl": push_weights_transfer,
+               "ipc": functools.partial(push_weights_transfer, handoff=True), "adapter": _push_adapter}
 """``sync.transport`` (resolved; ``adapter`` with ``model.lora``) -> the push that runs it."""
-ENGINE_WEIGHT_TRANSFER = {"object_store": None, "gloo": "gloo", "adapter": None}
-"""``sync.transport`` (resolved) -> the backend of vLLM's weight-transfer API the engines start with."""
+ENGINE_WEIGHT_TRANSFER = {"object_store": None, "gloo": "gloo", "nccl": "rl_nccl", "ipc": "rl_ipc", "adapter": None}
+"""``sync.transport`` (resolved) -> the backend of vLLM's weight-transfer API the engines start with
+(``rollout.weight_transfer``)."""
 
 
 def canary_gap(want: list[list[float]], got: list[list[float]]) -> tuple[float, float]:
@@ -578,13 +611,15 @@ class Trainer:
         group = LearnerGroup(actors)
         transport = cfg.weight_transport()
         if ENGINE_WEIGHT_TRANSFER[transport] is not None:
-            took = init_weight_transfer(group, engines, r.tensor_parallel_size, cfg.sync.transport_timeout_s)
-            print(f"[rl] weight sync over {transport}: transfer group of {1 + len(engines) * r.tensor_parallel_size} "
-                  f"ranks formed in {took:.1f} s", flush=True)
+            took = init_weight_transfer(group, engines, r.tensor_parallel_size, cfg.sync.transport_timeout_s,
+                                        transport)
+            formed = ("shared buffers, no group" if transport == "ipc" else
+                      f"transfer group of {1 + len(engines) * r.tensor_parallel_size} ranks formed")
+            print(f"[rl] weight sync over {transport}: {formed} in {took:.1f} s", flush=True)
         if self.spec is not None:
             self._drafter_start_metrics = self.spec.attach(engines, group)
             if ENGINE_WEIGHT_TRANSFER[transport] is not None:  # the drafter goes the way the target's weights go
-                self.spec.push_drafter = lambda: push_drafter_transfer(group, engines)
+                self.spec.push_drafter = lambda: push_drafter_transfer(group, engines, handoff=transport == "ipc")
         return engines, group
 
     # ------------------------------------------------------------------ pieces of a step
@@ -1249,14 +1284,22 @@ class Trainer:
         if colocated:
             metrics["perf/engine_wake_s"] = self._engines_call("wake_up", ["weights"])
         synced = not cfg.async_mode.enabled or self.engine_version < step + 1 - lag_bound or self._eval_due(step)
+        t_sync, sync_wait = time.perf_counter(), 0.0
         if synced:
             metrics.update(self.push(version=step))
             if self.spec is not None:  # the drafter goes with the target weights it was trained against
                 metrics.update(self.spec.publish(step))
+            sync_wait = time.perf_counter() - t_sync
         if colocated:
             metrics["perf/engine_wake_s"] += self._engines_call("wake_up", ["kv_cache"])
         if synced:
+            t_sync = time.perf_counter()
             metrics.update(self.canary(version=step))
+            sync_wait += time.perf_counter() - t_sync
+        # what the step waited for: the push, the drafter's publish and the canary (nothing overlaps them: the
+        # engines generate the next batch with the new weights, the learner's next update changes them); 0 for an
+        # async step whose sync was skipped
+        metrics["perf/sync_wait_s"] = sync_wait
         metrics["async/policy_lag"] = float(step - 1 - batch["engine_version"])
         if batch["gdro_feed"] is not None:
             seen, raw_adv, decisions = batch["gdro_feed"]

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from rl.console import name_log
 from rl.round_robin import deal, interleave
 from rl.types import Rollout
+from rollout.vllm_plugin import WEIGHT_TRANSFER_ENGINES
 
 WORKER_EXTENSION = "rollout.worker_ext.WeightSyncExtension"
 SLEEP_TAGS = ("weights", "kv_cache")
 """What ``Engine.sleep`` puts to sleep; vLLM resumes scheduling only once every one of them is awake again."""
-WEIGHT_TRANSFER_BACKENDS = ("gloo",)
-"""Backends of vLLM's weight-transfer API an engine can start with (``gloo``: ``rollout.weight_transfer``)."""
+WEIGHT_TRANSFER_BACKENDS = tuple(WEIGHT_TRANSFER_ENGINES)
+"""Backends of vLLM's weight-transfer API an engine can start with (``rollout.weight_transfer``)."""
 MODEL_RUNNERS = {"auto": None, "v1": "0", "v2": "1"}
 """``rollout.model_runner`` -> ``VLLM_USE_V2_MODEL_RUNNER`` (None: vLLM's choice: V2 on CUDA with Triton, V1 on
 the CPU build)."""
@@ -47,9 +48,9 @@ def llm_kwargs(model_path: str, *, dtype: str, seed: int, max_model_len: int, gp
                enforce_eager: bool, tensor_parallel_size: int, speculative_config: dict | None, sleep_mode: bool,
                cuda: bool, weight_transfer: str | None = None, max_lora_rank: int | None = None) -> dict:
     """Keyword arguments of ``vllm.LLM`` for an engine (``sleep_mode``: vLLM's sleep mode, CUDA only;
-    ``weight_transfer``: the backend of vLLM's weight-transfer engine, ``gloo`` (``rollout.weight_transfer``),
-    ``nccl`` or ``ipc``; None: weights arrive through the worker extension only; ``max_lora_rank``: serve LoRA
-    adapters up to this rank, one at a time (``model.lora``: ``Engine.load_adapter``))."""
+    ``weight_transfer``: the backend of vLLM's weight-transfer engine, ``gloo``, ``rl_nccl`` or ``rl_ipc``
+    (``rollout.weight_transfer``); None: weights arrive through the worker extension only; ``max_lora_rank``: serve
+    LoRA adapters up to this rank, one at a time (``model.lora``: ``Engine.load_adapter``))."""
     kwargs = dict(
         model=model_path,
         dtype=dtype,

@@ -20,9 +20,9 @@ affected; measured: with an EAGLE drafter at temperature 1, half of the tiny mod
 sampled log-probs equal to a uniform distribution's). ``register`` replaces it, before vLLM registers its CPU
 kernels, with a plain torch version that writes into the output in its own dtype.
 
-It also registers the CPU weight transport, backend ``gloo`` of vLLM's weight-transfer API
-(``rollout.weight_transfer``), which an engine's worker creates when the engine starts with
-``weight_transfer_config={"backend": "gloo"}``.
+It also registers the project's weight transports, backends ``gloo``, ``rl_nccl`` and ``rl_ipc`` of vLLM's
+weight-transfer API (``rollout.weight_transfer``), which an engine's worker creates when the engine starts with
+``weight_transfer_config={"backend": ...}``.
 
 It is registered as a vLLM general plugin (entry point ``vllm.general_plugins`` in ``pyproject.toml``), which vLLM
 loads in every one of its processes, the engine core included; ``rollout.engine`` also calls ``register()`` in
@@ -36,10 +36,10 @@ import time
 
 
 def register() -> None:
-    """Add the ``rl_*`` methods to ``EngineCore``, repair the CPU expand kernel and register the ``gloo`` weight
-    transfer engine (``rollout.weight_transfer``) with vLLM (idempotent)."""
+    """Add the ``rl_*`` methods to ``EngineCore``, repair the CPU expand kernel and register the weight
+    transfer engines (``rollout.weight_transfer``) with vLLM (idempotent)."""
     _repair_cpu_expand_kernel()
-    _register_gloo_weight_transfer()
+    _register_weight_transfers()
     try:
         from vllm.v1.engine.core import EngineCore
     except ImportError:  # a vLLM without the v1 engine: nothing to patch
@@ -49,13 +49,20 @@ def register() -> None:
         EngineCore.rl_spec_step_stats = _spec_step_stats
 
 
-def _register_gloo_weight_transfer() -> None:
+WEIGHT_TRANSFER_ENGINES = {"gloo": "GlooWeightTransferEngine", "rl_nccl": "NcclWeightTransferEngine",
+                           "rl_ipc": "IpcWeightTransferEngine"}
+"""Backend of vLLM's weight-transfer API -> the class in ``rollout.weight_transfer`` that serves it."""
+
+
+def _register_weight_transfers() -> None:
     try:
         from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
     except ImportError:  # a vLLM without the weight-transfer API
         return
-    if "gloo" not in WeightTransferEngineFactory._registry:  # imported only when an engine asks for it
-        WeightTransferEngineFactory.register_engine("gloo", "rollout.weight_transfer", "GlooWeightTransferEngine")
+    # the names only: rollout.weight_transfer is imported when an engine asks for one of them
+    for backend, cls in WEIGHT_TRANSFER_ENGINES.items():
+        if backend not in WeightTransferEngineFactory._registry:
+            WeightTransferEngineFactory.register_engine(backend, "rollout.weight_transfer", cls)
 
 
 def expand_to_tokens(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None) -> None:

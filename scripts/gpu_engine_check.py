@@ -11,9 +11,12 @@ still reports what it reached):
 3. ``sync``: the transformers model's weights are perturbed and pushed in layer-whole buckets
    (``trainers.learner.plan_weight_buckets`` + ``Engine.load_weight_bucket``); the gap to the perturbed reference
    must stay at its pre-sync size, the gap to the old weights must grow, and every worker must report the version.
-4. ``drafter_reload``: new EAGLE drafter weights through ``Engine.load_drafter_weights``, then a greedy generation
+4. ``ipc_sync``: the weights perturbed again and pushed over ``sync.transport=ipc`` (the learner's
+   ``trainers.weight_transport.IpcSender`` packs each bucket into a shared buffer on the model's device, CUDA IPC on a
+   GPU; the engine's ``rl_ipc`` transfer engine maps it): the same gap checks, version 2 on every worker.
+5. ``drafter_reload``: new EAGLE drafter weights through ``Engine.load_drafter_weights``, then a greedy generation
    with the drafter must still work.
-5. ``sleep_wake``: sleep level 2, wake the weights, push the weights, a request while half awake must be refused,
+6. ``sleep_wake``: sleep level 2, wake the weights, push the weights, a request while half awake must be refused,
    wake the KV cache, then the canary; the drafter's own weights must survive the level-2 sleep (the engine keeps
    them with ``sleep_preserve_parameter_names``). On CUDA the sleep frees memory; on the CPU build it is vLLM's
    scheduler pause. Each call runs in a thread with a time limit, so a hang is reported as TIMEOUT.
@@ -192,7 +195,7 @@ def run_checks(args, rep: Report, work: Path) -> bool:
     spec = {"method": "eagle", "model": str(drafter_dir), "num_speculative_tokens": 2}
     t0 = time.perf_counter()
     eng = Engine(str(model_dir), dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.3 if gpu else 0.15,
-                 enforce_eager=not gpu, enable_sleep_mode=True, speculative_config=spec)
+                 enforce_eager=not gpu, enable_sleep_mode=True, speculative_config=spec, weight_transfer="rl_ipc")
     rep.put("engine_start_s", round(time.perf_counter() - t0, 1))
     status, runner, _ = timed(lambda: eng.llm.collective_rpc(_runner_name)[0], limit)
     rep.put("runner", runner if status == "OK" else f"{status}: {runner}")
@@ -249,6 +252,24 @@ def run_checks(args, rep: Report, work: Path) -> bool:
         failed = True
         rep.fail("sync", f"gap {gap_after['max']:.3g} > {bound:.3g}, or versions {versions}")
 
+    # The same over the ipc transport: shared buffers on the model's device, mapped by the engine's workers.
+    status, info, dt = timed(lambda: ipc_push(eng, ref, buckets, 2), limit)
+    if status != "OK":
+        rep.put("ipc_sync", {"status": status, "error": info, "s": dt})
+        rep.fail("ipc_sync", status)
+        return True
+    after, ipc_ref = eng.score_tokens(probe), reference_logprobs(ref, probe)
+    gap_ipc, gap_prev = gap(after, ipc_ref), gap(after, new_ref)
+    versions = eng.worker_weight_versions()
+    ipc_ok = gap_ipc["max"] <= bound and gap_prev["max"] > gap_ipc["max"] and versions == [2] * len(versions)
+    rep.put("ipc_sync", {"ok": ipc_ok, "s": dt, **info, "versions": versions, "gap_to_new_weights": gap_ipc,
+                         "gap_to_previous_weights": gap_prev, "bound": bound})
+    if not ipc_ok:
+        failed = True
+        rep.fail("ipc_sync", f"gap {gap_ipc['max']:.3g} > {bound:.3g}, or versions {versions}")
+    new_ref = ipc_ref
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in ref.state_dict().items()}
+
     # Drafter reload, then greedy generation through the drafter.
     with torch.no_grad():
         for p in drafter.parameters():
@@ -273,7 +294,7 @@ def run_checks(args, rep: Report, work: Path) -> bool:
     steps = {"sleep_frees_memory": eng.sleep_supported(), "drafter_checksum_before": sum_before}
     for name, fn in (("sleep_level2", lambda: eng.sleep(2)),
                      ("wake_weights", lambda: eng.wake_up(["weights"])),
-                     ("push", lambda: push(2)),
+                     ("push", lambda: push(3)),
                      ("half_awake_generate_refused", lambda: _refused(lambda: eng.score_tokens(probe))),
                      ("wake_kv_cache", lambda: eng.wake_up(["kv_cache"])),
                      ("canary", lambda: eng.score_tokens(probe)),
@@ -301,6 +322,32 @@ def run_checks(args, rep: Report, work: Path) -> bool:
                  f"{steps['drafter_checksum_after']['value']}): publish the drafter after every sync")
         return True
     return failed
+
+
+def ipc_push(eng, ref, buckets: list[list[str]], version: int) -> dict:
+    """Perturb ``ref`` and push it to ``eng`` over ``rl_ipc`` as the driver does (``rl.driver.push_weights_transfer``
+    with ``handoff``), the sender on ``ref``'s device; returns the transfer's numbers."""
+    import torch
+
+    from rl.weight_wire import BucketMeta, dtype_name
+    from trainers.weight_transport import IpcSender
+
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * p.float().std().to(p.dtype) * 0.05)
+    state = dict(ref.state_dict())
+    sender = IpcSender(next(ref.parameters()).device)
+    t0 = time.perf_counter()
+    eng.init_weight_transfer({})
+    eng.start_weight_update()
+    for b, names in enumerate(buckets):
+        meta = BucketMeta(list(names), [dtype_name(state[n].dtype) for n in names], [list(state[n].shape) for n in names])
+        sent = sender.send(meta, [state[n] for n in names])
+        eng.update_weights({**meta.as_dict(), "bucket": b, "num_buckets": len(buckets), "handle": sent["handle"]})
+    done = eng.finish_weight_update(version)
+    sender.close()
+    return {"push_s": round(time.perf_counter() - t0, 3), "load_s": round(done["load_s"], 3), "buckets": len(buckets),
+            "handle_kind": "cuda" if "cuda" in sent["handle"] else "file"}
 
 
 if __name__ == "__main__":

@@ -610,21 +610,23 @@ class Learner:
         self.optimizer.step()
         return float(grad_norm)
 
-    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True):
+    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True,
+                      device: torch.device | str = "cpu"):
         """(HF name, whole tensor on the CPU in ``export_dtype``) for every entry of the model's state dict, on rank
         0 (and on every rank for the names in ``everywhere``); (name, None) on the others. A collective when
         sharded: every rank iterates to the end. The cast to the engines' dtype happens on the device, before the
         gather and the host copy, so fp32 master weights cost no more bytes than the engines' weights.
         ``copy=False``: a tensor that needs neither cast nor move may be the live parameter itself (for a caller
-        that copies it anyway, such as the transport's packing)."""
+        that copies it anyway, such as the transport's packing). ``device``: where the whole tensors go (a GPU
+        transport's sender packs them on the GPU: no round trip through host memory)."""
         for k, v in self.model.state_dict().items():
             cast = v.detach().to(self.export_dtype)
             full = D.full_tensor(cast)  # gathers one tensor at a time
             if self.rank != 0 and k not in everywhere:
                 yield k, None
                 continue
-            out = full.to("cpu")
-            if copy and out.dtype == v.dtype and v.device.type == "cpu":  # neither the cast nor the move copied
+            out = full.to(device)
+            if copy and out.dtype == v.dtype and v.device == out.device:  # neither the cast nor the move copied
                 out = out.clone()
             yield k, out.contiguous()
 
@@ -846,9 +848,11 @@ class Learner:
         send buffer, which is the copy)."""
         self._export_plan = plan_weight_buckets(self._weight_sizes(), bucket_bytes)
         # every rank's drafter replica reads the shared embedding and LM head (and keeps them: copies)
+        sender_device = getattr(getattr(self, "_sender", None), "device", None)
         self._export_iter = self._full_weights(
             frozenset(self._shared_weight_names()) if self.drafter is not None else frozenset(),
-            copy=copy or self.drafter is not None)
+            copy=copy or self.drafter is not None,
+            device=sender_device if not copy and sender_device is not None and self.drafter is None else "cpu")
         self._export_shared: dict[str, torch.Tensor] = {}
         return len(self._export_plan)
 
@@ -869,15 +873,19 @@ class Learner:
         it)."""
         return D.free_address()
 
-    def init_weight_transport(self, address: str, port: int, world_size: int, timeout_s: float) -> float:
-        """Rank 0 opens the transfer group as its sender (``trainers.weight_transport.GlooSender``) and waits for the
-        engine workers to join; the other ranks only take part in the gathers. Returns seconds."""
+    def init_weight_transport(self, address: str | None, port: int | None, world_size: int, timeout_s: float,
+                              transport: str = "gloo") -> float:
+        """Rank 0 opens its sender for the resolved ``sync.transport`` (``trainers.weight_transport.make_sender``:
+        for ``gloo`` / ``nccl`` it waits for the engine workers to join the transfer group); the other ranks only
+        take part in the gathers. Returns seconds."""
         if self.rank != 0:
             return 0.0
-        from trainers.weight_transport import GlooSender
+        from trainers.weight_transport import make_sender
 
         t0 = time.perf_counter()
-        self._sender = GlooSender(address, port, world_size, timeout_s)
+        if getattr(self, "_sender", None) is not None:
+            self._sender.close()
+        self._sender = make_sender(transport, address, port, world_size, timeout_s, self.device)
         return time.perf_counter() - t0
 
     def send_weight_bucket(self, index: int) -> dict[str, float]:
@@ -895,6 +903,12 @@ class Learner:
             raise RuntimeError(f"weight transfer: sending bucket {index + 1}/{len(self._export_plan)} failed: "
                                f"{str(e).splitlines()[0][:300]}") from None
         return {**info, "gather_s": gather_s}
+
+    def release_weight_buffers(self) -> None:
+        """After a sync over ``ipc``: the shared buffers of its last buckets are released (the engines have loaded
+        them)."""
+        if self.rank == 0 and getattr(self, "_sender", None) is not None:
+            self._sender.close()
 
     def next_weight_bucket(self, index: int) -> bytes | None:
         """Bucket ``index`` of the export ``begin_weight_export`` started: safetensors bytes of its whole tensors

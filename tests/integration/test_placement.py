@@ -76,6 +76,7 @@ def test_async_lag_zero_reproduces_sync_and_lag_one_overlaps(warm_tiny_model_dir
     assert lag1[0]["async/overlap_generate_s"] > 0 and lag1[1]["async/overlap_generate_s"] > 0
     assert lag1[2]["async/overlap_generate_s"] == 0.0  # nothing left to generate after the last step
     assert all(r["sync/canary_max_abs_diff"] < 1e-3 for r in lag1)
+    assert all(r["perf/sync_wait_s"] >= r["perf/weight_sync_s"] > 0 for r in lag1)  # the push, then the canary
     assert lag1[0]["reward/mean"] == sync[0]["reward/mean"]  # step 1 is generated before any update in both
 
 

@@ -1,6 +1,7 @@
 """`rl train` on the tiny CPU model with each weight transport: the canary passes after every sync (step 0's and
 every step's), and the engines serve the version of the step. The gloo run has two engines (each its own rank
-offset in the transfer group) and two FSDP2 learner ranks (a sender and a rank that only joins the gathers)."""
+offset in the transfer group) and two FSDP2 learner ranks (a sender and a rank that only joins the gathers); the ipc
+run is colocated (the engine maps the learner's shared-memory buckets)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def train(model_dir: str, out: Path, *overrides: str) -> tuple[dict[int, dict], 
 @pytest.mark.parametrize("transport, overrides", [
     ("gloo", ["rollout.num_engines=2", "learner.strategy=fsdp2", "learner.num_ranks=2", "learner.torch_threads=1"]),
     ("object_store", []),
+    ("ipc", ["placement.mode=colocated"]),  # what auto picks for one colocated learner rank
 ])
 def test_train_syncs_over_transport_with_canary(warm_tiny_model_dir, tmp_path, transport, overrides):
     m, stdout = train(warm_tiny_model_dir, tmp_path / "run", f"sync.transport={transport}", *overrides)
@@ -48,3 +50,4 @@ def test_train_syncs_over_transport_with_canary(warm_tiny_model_dir, tmp_path, t
         assert r["sync/bytes"] > 0 and r["perf/weight_sync_s"] >= r["perf/weight_load_s"] > 0
     formed = "weight sync over gloo: transfer group of 3 ranks" in stdout
     assert formed == (transport == "gloo")
+    assert ("weight sync over ipc: shared buffers, no group" in stdout) == (transport == "ipc")

@@ -67,13 +67,15 @@ def no_layerwise_reload(monkeypatch):
     return calls
 
 
-def _engine(model):
-    """``rollout.weight_transfer.GlooWeightTransferEngine`` as vLLM's worker builds it (no vLLM config needed)."""
+def _engine(model, backend: str = "gloo"):
+    """``rollout.weight_transfer``'s engine for ``backend`` as vLLM's worker builds it (no vLLM config needed)."""
     from types import SimpleNamespace
 
-    from rollout.weight_transfer import GlooWeightTransferEngine
+    import rollout.weight_transfer as wt
+    from rollout.vllm_plugin import WEIGHT_TRANSFER_ENGINES
 
-    engine = object.__new__(GlooWeightTransferEngine)
+    engine = object.__new__(getattr(wt, WEIGHT_TRANSFER_ENGINES[backend]))
+    engine.device = torch.device("cpu")
     engine.parallel_config = SimpleNamespace(data_parallel_index=0, world_size=1, rank=0)
     engine.model = engine._default_model = model
     engine.model_config = engine._default_model_config = None
@@ -106,17 +108,7 @@ def _run_pair(sender_fn, engine, timeout_s: float = 10.0):
 def test_gloo_sync_delivers_the_learners_weights_bit_exactly(tmp_path, no_layerwise_reload):
     """A real learner's export (fp32 masters cast to bf16 for the engines, buckets of whole decoder layers) arrives
     in the engine's ``load_weights`` equal to the learner's state dict, tensor for tensor."""
-    from trainers.learner import Learner
-
-    path = save_tiny_qwen2(tmp_path / "m")
-    cfg = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=512,
-               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
-               param_dtype="float32")
-    learner = Learner(path, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype="float32",
-                      export_dtype="bfloat16")
-    with torch.no_grad():
-        for p in learner.model.parameters():
-            p.add_(torch.randn_like(p) * 1e-3)  # not round numbers
+    learner = _learner(tmp_path)
     want = {k: v.detach().to(torch.bfloat16) for k, v in learner.model.state_dict().items()}
     n = learner.begin_weight_export(50_000, copy=False)
     metas = learner.weight_bucket_meta()
@@ -171,15 +163,40 @@ def test_gloo_sync_that_breaks_off_names_the_bucket_and_restores(no_layerwise_re
     assert sorted(model.received) == ["a"]
 
 
+def _cfg(**sections) -> Config:
+    return Config.model_validate(sections)
+
+
+GPU_ENGINES = {"num_gpus_per_engine": 1}
+
+
+@pytest.mark.parametrize("sections, want", [
+    ({}, "gloo"),  # CPU, disaggregated
+    ({"placement": {"mode": "colocated"}}, "ipc"),  # one learner rank shares its node with its engine
+    ({"placement": {"mode": "colocated"}, "rollout": {"num_engines": 2},
+      "learner": {"strategy": "fsdp2", "num_ranks": 2}}, "gloo"),  # per-rank shared buffers are not built
+    ({"rollout": GPU_ENGINES, "learner": {"num_gpus": 1}}, "nccl"),
+    ({"rollout": GPU_ENGINES}, "object_store"),  # engines on GPUs, learner on CPU: no transport spans both
+    ({"rollout": {**GPU_ENGINES, "num_engines": 2}, "learner": {"num_gpus": 1, "strategy": "fsdp2", "num_ranks": 2},
+      "placement": {"mode": "colocated"}}, "object_store"),  # NCCL cannot join two processes on one GPU
+    ({"rollout": GPU_ENGINES, "learner": {"num_gpus": 1}, "placement": {"mode": "colocated"}}, "ipc"),
+])
+def test_auto_transport_follows_the_placement(sections, want):
+    cfg = _cfg(**sections)
+    assert cfg.sync.transport == "auto" and cfg.weight_transport() == want
+
+
 def test_transport_config():
-    assert Config().sync.transport == "auto" and Config().weight_transport() == "gloo"  # CPU engines
-    gpu = Config.model_validate({"rollout": {"num_gpus_per_engine": 1}})
-    assert gpu.weight_transport() == "object_store"  # until ipc / nccl are wired
-    assert Config.model_validate({"sync": {"transport": "object_store"}}).weight_transport() == "object_store"
-    assert SyncConfig(transport="gloo").resolved_transport(engines_on_gpu=True) == "gloo"
-    for unwired in ("ipc", "nccl"):
-        with pytest.raises(ValueError, match=rf"sync.transport={unwired}: .* not wired .*'auto', 'object_store', 'gloo'"):
-            SyncConfig(transport=unwired)
+    assert _cfg(sync={"transport": "object_store"}).weight_transport() == "object_store"
+    assert _cfg(sync={"transport": "gloo"}, rollout=GPU_ENGINES).weight_transport() == "gloo"
+    with pytest.raises(ValueError, match=r"sync.transport=nccl needs the learner and the engines on GPUs"):
+        _cfg(sync={"transport": "nccl"})
+    with pytest.raises(ValueError, match=r"sync.transport=nccl cannot join two processes on one GPU"):
+        _cfg(sync={"transport": "nccl"}, rollout=GPU_ENGINES, learner={"num_gpus": 1},
+             placement={"mode": "colocated"})
+    with pytest.raises(ValueError, match=r"sync.transport=ipc .* needs placement.mode=colocated and "
+                                         r"learner.num_ranks=1 \(got disaggregated, 1\)"):
+        _cfg(sync={"transport": "ipc"})
     with pytest.raises(ValueError, match="transport"):
         SyncConfig(transport="shm")
     with pytest.raises(ValueError):
@@ -228,3 +245,79 @@ def test_gloo_drafter_publish_delivers_the_drafters_own_weights(tmp_path, no_lay
     assert not errors and sorted(draft.received) == sorted(want) and not target.received
     for name, tensor in want.items():
         assert torch.equal(draft.received[name], tensor), name
+
+
+def _learner(tmp_path):
+    from trainers.learner import Learner
+
+    path = save_tiny_qwen2(tmp_path / "m")
+    cfg = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=512,
+               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
+               param_dtype="float32")
+    learner = Learner(path, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype="float32",
+                      export_dtype="bfloat16")
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # not round numbers
+    return learner
+
+
+def test_ipc_sync_delivers_the_learners_weights_through_shared_files(tmp_path, no_layerwise_reload):
+    """``ipc`` on CPU: each bucket is packed into a shared-memory file the engine maps (no bytes sent); what
+    arrives equals the learner's state dict bit for bit; at most two buckets' files exist at once, none after the
+    sync's release."""
+    from trainers.weight_transport import IpcSender
+
+    learner = _learner(tmp_path)
+    want = {k: v.detach().to(torch.bfloat16) for k, v in learner.model.state_dict().items()}
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    learner.init_weight_transport(None, None, 0, 10.0, "ipc")
+    learner._sender.directory = str(shm)
+    assert isinstance(learner._sender, IpcSender)
+    n = learner.begin_weight_export(50_000, copy=False)
+    metas = learner.weight_bucket_meta()
+    model = _Model({k: tuple(v.shape) for k, v in want.items()})
+    engine = _engine(model, "rl_ipc")
+    engine.init_transfer_engine(engine.init_info_cls())
+    engine.start_weight_update()
+    live = []
+    for b in range(n):
+        sent = learner.send_weight_bucket(b)
+        live.append(len(list(shm.iterdir())))
+        engine.update_weights({**metas[b], "handle": sent["handle"]})
+        assert sent["send_s"] == 0.0 and sent["bytes"] == layout(BucketMeta(metas[b]["names"], metas[b]["dtype_names"],
+                                                                             metas[b]["shapes"]))[1]
+    engine.finish_weight_update()
+    learner.release_weight_buffers()
+    assert n == 4 and live == [1, 2, 2, 2] and not list(shm.iterdir())
+    assert sorted(model.received) == sorted(want)
+    for name, tensor in want.items():
+        assert model.received[name].dtype == torch.bfloat16 and torch.equal(model.received[name], tensor), name
+    assert no_layerwise_reload == {"initialize": 1, "finalize": 1}
+
+
+def test_ipc_handle_that_cannot_be_opened_names_the_bucket_and_restores(tmp_path, no_layerwise_reload):
+    """A handle whose file is not on the engine's node (or was released) ends the sync at that bucket, with the
+    previous weights put back; a handle of the wrong size is refused before it is mapped."""
+    from trainers.weight_transport import IpcSender
+
+    model = _Model({"a": (2,), "b": (3,)})
+    engine = _engine(model, "rl_ipc")
+    engine.init_transfer_engine(engine.init_info_cls())
+    sender = IpcSender(torch.device("cpu"), directory=str(tmp_path))
+    metas = [_meta([("a", torch.ones(2))]), _meta([("b", torch.ones(3))])]
+    engine.start_weight_update()
+    first = sender.send(metas[0], [torch.ones(2)])
+    engine.update_weights({**metas[0].as_dict(), "bucket": 0, "num_buckets": 2, "handle": first["handle"]})
+    second = sender.send(metas[1], [torch.ones(3)])
+    sender.close()  # the file is gone before the engine maps it
+    with pytest.raises(RuntimeError, match=r"rl_ipc weight transfer: bucket 2/2 \(1 tensors, first \['b'\]\) did not "
+                                           r"arrive at transfer rank 0: shared weight buffer .* is not on this node"):
+        engine.update_weights({**metas[1].as_dict(), "bucket": 1, "num_buckets": 2, "handle": second["handle"]})
+    assert no_layerwise_reload == {"initialize": 1, "finalize": 1} and not engine._active
+    assert sorted(model.received) == ["a"] and torch.equal(model.received["a"], torch.ones(2))
+    from rl.weight_wire import open_shared_buffer
+
+    with pytest.raises(ValueError, match="the shared buffer holds 12 bytes, the bucket needs 16"):
+        open_shared_buffer({"path": "x", "nbytes": 12}, 16, torch.device("cpu"))
