@@ -70,10 +70,11 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def _host_copy(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A host copy of ``value`` in ``dtype``, cast on its device first (one copy to the host, not two)."""
-    out = value.detach().to(dtype or value.dtype).to("cpu")
-    return out.clone() if out.dtype == value.dtype and value.device.type == "cpu" else out
+def _host_copy(value: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A copy of ``value`` in ``dtype`` on ``device`` (default the host), cast on its own device first (one copy,
+    not two). Always a copy: a gathered parameter's memory is released after the gather."""
+    out = value.detach().to(dtype or value.dtype).to(device)
+    return out.clone() if out.dtype == value.dtype and value.device == out.device else out
 
 
 class DeepSpeedLearner(Learner):
@@ -171,11 +172,12 @@ class DeepSpeedLearner(Learner):
         self.policy.step()
         return float(self.policy.get_global_grad_norm())
 
-    def _gathered_parameters(self, everywhere: frozenset[str] = frozenset(), dtype: torch.dtype | None = None):
+    def _gathered_parameters(self, everywhere: frozenset[str] = frozenset(), dtype: torch.dtype | None = None,
+                             device: torch.device | str = "cpu"):
         """(HF name, whole tensor or None, parameter) for every state-dict entry, in state-dict order, gathering one
         parameter at a time (a collective: every rank iterates to the end). Tied entries yield the same tensor
-        object; the whole tensor is on the CPU on rank 0 (on every rank for the names in ``everywhere``), None
-        elsewhere; cast to ``dtype`` (None: as it is) on the device, before the host copy."""
+        object; the whole tensor is on ``device`` (default the CPU) on rank 0 (on every rank for the names in
+        ``everywhere``), None elsewhere; cast to ``dtype`` (None: as it is) on the device, before the copy."""
         deepspeed = _import_deepspeed(self.device)
         done: dict[int, torch.Tensor | None] = {}
         entries = self.model.state_dict(keep_vars=True)
@@ -185,9 +187,9 @@ class DeepSpeedLearner(Learner):
             if id(value) not in done:  # the gathers are collectives: the same ones on every rank
                 if hasattr(value, "ds_id"):
                     with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
-                        full = _host_copy(value, dtype) if keep else None
+                        full = _host_copy(value, dtype, device) if keep else None
                 else:  # a buffer: whole on every rank
-                    full = _host_copy(value, dtype) if keep else None
+                    full = _host_copy(value, dtype, device) if keep else None
                 done[id(value)] = full
             yield name, done[id(value)], value
 
@@ -200,10 +202,11 @@ class DeepSpeedLearner(Learner):
         return [(name, list(v.ds_shape if hasattr(v, "ds_id") else v.shape))
                 for name, v in self.model.state_dict(keep_vars=True).items()]
 
-    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True):
-        # ``copy`` is moot here: a gathered parameter is released after its host copy, which is always made
+    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True,
+                      device: torch.device | str = "cpu"):
+        # ``copy`` is moot here: a gathered parameter is released after its copy, which is always made
         yielded: set[int] = set()
-        for name, full, _ in self._gathered_parameters(everywhere, self.export_dtype):
+        for name, full, _ in self._gathered_parameters(everywhere, self.export_dtype, device):
             if full is not None and id(full) in yielded:
                 full = full.clone()  # a tied head gets a tensor of its own, as safetensors wants
             elif full is not None:
