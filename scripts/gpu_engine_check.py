@@ -140,23 +140,31 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny fp32 model, eager (CPU)")
     ap.add_argument("--call-limit", type=float, default=None, help="seconds for one blocking engine call")
     args = ap.parse_args()
-    rep = Report(args.json)
-    if importlib.util.find_spec("vllm") is None:
-        rep.data.update(status="skipped", reason="vllm is not importable")
+    return run_stage("engine", Report(args.json), args, ("vllm",), run_checks)
+
+
+def run_stage(label: str, rep: Report, args, modules: tuple[str, ...], checks) -> int:
+    """Run ``checks(args, rep, work) -> failed`` for a check script (``[label]`` on its lines): skipped, and
+    reported so, when one of ``modules`` is not importable; a crash is reported as a failed ``crash`` check. Ends
+    the process with ``os._exit`` (no engine teardown: a hung engine thread must not keep it alive)."""
+    if any(importlib.util.find_spec(m) is None for m in modules):
+        reason = f"{' or '.join(modules)} is not importable"
+        rep.data.update(status="skipped", reason=reason)
         rep.flush()
-        print("[engine] skipped: vllm is not importable")
+        print(f"[{label}] skipped: {reason}")
         return 0
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_engine_check_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"gpu_{label}_check_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        failed = run_checks(args, rep, work)
+        failed = checks(args, rep, work)
     except Exception as exc:  # noqa: BLE001 - the report names it
         rep.fail("crash", f"{type(exc).__name__}: {exc}"[:400])
         failed = True
     rep.data["status"] = "failed" if failed else "ok"
     rep.flush()
+    print(f"[{label}] {rep.data['status']}: {args.json or ''}", flush=True)
     sys.stdout.flush()
-    os._exit(1 if failed else 0)  # no engine teardown: a hung engine thread must not keep the process alive
+    os._exit(1 if failed else 0)
 
 
 def run_checks(args, rep: Report, work: Path) -> bool:

@@ -20,15 +20,14 @@ eager, on CPU (what CI's vLLM CPU build serves). Exit code 0 when every check pa
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_engine_check import SYNC_GAP_FACTOR, SYNC_GAP_FLOOR, TINY, Report, gap, reference_logprobs, timed  # noqa: E402
+from gpu_engine_check import (  # noqa: E402
+    SYNC_GAP_FACTOR, SYNC_GAP_FLOOR, TINY, Report, gap, reference_logprobs, run_stage, timed,
+)
 
 RANK = 8
 
@@ -41,23 +40,7 @@ def main() -> int:
     args = ap.parse_args()
     rep = Report(args.json)
     rep.data["stage"] = "lora"
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("peft") is None:
-        rep.data.update(status="skipped", reason="vllm or peft is not importable")
-        rep.flush()
-        print("[lora] skipped: vllm or peft is not importable")
-        return 0
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_lora_check_"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        failed = run_checks(args, rep, work)
-    except Exception as exc:  # noqa: BLE001 - the report names it
-        rep.fail("crash", f"{type(exc).__name__}: {exc}"[:400])
-        failed = True
-    rep.data["status"] = "failed" if failed else "ok"
-    rep.flush()
-    print(f"[lora] {rep.data['status']}: {args.json or ''}", flush=True)
-    sys.stdout.flush()
-    os._exit(1 if failed else 0)  # no engine teardown: a hung engine thread must not keep the process alive
+    return run_stage("lora", rep, args, ("vllm", "peft"), run_checks)
 
 
 def run_checks(args, rep: Report, work: Path) -> bool:
