@@ -321,3 +321,72 @@ def test_ipc_handle_that_cannot_be_opened_names_the_bucket_and_restores(tmp_path
 
     with pytest.raises(ValueError, match="the shared buffer holds 12 bytes, the bucket needs 16"):
         open_shared_buffer({"path": "x", "nbytes": 12}, 16, torch.device("cpu"))
+
+
+class _GlooAsNccl:
+    """vLLM's ``PyNcclCommunicator`` on CPU: the same ``broadcast(tensor, src, stream)`` and ``destroy``, over a gloo
+    group, so the ``nccl`` transport's own code (``NcclSender``, ``NcclWeightTransferEngine``) runs here."""
+
+    def __init__(self, address: str, port: int, rank: int, world_size: int, device) -> None:
+        from trainers.weight_transport import open_gloo_group
+
+        self.device = device
+        self.group, self._store = open_gloo_group(address, port, rank, world_size, 10.0)
+
+    def broadcast(self, tensor, src: int, stream=None) -> None:
+        from trainers.weight_transport import broadcast
+
+        assert src == 0 and stream is not None  # the NCCL code passes the current stream
+        broadcast(self.group, tensor)
+
+    def destroy(self) -> None:
+        self.group = None
+
+
+def test_nccl_sync_runs_its_own_code_over_a_gloo_stand_in(tmp_path, monkeypatch, no_layerwise_reload):
+    """The ``nccl`` transport with vLLM's communicator replaced by a gloo one and the CUDA stream by a stub: a real
+    learner's export arrives bit for bit through ``NcclSender`` and the ``rl_nccl`` engine, at the engine's own rank
+    offset; the sender synchronizes its stream after every bucket."""
+    from types import SimpleNamespace
+
+    import vllm.distributed.weight_transfer.nccl_common as nccl_common
+
+    from trainers.weight_transport import NcclSender
+
+    joined = []
+    monkeypatch.setattr(nccl_common, "stateless_init_process_group",
+                        lambda a, p, rank, world, device: joined.append(rank) or _GlooAsNccl(a, p, rank, world, device))
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(synchronize=lambda: syncs.append(1)))
+    learner = _learner(tmp_path)
+    want = {k: v.detach().to(torch.bfloat16) for k, v in learner.model.state_dict().items()}
+    port = free_port()
+    errors = []
+
+    def send():
+        try:
+            learner._sender = NcclSender("127.0.0.1", port, 2, 10.0, torch.device("cpu", 0))
+            for b in range(n):
+                learner.send_weight_bucket(b)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    n = learner.begin_weight_export(50_000, copy=False)
+    metas = learner.weight_bucket_meta()
+    model = _Model({k: tuple(v.shape) for k, v in want.items()})
+    engine = _engine(model, "rl_nccl")
+    thread = threading.Thread(target=send)
+    thread.start()
+    engine.init_transfer_engine(engine.init_info_cls(master_address="127.0.0.1", master_port=port, rank_offset=1,
+                                                     world_size=2, timeout_s=10.0))
+    engine.start_weight_update()
+    for meta in metas:
+        engine.update_weights(meta)
+    engine.finish_weight_update()
+    thread.join()
+    assert not errors and sorted(joined) == [0, 1] and engine.rank == 1 and len(syncs) == n == 4
+    assert sorted(model.received) == sorted(want)
+    for name, tensor in want.items():
+        assert torch.equal(model.received[name], tensor), name
+    engine.shutdown()
+    assert engine.group is None
