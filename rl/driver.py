@@ -263,6 +263,13 @@ def _start_bucket(learner: LearnerGroup, engines: list, meta: dict, handoff: boo
     return [(f"engine {i}", e.update_weights.remote(meta)) for i, e in enumerate(engines)] + sends, None
 
 
+def _await_bucket(started: tuple[list, dict | None], what: str, num_engines: int) -> dict:
+    """Wait for a bucket ``_start_bucket`` started; returns rank 0's send result (gather, pack and send times)."""
+    labelled, handed = started
+    results = _wait_all(labelled, what)
+    return handed if handed is not None else results[num_engines]
+
+
 def push_weights_transfer(learner: LearnerGroup, engines: list, version: int, bucket_bytes: int,
                           handoff: bool = False) -> dict[str, float]:
     """``push_weights`` over vLLM's weight-transfer API (``sync.transport`` gloo / nccl / ipc, set up by
@@ -278,15 +285,14 @@ def push_weights_transfer(learner: LearnerGroup, engines: list, version: int, bu
     _wait_all([(f"engine {i}", e.start_weight_update.remote()) for i, e in enumerate(engines)],
               f"weight sync to version {version} (start)")
     sent: list[dict] = []
-    in_flight: list[tuple[int, list, dict | None]] = []
+    in_flight: list[tuple[str, tuple]] = []
     for b in range(n + 1):
         if b < n:
             what = f"weight sync to version {version} at bucket {b + 1}/{n}"
-            in_flight.append((b, *_start_bucket(learner, engines, metas[b], handoff, what, "send_weight_bucket", b)))
+            in_flight.append((what, _start_bucket(learner, engines, metas[b], handoff, what, "send_weight_bucket", b)))
         if len(in_flight) == 2 or (b == n and in_flight):
-            done_b, labelled, handed = in_flight.pop(0)
-            results = _wait_all(labelled, f"weight sync to version {version} at bucket {done_b + 1}/{n}")
-            sent.append(handed if handoff else results[len(engines)])
+            what, started = in_flight.pop(0)
+            sent.append(_await_bucket(started, what, len(engines)))
     done = _wait_all([(f"engine {i}", e.finish_weight_update.remote(version)) for i, e in enumerate(engines)],
                      f"weight sync to version {version} (finish: every parameter must have arrived)")
     if handoff:
@@ -306,9 +312,8 @@ def push_drafter_transfer(learner: LearnerGroup, engines: list, handoff: bool = 
     meta = learner.call("drafter_transfer_meta")
     _wait_all([(f"engine {i}", e.start_weight_update.remote(True)) for i, e in enumerate(engines)],
               "drafter publish (start)")
-    labelled, handed = _start_bucket(learner, engines, meta, handoff, "drafter publish", "send_drafter")
-    results = _wait_all(labelled, "drafter publish")
-    sent = handed if handoff else results[len(engines)]
+    started = _start_bucket(learner, engines, meta, handoff, "drafter publish", "send_drafter")
+    sent = _await_bucket(started, "drafter publish", len(engines))
     _wait_all([(f"engine {i}", e.finish_weight_update.remote(None)) for i, e in enumerate(engines)],
               "drafter publish (finish)")
     if handoff:
