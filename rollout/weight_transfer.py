@@ -137,9 +137,10 @@ class _LayerwiseTransferEngine:
                 raise RuntimeError(f"weight sync left {len(missing)} parameter(s) of the engine's model unloaded "
                                    f"(the learner's export lacks them): {missing[:8]}")
 
-    def _group_rank(self, init_info: GlooWeightTransferInitInfo) -> int:
+    def _group_rank(self, rank_offset: int = 0) -> int:
+        """This worker's rank: its place among the engine's workers (all data-parallel groups) plus the offset."""
         pc = self.parallel_config
-        return pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
+        return pc.data_parallel_index * pc.world_size + pc.rank + rank_offset
 
 
 class GlooWeightTransferEngine(_LayerwiseTransferEngine,
@@ -155,7 +156,7 @@ class GlooWeightTransferEngine(_LayerwiseTransferEngine,
         self._store = None
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
-        self.rank = self._group_rank(init_info)
+        self.rank = self._group_rank(init_info.rank_offset)
         timeout = timedelta(seconds=init_info.timeout_s)
         self._store = dist.TCPStore(init_info.master_address, int(init_info.master_port), init_info.world_size,
                                     is_master=False, timeout=timeout)
@@ -185,7 +186,7 @@ class NcclWeightTransferEngine(GlooWeightTransferEngine):
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
 
-        self.rank = self._group_rank(init_info)
+        self.rank = self._group_rank(init_info.rank_offset)
         self.group = stateless_init_process_group(init_info.master_address, int(init_info.master_port), self.rank,
                                                   init_info.world_size, device=self.device)
 
@@ -210,8 +211,7 @@ class IpcWeightTransferEngine(_LayerwiseTransferEngine,
     backend = "rl_ipc"
 
     def init_transfer_engine(self, init_info: IpcWeightTransferInitInfo) -> None:
-        pc = self.parallel_config
-        self.rank = pc.data_parallel_index * pc.world_size + pc.rank
+        self.rank = self._group_rank()
 
     def _receive_buffer(self, update_info: IpcWeightTransferUpdateInfo, nbytes: int) -> torch.Tensor:
         return open_shared_buffer(update_info.handle or {}, nbytes, self.device)
