@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.references import check_reference
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +54,11 @@ def test_training_runs_end_to_end(trained_run):
     for name in ("config.yaml", "samples.jsonl", "summary.json"):
         assert (trained_run / name).exists()
     assert list((trained_run / "tb").iterdir()), "no TensorBoard events"
+
+
+def test_training_matches_its_reference(trained_run):
+    """Every metric (timing excluded) and logged sample of the GRPO recipe's run, bit for bit (tests/references.py)."""
+    check_reference(trained_run, "grpo", trained_run / "tiny_model")
 
 
 def test_resume_reproduces_uninterrupted_run(trained_run, tmp_path):

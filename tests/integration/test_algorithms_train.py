@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.references import check_reference
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +50,7 @@ def test_dapo_filters_constant_groups_and_refills(warm_tiny_model_dir, tmp_path)
         assert r["rollout/groups_all_equal_frac"] == 0.0  # every kept group has mixed rewards
         assert 0.0 <= r["loss/clip_frac_high"] <= 1.0 and 0.0 <= r["loss/clip_frac_low"] <= 1.0
         assert -1.0 <= r["shaping/overlong_penalty_mean"] <= 0.0
+    check_reference(tmp_path / "run", "dapo", warm_tiny_model_dir)
 
 
 def test_sapo_gates_softly_and_benchmarks_validate_in_training(warm_tiny_model_dir, tmp_path):
@@ -75,6 +78,7 @@ def test_sapo_gates_softly_and_benchmarks_validate_in_training(warm_tiny_model_d
         assert 0.25 - 1e-6 <= r["loss/gate_mean"] <= 0.95
         assert r["loss/clip_frac"] == 0.0  # no hard clipping
         assert math.isfinite(r["loss/policy"])
+    check_reference(tmp_path / "run", "sapo", warm_tiny_model_dir)
 
 
 def test_gdro_varies_n_per_prompt_within_the_budget(warm_tiny_model_dir, tmp_path):
@@ -102,6 +106,7 @@ def test_gdro_varies_n_per_prompt_within_the_budget(warm_tiny_model_dir, tmp_pat
     for step in (3, 4):
         for key in [k for k in m[step] if k.startswith(("gdro/", "rollout/samples_per_prompt", "reward/accuracy"))]:
             assert resumed[step][key] == pytest.approx(m[step][key], rel=1e-6, abs=1e-9), (step, key)
+    check_reference(run, "gdro", warm_tiny_model_dir)
 
 
 def test_differential_smoothing_shapes_advantages_with_kl_in_the_reward(warm_tiny_model_dir, tmp_path):
@@ -115,6 +120,7 @@ def test_differential_smoothing_shapes_advantages_with_kl_in_the_reward(warm_tin
         assert r["loss/kl"] == 0.0  # the KL is in the reward, not in the loss
     assert rows[0]["kl/reward_penalty_mean"] == pytest.approx(0.0, abs=1e-4)
     assert rows[1]["kl/reward_penalty_mean"] > rows[0]["kl/reward_penalty_mean"]
+    check_reference(tmp_path / "run", "ds", warm_tiny_model_dir)
 
 
 def test_gigpo_finds_anchor_groups_in_multi_turn_episodes(warm_tiny_model_dir, tmp_path):
@@ -132,3 +138,4 @@ def test_gigpo_finds_anchor_groups_in_multi_turn_episodes(warm_tiny_model_dir, t
         assert r["gigpo/anchored_step_frac"] > 0.0
         assert 0.0 <= r["gigpo/step_adv_share"] <= 1.0
         assert r["gigpo/num_steps"] == r["rollout/num_steps"] >= r["rollout/num_episodes"]
+    check_reference(tmp_path / "run", "gigpo_async", warm_tiny_model_dir)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.integration.test_algorithms_train import ROOT, steps, train
+from tests.references import check_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,6 +42,7 @@ def test_dccot_train_with_cispo(dccot_model_dir, tmp_path):
         assert r["sync/canary_max_abs_diff"] < 1e-3
     logged = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert logged and {"longest_path_tokens", "end_reason", "num_spawn_blocks"} <= set(logged[0])
+    check_reference(tmp_path / "run", "dccot_async", dccot_model_dir)
 
 
 def test_rl_eval_dccot_reports_longest_path_and_resumes(dccot_model_dir, tmp_path):

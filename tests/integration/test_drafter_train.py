@@ -10,6 +10,7 @@ import json
 import pytest
 
 from tests.integration.test_algorithms_train import steps, train
+from tests.references import check_reference, observed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,6 +21,7 @@ def test_rl_train_with_adaptive_drafter_then_resume(warm_tiny_model_dir, tmp_pat
     out = tmp_path / "run"
     rows = steps(train("configs/drafter_tiny_cpu.yaml", warm_tiny_model_dir, out, *SMALL))
     assert len(rows) == 4
+    first_run = observed(out)
     for r in rows:
         # lossless: the engine's log-probs of what it sampled are the policy's (speculative or not)
         assert r["rollout/logprob_abs_diff_max"] < 1e-3
@@ -48,3 +50,4 @@ def test_rl_train_with_adaptive_drafter_then_resume(warm_tiny_model_dir, tmp_pat
     # the engines started with the checkpoint's trained drafter (a fresh one accepts almost nothing: ~1.0)
     assert resumed[5]["rollout/spec_decode/mean_acceptance_length"] > 1.2
     assert resumed[5]["drafter/steps"] == 0.0  # the buffer is not checkpointed: it refills from step 5 on
+    check_reference(first_run, "drafter", warm_tiny_model_dir)
