@@ -9,7 +9,7 @@ still reports what it reached):
 2. ``canary_gap``: the engine's log-probs (``score_tokens``) against transformers' on the same weights, in the
    engine's dtype; mean and max separately (in bf16 the max is much larger than the mean).
 3. ``sync``: the transformers model's weights are perturbed and pushed in layer-whole buckets
-   (``trainers.learner.plan_weight_buckets`` + ``Engine.load_weight_bucket``); the gap to the perturbed reference
+   (``trainers.weight_export.plan_weight_buckets`` + ``Engine.load_weight_bucket``); the gap to the perturbed reference
    must stay at its pre-sync size, the gap to the old weights must grow, and every worker must report the version.
 4. ``ipc_sync``: the weights perturbed again and pushed over ``sync.transport=ipc`` (the learner's
    ``trainers.weight_transport.IpcSender`` packs each bucket into a shared buffer on the model's device, CUDA IPC on a
@@ -177,7 +177,7 @@ def run_checks(args, rep: Report, work: Path) -> bool:
     from rollout.drafter.checkpoint import save_drafter, weights_for_reload
     from rollout.drafter.model import Drafter
     from rollout.engine import Engine, GenerationRequest, SamplingSettings
-    from trainers.learner import plan_weight_buckets
+    from trainers.weight_export import plan_weight_buckets
     from trainers.tiny_model import QWEN25_1_5B_SHAPE, build_random_model
 
     gpu = torch.cuda.is_available() and not args.smoke

@@ -32,14 +32,14 @@ their parameters in ``learner.param_dtype`` (the fp32 masters by default), write
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import torch
 
+from trainers import checkpoint as C
 from trainers import distributed as D
-from trainers.learner import Learner, _rng_state, _set_rng_state
+from trainers.learner import Learner
 
 # rl.config.DeepSpeedConfig's defaults, for a learner_cfg given as a plain dict without a deepspeed section
 _DS_DEFAULTS = dict(offload_optimizer=False, offload_params=False, reduce_bucket_size=50_000_000,
@@ -193,15 +193,6 @@ class DeepSpeedLearner(Learner):
                 done[id(value)] = full
             yield name, done[id(value)], value
 
-    def _weight_sizes(self) -> list[tuple[str, int]]:
-        size = torch.empty(0, dtype=self.export_dtype).element_size()
-        return [(name, (v.ds_numel if hasattr(v, "ds_id") else v.numel()) * size)
-                for name, v in self.model.state_dict(keep_vars=True).items()]
-
-    def _weight_shapes(self) -> list[tuple[str, list[int]]]:
-        return [(name, list(v.ds_shape if hasattr(v, "ds_id") else v.shape))
-                for name, v in self.model.state_dict(keep_vars=True).items()]
-
     def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True,
                       device: torch.device | str = "cpu"):
         # ``copy`` is moot here: a gathered parameter is released after its copy, which is always made
@@ -317,12 +308,8 @@ class DeepSpeedLearner(Learner):
             path = Path(directory)
             path.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(path / "model", state_dict=weights)
-            state = {"format": "fqn", "optimizer": optim_sd, "num_updates": self.num_updates, "rng": _rng_state()}
-            if masters is not None:
-                state["master_weights"] = masters
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            (path / "learner_state.pt").write_bytes(buf.getvalue())
+            C.write_learner_state(path, optim_sd, self.num_updates,
+                                  **({"master_weights": masters} if masters is not None else {}))
             if self.drafter is not None:
                 self.drafter.save(path)
         D.barrier()
@@ -330,24 +317,15 @@ class DeepSpeedLearner(Learner):
     def load(self, directory: str) -> None:
         """Every rank reads the checkpoint (so ``directory`` must be on storage all learner nodes see); each keeps
         its partitions of the weights and of the AdamW state."""
-        from safetensors.torch import load_file
-
         deepspeed = _import_deepspeed(self.device)
         path = Path(directory)
-        weights = load_file(str(path / "model" / "model.safetensors"))
-        entries = self.model.state_dict(keep_vars=True)
-        if self.model.config.tie_word_embeddings and "lm_head.weight" in entries and "lm_head.weight" not in weights:
-            name = next(k for k, v in entries.items() if v is entries["lm_head.weight"] and k != "lm_head.weight")
-            weights["lm_head.weight"] = weights[name]
-        missing, unexpected = sorted(set(entries) - set(weights)), sorted(set(weights) - set(entries))
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
-        state = torch.load(path / "learner_state.pt", weights_only=False)
+        weights = C.read_model_weights(path, self.model)
+        state = C.read_learner_state(path)
         if state.get("format") != "fqn":
             raise RuntimeError(f"checkpoint {path} has an optimizer state keyed by parameter order (an older "
                                "format); resume it with learner.strategy=single")
         done: set[int] = set()
-        for name, value in entries.items():
+        for name, value in self.model.state_dict(keep_vars=True).items():
             if id(value) in done:
                 continue
             done.add(id(value))
@@ -360,6 +338,6 @@ class DeepSpeedLearner(Learner):
         self._load_master_weights(state.get("master_weights"), path)
         self._load_optimizer_state(state["optimizer"])
         self.num_updates = state["num_updates"]
-        _set_rng_state(state["rng"])
+        C.set_rng_state(state["rng"])
         if self.drafter is not None:
             self.drafter.load(path)

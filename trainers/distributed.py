@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The config's dtype names (``model.dtype``, ``learner.param_dtype``, ``learner.fsdp.reduce_dtype``)."""
 
 
 class LogProbModule(torch.nn.Module):
@@ -40,7 +41,7 @@ class LogProbModule(torch.nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def forward(self, mb, temperature: float, with_entropy: bool, kernels):
-        from trainers.learner import token_logprobs
+        from trainers.logprob import token_logprobs  # (trainers.logprob imports this module)
 
         if self.autocast_dtype is None:
             logp, entropy = token_logprobs(self.lm, mb, temperature, with_entropy=with_entropy, kernels=kernels)
@@ -122,7 +123,7 @@ def shard_with_fsdp2(root: LogProbModule, fsdp_cfg: dict, device: torch.device, 
     normalized by global counts."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=_DTYPES[fsdp_cfg.get("reduce_dtype", "float32")])
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=DTYPES[fsdp_cfg.get("reduce_dtype", "float32")])
     kwargs: dict[str, Any] = dict(mp_policy=mp, reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)))
     if fsdp_cfg.get("cpu_offload") and device.type == "cuda":
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -190,6 +191,12 @@ def _cpu_group():
     if _CPU_GROUP is None:
         _CPU_GROUP = dist.new_group(backend="gloo")
     return _CPU_GROUP
+
+
+def whole_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape under any strategy: an FSDP2 DTensor reports its global shape; a DeepSpeed ZeRO-3
+    partitioned parameter holds an empty tensor and keeps its shape in ``ds_shape``."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

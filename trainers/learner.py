@@ -1,33 +1,26 @@
 """The learner: a transformers causal LM updated with a PPO-style policy loss.
 
 ``Learner`` is a plain class (the driver wraps it with ``ray.remote``). One optimizer step per mini-batch;
-each mini-batch is cut into micro-batches by a token budget, and the loss of every micro-batch is
-normalized by the token/sequence count of the whole mini-batch, so gradient accumulation gives the same
-gradient as one big batch. The algorithm math (advantages, policy loss, aggregation, KL) comes from
+each mini-batch is cut into micro-batches by a token budget (``trainers.batching``), and the loss of every
+micro-batch is normalized by the token/sequence count of the whole mini-batch, so gradient accumulation gives the
+same gradient as one big batch. The algorithm math (advantages, policy loss, aggregation, KL) comes from
 ``rl.algorithms``; this module only moves tensors.
 
-Kernels (``learner.kernels``, chosen once at start-up by :func:`select_kernels` and logged): micro-batches are
-right-padded rows or packed rows (``trainers.packing``), and token log-probs come from the model's full logits
-(``naive``) or from its final hidden states and LM-head weight without the [tokens, vocab] logits
-(``chunked`` / ``triton``, ``trainers.fused_logprob``).
+Around the update, each concern has its module: the token log-probs and the kernels that compute them
+(``learner.kernels``, chosen once at start-up and logged: ``trainers.logprob``), the weight export to the engines
+(``trainers.weight_export``), the online drafter (``trainers.drafter``) and the checkpoint format
+(``trainers.checkpoint``).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import io
-import itertools
 import os
-import random
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rl.algorithms import (
     POLICY_LOSSES,
@@ -40,419 +33,24 @@ from rl.algorithms import (
 from rl.config import KernelsConfig
 from rl.console import name_log
 from rl.types import TrainSample
-from rl.weight_wire import BucketMeta, dtype_name
+from trainers import checkpoint as C
 from trainers import distributed as D
-from trainers.fused_logprob import (
-    IGNORE_INDEX,
-    LOGPROB_KERNELS,
-    logprob_kernel_unavailable,
+from trainers.batching import (
+    MicroBatch,
+    gather_response,
+    make_micro_batches,
+    move_micro_batch,
+    padding_batch,
+    response_mask,
+    response_values,
 )
-from trainers.packing import (
-    pack_groups,
-    packed_forward_kwargs,
-    packed_positions,
-    packing_unsupported,
-    select_attention_backend,
-    use_packed_attention,
-)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from trainers.drafter import DrafterMixin
+from trainers.logprob import KernelChoice, apply_kernels, select_kernels
+from trainers.packing import use_packed_attention
+from trainers.weight_export import WeightExportMixin
 
 
-@dataclass
-class MicroBatch:
-    """B sequences, right-padded (R = B rows) or packed back to back (R = 1 row). Position t of a row predicts
-    token t+1 of that row.
-
-    input_ids:    [R, L]   prompt+response ids (padded with 0).
-    attn_mask:    [R, L]   1 on real tokens (padded); None when packed.
-    position_ids: [R, L]   restarting at 0 for each sequence (packed); None when padded.
-    cu_seqlens:   [B+1]    int32 sequence offsets in the row (packed); None when padded.
-    max_seqlen:   longest sequence (packed; 0 when padded).
-    resp_mask:    [R, L-1] loss mask: 1 where position t predicts a trained response token.
-    resp_pos:     [R, L-1] bool: True where position t predicts any response token (log-probs are needed there).
-    seq_ids:      [R, L-1] long: the sequence (0..B-1 in this micro-batch) position t belongs to.
-    targets:      [R, L-1] next-token ids.
-    index:        which samples of the caller's list are in this micro-batch, in order.
-    starts:       (row, column) of each sequence's first token, in ``index`` order.
-    """
-
-    input_ids: torch.Tensor
-    attn_mask: torch.Tensor | None
-    position_ids: torch.Tensor | None
-    cu_seqlens: torch.Tensor | None
-    max_seqlen: int
-    resp_mask: torch.Tensor
-    resp_pos: torch.Tensor
-    seq_ids: torch.Tensor
-    targets: torch.Tensor
-    index: list[int]
-    starts: list[tuple[int, int]]
-
-    @property
-    def packed(self) -> bool:
-        return self.cu_seqlens is not None
-
-
-def make_micro_batches(samples: list[TrainSample], token_budget: int, packed: bool = False) -> list[MicroBatch]:
-    """Samples grouped into micro-batches of at most ``token_budget`` tokens (a longer single sample gets a
-    micro-batch of its own). Padded: greedy in length order, padded tokens count. Packed: first-fit decreasing
-    on real tokens (``trainers.packing.pack_groups``)."""
-    if packed:
-        groups = pack_groups([s.num_tokens for s in samples], token_budget)
-        return [_collate_packed([samples[i] for i in g], g) for g in groups]
-    order = sorted(range(len(samples)), key=lambda i: samples[i].num_tokens)
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            cur = groups[-1]
-            longest = max(samples[j].num_tokens for j in cur + [i])
-            if longest * (len(cur) + 1) <= token_budget:
-                cur.append(i)
-                continue
-        groups.append([i])
-    return [_collate([samples[i] for i in g], g) for g in groups]
-
-
-def _mark_response(resp: torch.Tensor, resp_pos: torch.Tensor, row: int, col0: int, s: TrainSample) -> None:
-    p, r = len(s.prompt_token_ids), len(s.response_token_ids)
-    mask = s.loss_mask if s.loss_mask is not None else [1] * r
-    # position t predicts token t+1: response token j sits at col0+p+j and is predicted at col0+p+j-1.
-    resp[row, col0 + p - 1 : col0 + p - 1 + r] = torch.tensor(mask, dtype=torch.float32)
-    resp_pos[row, col0 + p - 1 : col0 + p - 1 + r] = True
-
-
-def _collate(samples: list[TrainSample], index: list[int]) -> MicroBatch:
-    length = max(s.num_tokens for s in samples)
-    b = len(samples)
-    ids = torch.zeros(b, length, dtype=torch.long)
-    attn = torch.zeros(b, length, dtype=torch.long)
-    resp = torch.zeros(b, length - 1, dtype=torch.float32)
-    resp_pos = torch.zeros(b, length - 1, dtype=torch.bool)
-    for row, s in enumerate(samples):
-        seq = s.prompt_token_ids + s.response_token_ids
-        ids[row, : len(seq)] = torch.tensor(seq)
-        attn[row, : len(seq)] = 1
-        _mark_response(resp, resp_pos, row, 0, s)
-    seq_ids = torch.arange(b).unsqueeze(1).expand(b, length - 1).clone()
-    return MicroBatch(ids, attn, None, None, 0, resp, resp_pos, seq_ids, ids[:, 1:].clone(), index,
-                      [(row, 0) for row in range(b)])
-
-
-def _collate_packed(samples: list[TrainSample], index: list[int]) -> MicroBatch:
-    lengths = [s.num_tokens for s in samples]
-    position_ids, cu = packed_positions(lengths)
-    ids = torch.tensor([t for s in samples for t in s.prompt_token_ids + s.response_token_ids]).unsqueeze(0)
-    width = ids.shape[1] - 1
-    resp = torch.zeros(1, width, dtype=torch.float32)
-    resp_pos = torch.zeros(1, width, dtype=torch.bool)
-    seq_ids = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(lengths))[:width].unsqueeze(0)
-    starts = []
-    for k, s in enumerate(samples):
-        col0 = int(cu[k])
-        _mark_response(resp, resp_pos, 0, col0, s)
-        starts.append((0, col0))
-    return MicroBatch(ids, None, position_ids, cu, max(lengths), resp, resp_pos, seq_ids, ids[:, 1:].clone(), index,
-                      starts)
-
-
-def _response_values(mb: MicroBatch, samples: list[TrainSample], values: list[list[float]]) -> torch.Tensor:
-    """Scatter per-response-token values into the [R, L-1] layout of ``mb``."""
-    out = torch.zeros_like(mb.resp_mask)
-    for (row, col0), i in zip(mb.starts, mb.index):
-        p, r = len(samples[i].prompt_token_ids), len(samples[i].response_token_ids)
-        if r:
-            out[row, col0 + p - 1 : col0 + p - 1 + r] = torch.tensor(values[i], dtype=torch.float32)
-    return out
-
-
-def _gather_response(mb: MicroBatch, samples: list[TrainSample], tensor: torch.Tensor) -> list[list[float]]:
-    rows = []
-    for (row, col0), i in zip(mb.starts, mb.index):
-        p, r = len(samples[i].prompt_token_ids), len(samples[i].response_token_ids)
-        rows.append(tensor[row, col0 + p - 1 : col0 + p - 1 + r].tolist())
-    return rows
-
-
-@dataclass(frozen=True)
-class KernelChoice:
-    """What the learner runs: a ``LOGPROB_KERNELS`` name, ``padded`` or a packed attention backend
-    (``trainers.packing.ATTENTION_BACKENDS``), the chunked kernel's rows per chunk, and why auto/fallbacks chose so."""
-
-    logprob: str = "naive"
-    attention: str = "padded"
-    chunk_size: int | None = None
-    notes: tuple[str, ...] = ()
-
-    @property
-    def packed(self) -> bool:
-        return self.attention != "padded"
-
-    def describe(self) -> str:
-        why = f" ({'; '.join(self.notes)})" if self.notes else ""
-        return f"logprob={self.logprob} attention={self.attention}{why}"
-
-
-def _forward_kwargs(mb: MicroBatch) -> dict:
-    if mb.packed:
-        return dict(input_ids=mb.input_ids, **packed_forward_kwargs(mb.position_ids, mb.cu_seqlens, mb.max_seqlen))
-    return dict(input_ids=mb.input_ids, attention_mask=mb.attn_mask)
-
-
-def token_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool = False,
-                   kernels: KernelChoice | None = None):
-    """Log-probs [R, L-1] of the next tokens after temperature (as vLLM's processed log-probs), and optionally
-    entropies [R, L-1] (detached: a metric). Kernels whose capability ``full_logits`` is set run the model's own
-    head (all of [R, L, V] in memory); the others get the final hidden states and the LM-head weight and compute
-    only the response positions (``mb.resp_pos``; zeros elsewhere)."""
-    kernels = kernels or KernelChoice()
-    fwd = _forward_kwargs(mb)
-    if LOGPROB_KERNELS.capabilities(kernels.logprob)["full_logits"]:
-        logits = model(**fwd).logits[:, :-1].float()
-        logp_all = F.log_softmax(logits / temperature, dim=-1)
-        logp = logp_all.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
-        if not with_entropy:
-            return logp, None
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp, entropy
-    hidden = model.get_decoder()(**fwd).last_hidden_state[:, :-1]  # [R, L-1, H]
-    sel = mb.resp_pos
-    weight = model.get_output_embeddings().weight  # [V, H]; the embedding itself when tied
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):  # mixed precision: the kernel's GEMMs in the compute dtype too
-        compute = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(compute), weight.to(compute)
-    lp, ent = LOGPROB_KERNELS.get(kernels.logprob)(hidden[sel], weight, mb.targets[sel], temperature,
-                                                   IGNORE_INDEX, kernels.chunk_size)
-    logp = lp.new_zeros(sel.shape).index_put((sel,), lp)
-    if not with_entropy:
-        return logp, None
-    return logp, ent.detach().new_zeros(sel.shape).index_put((sel,), ent.detach())
-
-
-_AUTO_LOGITS_BYTES = 256 << 20  # CPU auto: fused log-probs once a micro-batch's fp32 logits would exceed this
-
-
-def _whole_shape(param: torch.Tensor) -> torch.Size:
-    """A parameter's whole shape (a DeepSpeed ZeRO-3 partitioned parameter holds an empty tensor and keeps its
-    shape in ``ds_shape``; an FSDP2 DTensor reports its global shape)."""
-    return getattr(param, "ds_shape", param.shape)
-
-
-def fused_head_unsupported(model) -> str | None:
-    """Why the fused kernels cannot reproduce ``model``'s logits from hidden states @ LM-head weight (None if
-    they can)."""
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None or len(_whole_shape(head.weight)) != 2:
-        return "the model has no linear output embedding"
-    if getattr(head, "bias", None) is not None:
-        return "the LM head has a bias"
-    cfg = model.config
-    for key in ("final_logit_softcapping", "logit_softcapping"):
-        if getattr(cfg, key, None):
-            return f"the model soft-caps its logits ({key}={getattr(cfg, key)})"
-    for key in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
-        if getattr(cfg, key, None) not in (None, 1, 1.0):
-            return f"the model scales its logits ({key}={getattr(cfg, key)})"
-    if model.get_decoder() is model:
-        return "the model exposes no separate decoder for hidden states"
-    return None
-
-
-def select_kernels(cfg: KernelsConfig, model, device: torch.device, micro_batch_tokens: int,
-                   compute_dtype: torch.dtype | None = None) -> KernelChoice:
-    """Resolve ``learner.kernels`` for this model and device. An explicit choice that cannot run here is an error;
-    a model the fused head or packing cannot reproduce falls back (naive / padded) with the reason in ``notes``.
-    ``compute_dtype``: the dtype the forward runs in (None: the parameters'; fp32 master weights computing in bf16
-    under autocast or FSDP2 mixed precision get the half-precision attention kernels)."""
-    notes: list[str] = []
-    logprob = cfg.logprob
-    if logprob == "auto":
-        if device.type == "cuda":
-            why = logprob_kernel_unavailable("triton", device)
-            logprob = "chunked" if why else "triton"
-            if why:
-                notes.append(f"auto logprob: {why}, so chunked")
-        else:
-            logits_bytes = micro_batch_tokens * _whole_shape(model.get_output_embeddings().weight)[0] * 4
-            logprob = "chunked" if logits_bytes > _AUTO_LOGITS_BYTES else "naive"
-            notes.append(f"auto logprob on CPU: {logits_bytes / 2**20:.0f} MiB of fp32 logits per micro-batch")
-    else:
-        why = logprob_kernel_unavailable(logprob, device)
-        if why:
-            raise ValueError(f"learner.kernels.logprob={logprob!r} cannot run here: {why}. "
-                             f"Use auto or one of {', '.join(n for n in LOGPROB_KERNELS.names() if n != logprob)}")
-    if not LOGPROB_KERNELS.capabilities(logprob)["full_logits"]:
-        why = fused_head_unsupported(model)
-        if why:
-            notes.append(f"logprob {logprob} -> naive: {why}")
-            logprob = "naive"
-    attention = cfg.attention
-    if attention == "auto":
-        attention = "packed" if device.type == "cuda" else "padded"
-    if attention == "packed":
-        why = packing_unsupported(model)
-        if why:
-            notes.append(f"attention packed -> padded: {why}")
-            attention = "padded"
-        else:
-            attention, skipped = select_attention_backend(device, compute_dtype or next(model.parameters()).dtype)
-            if device.type == "cuda":  # on CPU only the per-sequence path exists; nothing to explain
-                notes.extend(skipped)
-    return KernelChoice(logprob, attention, cfg.logprob_chunk_size, tuple(notes))
-
-
-def _mb_to(mb: MicroBatch, device: torch.device) -> MicroBatch:
-    moved = {f.name: getattr(mb, f.name).to(device) for f in dataclasses.fields(mb)
-             if isinstance(getattr(mb, f.name), torch.Tensor)}
-    return dataclasses.replace(mb, **moved)
-
-
-def apply_kernels(model, kernels: KernelChoice, device: torch.device, logprobs_fn=None,
-                  chunked_fallback: bool | None = None) -> KernelChoice:
-    """Set ``model`` up for ``kernels`` (packed attention) and check it on a two-sequence probe against padded +
-    naive (the model's own attention and head). ``logprobs_fn(mb, choice) -> logp`` runs the probe (default:
-    ``token_logprobs`` on ``model``; a sharded learner passes its wrapped policy, and then every rank must call
-    this: which probes run depends only on ``kernels`` and ``chunked_fallback``, never on their results).
-
-    On a mismatch the model's own attention is restored where packed attention is dropped, and the reasons go to
-    ``notes``. What replaces a failed choice:
-
-    - ``chunked_fallback`` (default: on CUDA): the log-prob kernel (with padded attention) and the packed attention
-      (with the model's own head) are probed separately as well, and what passes is kept. A failed fused
-      log-prob kernel falls back to ``chunked`` when chunked passes its own probe (naive holds the whole
-      [tokens, V] logits: tens of GB at 16K tokens x 152K vocabulary), to naive only when chunked fails too (a
-      head that transforms its logits undeclared); failed packed attention falls back to padded.
-    - otherwise (CPU, where the fused choices are chunked and the per-sequence attention): padded + naive.
-
-    Tolerance: ``floor + 2 eps L``. ``L`` is the largest |logit| the model's head returned on the probe, ``eps``
-    the machine epsilon of the dtype it returned them in. The reference's logits are rounded to that dtype, a
-    fused kernel's are not (Triton, fp32 accumulation) or are rounded from another GEMM (chunked): per logit they
-    differ by at most one ulp, eps * |z| <= eps L, and a log-prob z_y - logsumexp(z) by at most twice that. A
-    fixed absolute tolerance fails spuriously on bf16 logits above ~32 (ulp 0.25). ``floor`` (1e-3 for fp32
-    logits, 0.1 below) covers the rest, mainly another attention kernel's rounding in the hidden states. The
-    failures this check is for (an undeclared logit scale or soft-cap, a wrong attention mask) move log-probs by
-    several nats."""
-    if kernels == KernelChoice(notes=kernels.notes):
-        return kernels
-    if chunked_fallback is None:
-        chunked_fallback = device.type == "cuda"
-    g = torch.Generator().manual_seed(1234)  # a local generator: the global RNG stream is left untouched
-    vocab = min(model.config.vocab_size, _whole_shape(model.get_input_embeddings().weight)[0])
-    probe = [TrainSample(torch.randint(0, vocab, (n,), generator=g).tolist(),
-                         torch.randint(0, vocab, (m,), generator=g).tolist(), [0.0] * m, 0.0, "probe")
-             for n, m in ((3, 5), (4, 2))]
-
-    def run(choice: KernelChoice) -> list[float]:
-        mb = _mb_to(make_micro_batches(probe, 1 << 20, packed=choice.packed)[0], device)
-        with torch.no_grad():
-            logp = (logprobs_fn(mb, choice) if logprobs_fn is not None
-                    else token_logprobs(model, mb, 1.0, kernels=choice)[0])
-        by_sample = dict(zip(mb.index, _gather_response(mb, probe, logp.float().cpu())))
-        return [x for i in range(len(probe)) for x in by_sample[i]]
-
-    head_out: dict = {}
-
-    def record(_module, _inputs, out):
-        if isinstance(out, torch.Tensor) and out.numel() > 0:
-            head_out["max"] = max(head_out.get("max", 0.0), float(out.detach().abs().amax()))
-            head_out["dtype"] = out.dtype
-
-    was_training, own_attention = model.training, model.config._attn_implementation
-    model.eval()
-    hook = model.get_output_embeddings().register_forward_hook(record)
-    try:
-        want = run(KernelChoice())
-    finally:
-        hook.remove()
-    chunk = kernels.chunk_size
-    # fused log-prob kernels to try, in order of preference (naive, the model's own head, is the last resort)
-    fused = [] if LOGPROB_KERNELS.capabilities(kernels.logprob)["full_logits"] else [kernels.logprob]
-    if chunked_fallback and fused and fused[0] != "chunked":
-        fused.append("chunked")
-    if chunked_fallback:  # every part alone with padded attention, then with the packed attention
-        probes = [KernelChoice(name, "padded", chunk) for name in fused]
-        packed_probes = ([KernelChoice("naive", kernels.attention)]
-                         + [KernelChoice(name, kernels.attention, chunk) for name in fused]) if kernels.packed else []
-    else:  # the choice as a whole
-        probes, packed_probes = ([], [kernels]) if kernels.packed else ([kernels], [])
-    got = {(c.logprob, c.attention): run(c) for c in probes}
-    if kernels.packed:
-        use_packed_attention(model, kernels.attention)
-        got.update({(c.logprob, c.attention): run(c) for c in packed_probes})
-    model.train(was_training)
-    out_dtype = head_out.get("dtype", next(model.parameters()).dtype)
-    floor = 1e-3 if torch.finfo(out_dtype).bits >= 32 else 0.1
-    tol = floor + 2 * torch.finfo(out_dtype).eps * head_out.get("max", 0.0)
-    err = {key: max(abs(a - b) for a, b in zip(values, want)) for key, values in got.items()}
-
-    def passes(logprob: str, attention: str) -> bool:
-        return err[(logprob, attention)] <= tol
-
-    notes = list(kernels.notes)
-
-    def fail(logprob: str, attention: str, what: str) -> None:
-        notes.append(f"self-check: logprob={logprob} attention={attention} differs from padded+naive by "
-                     f"{err[(logprob, attention)]:.2e} > {tol:.2e}{what}")
-
-    if not chunked_fallback:
-        key = (kernels.logprob, kernels.attention)
-        if passes(*key):
-            return kernels
-        if kernels.packed:
-            model.set_attn_implementation(own_attention)
-        fail(*key, ", so padded+naive")
-        return KernelChoice(notes=tuple(notes))
-    logprob = "naive"
-    for name in fused:
-        if passes(name, "padded"):
-            logprob = name
-            break
-        fail(name, "padded", "")
-    attention = kernels.attention
-    if kernels.packed:  # the attention with the model's own head, then with the log-prob kernel kept
-        for name in dict.fromkeys(["naive", logprob]):
-            if not passes(name, attention):
-                fail(name, attention, "")
-                attention = "padded"
-                model.set_attn_implementation(own_attention)
-                break
-    if (logprob, attention) == (kernels.logprob, kernels.attention):
-        return kernels
-    notes.append(f"so logprob={logprob} attention={attention}")
-    return KernelChoice(logprob, attention, chunk, tuple(notes))
-
-
-_LAYER_PREFIX = re.compile(r"^(.*?\.layers\.\d+)\.")
-
-
-def plan_weight_buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
-    """Names in order, cut into buckets of about ``bucket_bytes`` (0: everything in one). A decoder layer
-    (``...layers.N.*``) is never split: an inference engine fuses a layer's projections (q/k/v, gate/up) into one
-    tensor that must be loaded whole; a layer larger than the bound gets a bucket of its own. Other entries
-    (embedding, final norm, LM head) are units of one tensor."""
-    if bucket_bytes < 0:
-        raise ValueError(f"bucket_bytes must be >= 0, got {bucket_bytes}")
-
-    def unit(entry: tuple[str, int]) -> str:
-        m = _LAYER_PREFIX.match(entry[0])
-        return m.group(1) if m else entry[0]
-
-    buckets: list[list[str]] = [[]]
-    filled = 0
-    for _, group in itertools.groupby(sizes, key=unit):
-        entries = list(group)
-        size = sum(s for _, s in entries)
-        if bucket_bytes and filled and filled + size > bucket_bytes:
-            buckets.append([])
-            filled = 0
-        buckets[-1].extend(n for n, _ in entries)
-        filled += size
-    return buckets
-
-
-class Learner:
+class Learner(WeightExportMixin, DrafterMixin):
     """Holds the policy (and optionally a frozen reference), the optimizer, and the update step.
 
     One rank of the learner group (``trainers.distributed``): with ``learner.strategy=fsdp2`` every public method
@@ -536,7 +134,8 @@ class Learner:
         from trainers.lora import apply_lora
 
         if self.strategy != "single":
-            raise ValueError(f"model.lora with learner.strategy={self.strategy}: LoRA is wired for strategy=single only")
+            raise ValueError(f"model.lora with learner.strategy={self.strategy}: LoRA is wired for strategy=single "
+                             "only")
         self.lora_model = apply_lora(self.model, rank=int(lora["rank"]), alpha=float(lora["alpha"]),
                                      dropout=float(lora.get("dropout", 0.0)), target_modules=lora["target_modules"])
         self.model = self.lora_model.get_base_model()
@@ -559,9 +158,9 @@ class Learner:
         fsdp_cfg = self.cfg.get("fsdp") or {}
         # a learner_cfg dict written before learner.param_dtype existed: fsdp.param_dtype was FSDP2's compute dtype
         legacy = fsdp_cfg.get("param_dtype") if self.strategy == "fsdp2" else None
-        self.compute_dtype = _DTYPES[legacy or dtype]
-        self.param_dtype = _DTYPES[self.cfg.get("param_dtype") or dtype]
-        self.export_dtype = _DTYPES[export_dtype or dtype]
+        self.compute_dtype = D.DTYPES[legacy or dtype]
+        self.param_dtype = D.DTYPES[self.cfg.get("param_dtype") or dtype]
+        self.export_dtype = D.DTYPES[export_dtype or dtype]
         if self.param_dtype != torch.float32 and self.param_dtype != self.compute_dtype:
             param, compute = (str(t).removeprefix("torch.") for t in (self.param_dtype, self.compute_dtype))
             raise ValueError(f"learner.param_dtype={param} with model.dtype={compute}: 16-bit parameters compute in "
@@ -630,11 +229,6 @@ class Learner:
                 out = out.clone()
             yield k, out.contiguous()
 
-    def _weight_shapes(self) -> list[tuple[str, list[int]]]:
-        """(HF name, whole shape) for every state-dict entry, in the order ``_full_weights`` yields them (a sharded
-        DTensor reports its global shape); read from metadata, nothing gathered."""
-        return [(k, list(v.shape)) for k, v in self.model.state_dict().items()]
-
     # ---------------------------------------------------------------- log-probs
     @torch.no_grad()
     def compute_logprobs(self, samples: list[TrainSample], model=None, temperature: float | None = None,
@@ -658,17 +252,15 @@ class Learner:
         try:
             for k in range(D.max_over_ranks(len(mbs))):
                 if k >= len(mbs):  # padding pass: the other ranks' collectives need this rank's forward
-                    module(self._to_device(self._padding_batch()), temp, False, self.kernels)
+                    module(self._to_device(padding_batch(self.kernels.packed)), temp, False, self.kernels)
                     continue
                 mb = self._to_device(mbs[k])
                 hidden.clear()
                 logp, _ = module(mb, temp, False, self.kernels)
-                for i, row in zip(mb.index, _gather_response(mb, local, logp.float().cpu())):
+                for i, row in zip(mb.index, gather_response(mb, local, logp.float().cpu())):
                     rows[mine[i]] = row
                 if capture is not None:
-                    buffer = self.drafter.buffer  # this rank's share of drafter.buffer_tokens
-                    budget = buffer.max_tokens - sum(len(c) for c in capture)
-                    capture.extend(_drafter_sequences(mb, local, hidden[-1], buffer.storage_dtype, budget))
+                    self._capture_sequences(capture, mb, local, hidden[-1])
         finally:
             if hook is not None:
                 hook.remove()
@@ -677,12 +269,8 @@ class Learner:
                 rows.update(part)
         return [rows[i] for i in range(len(samples))]
 
-    def _padding_batch(self) -> MicroBatch:
-        return make_micro_batches([TrainSample([0], [0], [0.0], 0.0, "padding")], 1 << 20,
-                                  packed=self.kernels.packed)[0]
-
     def _to_device(self, mb: MicroBatch) -> MicroBatch:
-        return mb if self.device.type == "cpu" else _mb_to(mb, self.device)
+        return mb if self.device.type == "cpu" else move_micro_batch(mb, self.device)
 
     def kl_reward_penalties(self, samples: list[TrainSample]) -> list[float]:
         """``kl_coef * sum_t KL_t`` per sample against the reference policy, for ``algorithm.kl_in=reward``.
@@ -697,12 +285,17 @@ class Learner:
         out = []
         for s, r in zip(samples, ref):
             n = len(s.response_token_ids)
-            mask = torch.tensor(s.loss_mask if s.loss_mask is not None else [1] * n, dtype=torch.float64)
+            mask = torch.tensor(response_mask(s), dtype=torch.float64)
             logp = torch.tensor(s.behaviour_logprobs, dtype=torch.float64)
             pen = kl_reward_penalty(logp, torch.tensor(r, dtype=torch.float64), mask, torch.zeros(n, dtype=torch.long),
                                     1, self.algo.kl_coef, self.algo.kl_estimator)
             out.append(float(pen[0]))
         return out
+
+    def probe_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Temperature-1 log-probs of given responses (the canary's learner side)."""
+        samples = [TrainSample(list(p), list(r), [0.0] * len(r), 0.0, "probe") for p, r in sequences]
+        return self.compute_logprobs(samples, temperature=1.0)
 
     # ---------------------------------------------------------------- update
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
@@ -767,9 +360,7 @@ class Learner:
     def _update(self, samples, idx, old, ref) -> dict[str, float]:
         """One optimizer step on the mini-batch ``samples[idx]``. The loss is normalized by the whole mini-batch's
         counts; each rank runs its share of the samples and the gradient reduction sums over ranks."""
-        masks = [samples[i].loss_mask if samples[i].loss_mask is not None else [1] * len(samples[i].response_token_ids)
-                 for i in idx]
-        n_tokens = float(sum(sum(m) for m in masks))
+        n_tokens = float(sum(sum(response_mask(samples[i])) for i in idx))
         n_seqs = float(len(idx))
         mine = D.assign_to_ranks([samples[i].num_tokens for i in idx], self.world_size)[self.rank]
         sub = [samples[idx[j]] for j in mine]
@@ -782,13 +373,14 @@ class Learner:
         n_passes = D.max_over_ranks(len(mbs))
         for k in range(n_passes):
             if k >= len(mbs):  # padding pass with zero loss: keeps this rank in the other ranks' collectives
-                logp, _ = self.policy(self._to_device(self._padding_batch()), self.temperature, False, self.kernels)
+                logp, _ = self.policy(self._to_device(padding_batch(self.kernels.packed)), self.temperature, False,
+                                      self.kernels)
                 self._backward(logp.sum() * 0.0)
                 continue
             mb = self._to_device(mbs[k])
             logp, entropy = self.policy(mb, self.temperature, True, self.kernels)
             mask = mb.resp_mask
-            old_t = _response_values(mb, sub, sub_old).to(logp.device)
+            old_t = response_values(mb, sub, sub_old).to(logp.device)
             adv_t = mask * torch.tensor([sub[i].advantage for i in mb.index], device=logp.device)[mb.seq_ids]
             rows = mb.seq_ids
             sel = mask > 0
@@ -804,14 +396,14 @@ class Learner:
             per_token_loss = out.per_token_loss
             tis = None
             if self.cfg.get("tis_cap"):  # async mode: truncated importance weight pi_old / pi_behaviour per token
-                beh_t = _response_values(mb, sub, [s.behaviour_logprobs for s in sub]).to(logp.device)
+                beh_t = response_values(mb, sub, [s.behaviour_logprobs for s in sub]).to(logp.device)
                 ratio = torch.exp(old_t[sel] - beh_t[sel])
                 tis = ratio.clamp(max=float(self.cfg["tis_cap"]))
                 per_token_loss = per_token_loss * tis
             pg = aggregate_loss(per_token_loss, inp.mask, inp.seq_index, **agg)
             loss = pg
             if sub_ref is not None:
-                ref_t = _response_values(mb, sub, sub_ref).to(logp.device)
+                ref_t = response_values(mb, sub, sub_ref).to(logp.device)
                 kl = kl_estimate(logp[sel], ref_t[sel], self.algo.kl_estimator)
                 kl_loss = aggregate_loss(kl, inp.mask, inp.seq_index, **agg)
                 loss = loss + self.algo.kl_coef * kl_loss
@@ -833,191 +425,7 @@ class Learner:
             totals, weighted = D.sum_over_ranks({**totals, **weighted}), {}
         return {**totals, **weighted, "loss/grad_norm": float(grad_norm), "tokens": n_tokens}
 
-    # ---------------------------------------------------------------- weights and checkpoints
-    def _weight_sizes(self) -> list[tuple[str, int]]:
-        """(HF name, whole tensor's bytes) for every state-dict entry, in the order ``_full_weights`` yields them;
-        read from metadata, nothing gathered."""
-        size = torch.empty(0, dtype=self.export_dtype).element_size()
-        return [(k, v.numel() * size) for k, v in self.model.state_dict().items()]
-
-    def begin_weight_export(self, bucket_bytes: int = 0, copy: bool = True) -> int:
-        """Start an export of the whole weights in buckets of about ``bucket_bytes`` (0: one bucket), cut only
-        between decoder layers (``plan_weight_buckets``); returns the number of buckets. Every rank then calls
-        ``next_weight_bucket`` (or ``send_weight_bucket``) for each bucket in order (the gathers are collectives).
-        ``copy=False``: the bucket's tensors may be the live parameters (``send_weight_bucket`` packs them into its
-        send buffer, which is the copy)."""
-        self._export_plan = plan_weight_buckets(self._weight_sizes(), bucket_bytes)
-        # every rank's drafter replica reads the shared embedding and LM head (and keeps them: copies)
-        sender_device = getattr(getattr(self, "_sender", None), "device", None)
-        self._export_iter = self._full_weights(
-            frozenset(self._shared_weight_names()) if self.drafter is not None else frozenset(),
-            copy=copy or self.drafter is not None,
-            device=sender_device if not copy and sender_device is not None and self.drafter is None else "cpu")
-        self._export_shared: dict[str, torch.Tensor] = {}
-        return len(self._export_plan)
-
-    def weight_bucket_meta(self) -> list[dict]:
-        """What each bucket of the started export holds (``rl.weight_wire.BucketMeta`` fields plus ``bucket`` and
-        ``num_buckets``): the update info of vLLM's weight-transfer API, one per bucket, for the engines."""
-        n = len(self._export_plan)
-        return [{**self._bucket_meta(b).as_dict(), "bucket": b, "num_buckets": n} for b in range(n)]
-
-    def _bucket_meta(self, index: int) -> BucketMeta:
-        """Names, dtype (``export_dtype``: ``_full_weights`` casts every entry to it) and whole shapes of a bucket."""
-        shapes = dict(self._weight_shapes())
-        names = list(self._export_plan[index])
-        return BucketMeta(names, [dtype_name(self.export_dtype)] * len(names), [shapes[x] for x in names])
-
-    def weight_transport_address(self) -> tuple[str, int]:
-        """This node's address and a free port for the transfer group's rendezvous (asked of rank 0, which hosts
-        it)."""
-        return D.free_address()
-
-    def init_weight_transport(self, address: str | None, port: int | None, world_size: int, timeout_s: float,
-                              transport: str = "gloo") -> float:
-        """Rank 0 opens its sender for the resolved ``sync.transport`` (``trainers.weight_transport.make_sender``:
-        for ``gloo`` / ``nccl`` it waits for the engine workers to join the transfer group); the other ranks only
-        take part in the gathers. Returns seconds."""
-        if self.rank != 0:
-            return 0.0
-        from trainers.weight_transport import make_sender
-
-        t0 = time.perf_counter()
-        if getattr(self, "_sender", None) is not None:
-            self._sender.close()
-        self._sender = make_sender(transport, address, port, world_size, timeout_s, self.device)
-        return time.perf_counter() - t0
-
-    def send_weight_bucket(self, index: int) -> dict[str, float]:
-        """Gather bucket ``index`` of the started export (every rank) and broadcast it to the engine workers (rank
-        0); returns rank 0's bytes and seconds (gather, pack, send), nothing on the others."""
-        t0 = time.perf_counter()
-        bucket = self._next_bucket(index)
-        if self.rank != 0:
-            return {}
-        gather_s = time.perf_counter() - t0
-        meta = self._bucket_meta(index)  # what the engines were told; packing checks every tensor against it
-        try:
-            info = self._sender.send(meta, [bucket[x] for x in meta.names])
-        except Exception as e:  # noqa: BLE001 - the transport's error, with the bucket's position
-            raise RuntimeError(f"weight transfer: sending bucket {index + 1}/{len(self._export_plan)} failed: "
-                               f"{str(e).splitlines()[0][:300]}") from None
-        return {**info, "gather_s": gather_s}
-
-    def release_weight_buffers(self) -> None:
-        """After a sync over ``ipc``: the shared buffers of its last buckets are released (the engines have loaded
-        them)."""
-        if self.rank == 0 and getattr(self, "_sender", None) is not None:
-            self._sender.close()
-
-    def next_weight_bucket(self, index: int) -> bytes | None:
-        """Bucket ``index`` of the export ``begin_weight_export`` started: safetensors bytes of its whole tensors
-        (HF names; tied tensors cloned so safetensors accepts them) on rank 0, None on the others. Sharded
-        parameters are gathered one tensor at a time, so no rank holds more than its shard plus one bucket."""
-        from safetensors.torch import save as st_save
-
-        bucket = self._next_bucket(index)
-        if self.rank != 0:
-            return None
-        return st_save(bucket)
-
-    def _next_bucket(self, index: int) -> dict[str, torch.Tensor | None]:
-        """Bucket ``index``'s whole tensors by name (None on ranks other than 0), gathered in the plan's order."""
-        names = self._export_plan[index]
-        bucket = {}
-        for want in names:
-            name, tensor = next(self._export_iter)
-            if name != want:
-                raise RuntimeError(f"weight export out of order: got {name!r}, planned {want!r}")
-            bucket[name] = tensor
-        if self.drafter is not None:  # the drafter trains against the target the engines serve (on every rank)
-            shared = self._shared_weight_names()
-            self._export_shared.update({n: bucket[n] for n in shared if n in bucket})
-            if index == len(self._export_plan) - 1:
-                self.drafter.set_shared_weights(*(self._export_shared[n] for n in shared))
-                self._export_shared = {}
-        if index == len(self._export_plan) - 1:
-            self._release_cached_memory()  # the gathers' blocks go back to the device (the engines wake next)
-        return bucket
-
-    def export_weights(self) -> bytes | None:
-        """The whole weights in one piece: ``next_weight_bucket`` of a one-bucket export."""
-        self.begin_weight_export(0)
-        return self.next_weight_bucket(0)
-
-    # ---------------------------------------------------------------- the speculative drafter (data-parallel)
-    def _shared_weight_names(self) -> tuple[str, str]:
-        """State-dict names of the input embedding and the LM head weights (the same tensor when tied)."""
-        names = {id(m): n for n, m in self.model.named_modules()}
-        return (f"{names[id(self.model.get_input_embeddings())]}.weight",
-                f"{names[id(self.model.get_output_embeddings())]}.weight")
-
-    def drafter_setup(self, section: dict, drafter_dir: str) -> int:
-        """Hold a replica of the drafter saved in ``drafter_dir`` (``section``: the ``drafter`` config) on every
-        rank, trained data-parallel: each rank keeps the hidden states of its own share of each step's rollouts
-        and the gradients are summed across ranks (``rollout.drafter.online``). Its copies of the shared weights
-        arrive with the next weight export. Returns the drafter's trainable parameter count."""
-        from rollout.drafter.model import num_trainable_parameters
-        from rollout.drafter.online import OnlineDrafter, OnlineDrafterConfig
-
-        if self.cfg["old_logprob_source"] != "learner":
-            raise ValueError("the drafter learns from the learner's old-log-prob pass: set "
-                             "learner.old_logprob_source=learner")
-        self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device, export_dtype=self.export_dtype, rank=self.rank,
-                                     world_size=self.world_size)
-        return num_trainable_parameters(self.drafter.drafter)
-
-    def drafter_train(self, time_budget_s: float, max_steps: int | None = None) -> dict[str, float]:
-        """Train the drafter for at most ``time_budget_s`` (a collective: every rank calls it); the metrics are
-        the same on every rank."""
-        if self.drafter is None:
-            return {}
-        try:
-            return self.drafter.train(time_budget_s, max_steps)
-        finally:
-            self._release_cached_memory()  # it trains while the engines generate beside it
-
-    def drafter_transfer_meta(self) -> dict:
-        """The drafter's own weights as one bucket's update info (``weight_bucket_meta``'s format) for the transfer
-        group, taken now and sent by the next ``send_drafter`` (rank 0; the replicas are identical, so the other
-        ranks take no part: an empty dict)."""
-        if self.drafter is None or self.rank != 0:
-            return {}
-        self._drafter_out = self.drafter.export_tensors()
-        named = list(self._drafter_out.items())
-        meta = BucketMeta([n for n, _ in named], [dtype_name(t.dtype) for _, t in named], [list(t.shape) for _, t in named])
-        return {**meta.as_dict(), "bucket": 0, "num_buckets": 1}
-
-    def send_drafter(self) -> dict[str, float]:
-        """Broadcast the weights ``drafter_transfer_meta`` took to the engine workers (rank 0)."""
-        if self.drafter is None or self.rank != 0:
-            return {}
-        named, self._drafter_out = list(self._drafter_out.items()), None
-        meta = BucketMeta([n for n, _ in named], [dtype_name(t.dtype) for _, t in named], [list(t.shape) for _, t in named])
-        try:
-            return self._sender.send(meta, [t for _, t in named])
-        except Exception as e:  # noqa: BLE001 - the transport's error, named
-            raise RuntimeError(f"weight transfer: sending the drafter failed: {str(e).splitlines()[0][:300]}") from None
-
-    def export_drafter(self) -> bytes | None:
-        """The drafter's weights for ``Engine.load_drafter_weights`` (rank 0; None elsewhere: the replicas are
-        identical)."""
-        return self.drafter.export() if self.drafter is not None and self.rank == 0 else None
-
-    def probe_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        """Temperature-1 log-probs of given responses (the canary's learner side)."""
-        samples = [TrainSample(list(p), list(r), [0.0] * len(r), 0.0, "probe") for p, r in sequences]
-        return self.compute_logprobs(samples, temperature=1.0)
-
-    def export_adapter(self) -> dict[str, bytes] | None:
-        """``model.lora``: the adapter's files (``trainers.lora.adapter_files``) in the engines' dtype, what each
-        sync sends; rank 0 (None elsewhere, and without LoRA)."""
-        from trainers.lora import adapter_files
-
-        if self.lora_model is None or self.rank != 0:
-            return None
-        return adapter_files(self.lora_model, dtype=self.export_dtype)
-
+    # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str) -> None:
         """Model (safetensors, HF names), optimizer and RNG states into ``directory`` (the caller makes it atomic).
         The optimizer state is saved whole, keyed by parameter name, so a checkpoint resumes under any strategy
@@ -1035,24 +443,10 @@ class Learner:
             path.mkdir(parents=True, exist_ok=True)
             weights = {k.removeprefix("lm."): v for k, v in model_sd.items()}
             self.model.save_pretrained(path / "model", state_dict=weights)
-            state = {
-                "format": "fqn",
-                "optimizer": optim_sd,
-                "num_updates": self.num_updates,
-                "rng": _rng_state(),
-            }
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            (path / "learner_state.pt").write_bytes(buf.getvalue())
+            C.write_learner_state(path, optim_sd, self.num_updates)
             if self.drafter is not None:
                 self.drafter.save(path)
         D.barrier()
-
-    def _learner_state(self, optim_sd: dict) -> bytes:
-        buf = io.BytesIO()
-        torch.save({"format": "fqn", "optimizer": optim_sd, "num_updates": self.num_updates, "rng": _rng_state(),
-                    "lora": self.lora_model is not None}, buf)
-        return buf.getvalue()
 
     def _save_lora(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -1064,32 +458,33 @@ class Learner:
         path.mkdir(parents=True, exist_ok=True)
         write_adapter(adapter_files(self.lora_model), path / "adapter")
         self.model.save_pretrained(path / "model", state_dict=merged_state_dict(self.lora_model))
-        (path / "learner_state.pt").write_bytes(self._learner_state(optim_sd))
+        C.write_learner_state(path, optim_sd, self.num_updates, lora=True)
 
     def _load_lora(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        from trainers.lora import adapter_state_dict
+
         file = path / "adapter" / "adapter_model.safetensors"
         if not file.is_file():
             raise RuntimeError(f"checkpoint {path} has no adapter ({file}): it was not written by a model.lora run; "
                                "resume it without model.lora, or start a LoRA run from its model/ (model.path)")
         tensors = load_file(str(file))
-        want = set(adapter_state_dict_names(self.lora_model))
+        want = set(adapter_state_dict(self.lora_model))
         if set(tensors) != want:
             raise RuntimeError(f"checkpoint {path}: its adapter does not fit model.lora (missing "
                                f"{sorted(want - set(tensors))[:4]}, unexpected {sorted(set(tensors) - want)[:4]})")
         set_peft_model_state_dict(self.lora_model, tensors)
-        state = torch.load(path / "learner_state.pt", weights_only=False)
+        state = C.read_learner_state(path)
         set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.num_updates = state["num_updates"]
-        _set_rng_state(state["rng"])
+        C.set_rng_state(state["rng"])
 
     def load(self, directory: str) -> None:
         """Every rank reads the checkpoint (so ``directory`` must be on storage all learner nodes see)."""
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         path = Path(directory)
@@ -1098,18 +493,8 @@ class Learner:
         if (path / "adapter").is_dir():
             raise RuntimeError(f"checkpoint {path} was written by a model.lora run: resume it with the same "
                                "model.lora (its model/ holds the merged weights, which a new run can start from)")
-        weights = load_file(str(path / "model" / "model.safetensors"))
-        expected = set(self.model.state_dict())
-        if self.model.config.tie_word_embeddings and "lm_head.weight" in expected and "lm_head.weight" not in weights:
-            emb = self.model.get_input_embeddings().weight
-            name = next(k for k, v in self.model.state_dict(keep_vars=True).items()
-                        if v is emb and k != "lm_head.weight")
-            weights["lm_head.weight"] = weights[name]
-        # Tied LM heads are saved once; anything else missing is a real mismatch.
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
-        state = torch.load(path / "learner_state.pt", weights_only=False)
+        weights = C.read_model_weights(path, self.model)
+        state = C.read_learner_state(path)
         if state.get("format") != "fqn":
             if self.strategy != "single":
                 raise RuntimeError(f"checkpoint {path} has an optimizer state keyed by parameter order (an older "
@@ -1121,51 +506,12 @@ class Learner:
                            model_state_dict={f"lm.{k}": v for k, v in weights.items()},
                            optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.num_updates = state["num_updates"]
-        _set_rng_state(state["rng"])
+        C.set_rng_state(state["rng"])
         if self.drafter is not None:
             self.drafter.load(path)
 
     def ping(self) -> int:
         return os.getpid()
-
-
-def _drafter_sequences(mb: MicroBatch, samples: list[TrainSample], hidden: torch.Tensor, dtype: torch.dtype,
-                       budget: int) -> list:
-    """One ``DrafterSequence`` per sequence of ``mb`` (``hidden``: the decoder's [R, L, H] output), on the CPU in
-    ``dtype``, while their tokens fit in ``budget``; the loss mask marks the response tokens the policy produced
-    (``loss_mask``), the positions a drafter drafts."""
-    from rollout.drafter.buffer import DrafterSequence
-
-    out = []
-    for i, (row, col0) in zip(mb.index, mb.starts):
-        s = samples[i]
-        n, p = s.num_tokens, len(s.prompt_token_ids)
-        if n > budget:
-            break
-        budget -= n
-        mask = torch.zeros(n, dtype=torch.bool)
-        resp = s.loss_mask if s.loss_mask is not None else [1] * len(s.response_token_ids)
-        mask[p:] = torch.tensor(resp, dtype=torch.bool)
-        out.append(DrafterSequence(torch.tensor(s.prompt_token_ids + s.response_token_ids),
-                                   hidden[row, col0:col0 + n].detach().to("cpu", dtype), mask))
-    return out
-
-
-def adapter_state_dict_names(lora_model) -> list[str]:
-    """The names an adapter's safetensors file holds (peft's saved names)."""
-    from trainers.lora import adapter_state_dict
-
-    return list(adapter_state_dict(lora_model))
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
 
 
 def learner_class(strategy: str) -> type[Learner]:

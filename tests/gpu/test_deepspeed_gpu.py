@@ -13,7 +13,8 @@ from safetensors.torch import load as st_load
 
 from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers import distributed as D
-from trainers.learner import KernelChoice, Learner, learner_class
+from trainers.learner import Learner, learner_class
+from trainers.logprob import KernelChoice
 
 pytestmark = [
     pytest.mark.gpu,

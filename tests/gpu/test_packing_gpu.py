@@ -9,14 +9,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rl.types import TrainSample
-from trainers.learner import (
-    KernelChoice,
-    Learner,
-    _gather_response,
-    _mb_to,
-    make_micro_batches,
-    token_logprobs,
-)
+from trainers.batching import gather_response, make_micro_batches, move_micro_batch
+from trainers.learner import Learner
+from trainers.logprob import KernelChoice, token_logprobs
 from trainers.packing import backend_unavailable, use_packed_attention
 
 pytestmark = [
@@ -49,10 +44,10 @@ def _run(model, samples, kernels):
     model.zero_grad(set_to_none=True)
     rows = [None] * len(samples)
     for mb in make_micro_batches(samples, 1024, packed=kernels.packed):
-        mb = _mb_to(mb, CUDA)
+        mb = move_micro_batch(mb, CUDA)
         logp, _ = token_logprobs(model, mb, 0.9, kernels=kernels)
         (logp * mb.resp_mask).sum().backward()
-        for i, row in zip(mb.index, _gather_response(mb, samples, logp.detach().float().cpu())):
+        for i, row in zip(mb.index, gather_response(mb, samples, logp.detach().float().cpu())):
             rows[i] = row
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
     return [x for r in rows for x in r], grads

@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load as st_load
 
 from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
-from trainers.learner import KernelChoice, Learner, learner_class
+from trainers.learner import Learner, learner_class
+from trainers.logprob import KernelChoice
 
 LEARNER_CFG = dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
                    mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,

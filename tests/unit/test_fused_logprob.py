@@ -23,7 +23,8 @@ from trainers.fused_logprob import (
     logprob_kernel_unavailable,
     naive_linear_logprobs,
 )
-from trainers.learner import KernelChoice, apply_kernels, make_micro_batches, token_logprobs
+from trainers.batching import make_micro_batches
+from trainers.logprob import KernelChoice, apply_kernels, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,7 +228,8 @@ def test_auto_chunk_size_and_registry():
 
 
 def test_learner_modules_do_not_import_triton():
-    code = "import sys, trainers.learner, trainers.fused_logprob; assert 'trainers.triton_logprob' not in sys.modules"
+    code = ("import sys, trainers.learner, trainers.logprob, trainers.fused_logprob; "
+            "assert 'trainers.triton_logprob' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

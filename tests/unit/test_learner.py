@@ -7,7 +7,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rl.types import TrainSample
-from trainers.learner import Learner, make_micro_batches
+from trainers.batching import make_micro_batches
+from trainers.learner import Learner
 
 LEARNER_CFG = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1e9, micro_batch_tokens=10_000,
                    mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
@@ -179,7 +180,7 @@ def test_truncated_importance_weights_scale_the_token_loss(model_dir):
 
 
 def test_plan_weight_buckets_cuts_between_decoder_layers():
-    from trainers.learner import plan_weight_buckets
+    from trainers.weight_export import plan_weight_buckets
 
     sizes = [("model.embed_tokens.weight", 100)]
     for i in range(3):

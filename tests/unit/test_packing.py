@@ -9,14 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from rl.config import ConfigError, KernelsConfig, load_config
 from rl.types import TrainSample
-from trainers.learner import (
-    KernelChoice,
-    _gather_response,
-    apply_kernels,
-    make_micro_batches,
-    select_kernels,
-    token_logprobs,
-)
+from trainers.batching import gather_response, make_micro_batches
+from trainers.logprob import KernelChoice, apply_kernels, select_kernels, token_logprobs
 from trainers.packing import (
     ATTENTION_BACKENDS,
     backend_unavailable,
@@ -77,7 +71,7 @@ def _logprobs_and_grads(model, samples, kernels, budget):
         logp, ent = token_logprobs(model, mb, 0.8, with_entropy=True, kernels=kernels)
         (logp * mb.resp_mask).sum().backward()
         assert ent.requires_grad is False
-        for i, row in zip(mb.index, _gather_response(mb, samples, logp.detach())):
+        for i, row in zip(mb.index, gather_response(mb, samples, logp.detach())):
             rows[i] = row
     return rows, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
