@@ -68,8 +68,10 @@ def make_lengths(n: int, mean: int, cap: int, seed: int) -> list[tuple[int, int]
 def worker(spec: dict) -> dict:
     import torch
 
+    from rl.algorithms import AlgorithmConfig
     from rl.types import TrainSample
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     cuda = spec["device"] == "cuda"
     torch.manual_seed(0)
@@ -79,12 +81,13 @@ def worker(spec: dict) -> dict:
     for i, (p, r) in enumerate(spec["lengths"]):
         ids = torch.randint(0, vocab, (p + r,), generator=g).tolist()
         samples.append(TrainSample(ids[:p], ids[p:], [0.0] * r, advantage=float(i % 2) * 2 - 1, group_id=f"g{i // 8}"))
-    cfg = dict(lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=spec["mbt"],
-               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner",
-               num_gpus=1 if cuda else 0, torch_threads=spec.get("threads"), kernels=spec["kernels"],
-               activation_checkpointing=spec["grad_ckpt"], param_dtype=spec["param_dtype"])
+    cfg = LearnerSettings(lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=spec["mbt"],
+                          mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner",
+                          num_gpus=1 if cuda else 0, torch_threads=spec.get("threads"), kernels=spec["kernels"],
+                          activation_checkpointing=spec["grad_ckpt"], param_dtype=spec["param_dtype"])
     try:
-        learner = Learner(spec["model_dir"], cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=spec["dtype"])
+        learner = Learner(spec["model_dir"], cfg, AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0,
+                          dtype=spec["dtype"])
         model = learner.model
         n_nonemb = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
         h, layers = model.config.hidden_size, model.config.num_hidden_layers

@@ -71,15 +71,17 @@ def run_one(model_dir: str, device: str, strategy: str, setting: str, lr: float,
     import torch
     from safetensors.torch import load as st_load
 
+    from rl.algorithms import AlgorithmConfig
     from trainers import distributed as D
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     param_dtype, compute_dtype = SETTINGS[setting]
-    cfg = dict(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
-               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner",
-               num_gpus=1 if device == "cuda" else 0, strategy=strategy, param_dtype=param_dtype, fsdp={})
+    cfg = LearnerSettings(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
+                          mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner",
+                          num_gpus=1 if device == "cuda" else 0, strategy=strategy, param_dtype=param_dtype)
     kw = dict(rank=0, world_size=1, master=("127.0.0.1", _free_port())) if strategy == "fsdp2" else {}
-    algo = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean")
+    algo = AlgorithmConfig(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean")
     learner = Learner(model_dir, cfg, algo, temperature=1.0, dtype=compute_dtype, **kw)
     try:
         before = {n: D.full_tensor(p.detach()).clone() for n, p in learner.model.named_parameters()}

@@ -86,8 +86,10 @@ def run_all(model_dir: str, args) -> list[dict]:
     import ray
 
     from rl.driver import LearnerGroup, init_weight_transfer, push_weights, push_weights_transfer
+    from rl.algorithms import AlgorithmConfig
     from rollout.engine import Engine
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     class MeasuredLearner(Learner):
         def rss_start(self):
@@ -106,9 +108,9 @@ def run_all(model_dir: str, args) -> list[dict]:
                     p.mul_(1.0 + scale)
 
     gpus = 1 if args.gpu else 0
-    cfg = dict(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
-               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=gpus,
-               param_dtype=args.param_dtype)
+    cfg = LearnerSettings(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
+                          mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=gpus,
+                          param_dtype=args.param_dtype)
     # one (engine, learner) pair per weight-transfer transport (an engine has one backend); the object store
     # reaches any engine, so it shares the first pair
     backend = {"gloo": "gloo", "ipc": "rl_ipc"}
@@ -119,7 +121,8 @@ def run_all(model_dir: str, args) -> list[dict]:
             weight_transfer=backend.get(t))
         ray.get(engine.ping.remote())
         learner = ray.remote(MeasuredLearner).options(num_cpus=1, num_gpus=0.5 if gpus else 0).remote(
-            model_dir, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype=args.dtype, export_dtype=args.dtype)
+            model_dir, cfg, AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0, dtype=args.dtype,
+            export_dtype=args.dtype)
         ray.get(learner.ping.remote())
         group = LearnerGroup([learner])
         if t in backend:

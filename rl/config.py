@@ -337,7 +337,9 @@ class LearnerConfig(_Section):
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for each learner rank.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs for each learner rank (0 on CPU, 1 on a GPU cluster).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the learner (None: default).")
-    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    kernels: KernelsConfig = Field(
+        default_factory=KernelsConfig, description="Log-prob kernel and micro-batch layout (learner.kernels.*).",
+    )
     strategy: Literal["single", "fsdp2", "deepspeed"] = Field(
         "single",
         description="How the policy is held: `single` (one unsharded copy, one rank), `fsdp2` (torch FSDP2 "
@@ -356,8 +358,10 @@ class LearnerConfig(_Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in backward (transformers gradient checkpointing).",
     )
-    fsdp: FsdpConfig = Field(default_factory=lambda: FsdpConfig())
-    deepspeed: DeepSpeedConfig = Field(default_factory=lambda: DeepSpeedConfig())
+    fsdp: FsdpConfig = Field(default_factory=lambda: FsdpConfig(), description="FSDP2 settings (strategy=fsdp2).")
+    deepspeed: DeepSpeedConfig = Field(
+        default_factory=lambda: DeepSpeedConfig(), description="DeepSpeed ZeRO-3 settings (strategy=deepspeed).",
+    )
 
 
 class RewardEntry(_Section):

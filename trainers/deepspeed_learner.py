@@ -41,9 +41,6 @@ from trainers import checkpoint as C
 from trainers import distributed as D
 from trainers.learner import Learner
 
-# rl.config.DeepSpeedConfig's defaults, for a learner_cfg given as a plain dict without a deepspeed section
-_DS_DEFAULTS = dict(offload_optimizer=False, offload_params=False, reduce_bucket_size=50_000_000,
-                    prefetch_bucket_size=50_000_000, param_persistence_threshold=100_000)
 _ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -90,20 +87,20 @@ class DeepSpeedLearner(Learner):
         return self.compute_dtype
 
     def _ds_config(self, trainable: bool) -> dict:
-        ds = {**_DS_DEFAULTS, **(self.cfg.get("deepspeed") or {})}
+        ds = self.cfg.deepspeed
         dtype = next(self.model.parameters()).dtype
         on_gpu = self.device.type == "cuda"
         zero: dict = {
             "stage": 3,
-            "reduce_bucket_size": int(ds["reduce_bucket_size"]),
-            "stage3_prefetch_bucket_size": int(ds["prefetch_bucket_size"]),
-            "stage3_param_persistence_threshold": int(ds["param_persistence_threshold"]),
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
+            "stage3_param_persistence_threshold": ds.param_persistence_threshold,
             "contiguous_gradients": True,
             "overlap_comm": on_gpu,
         }
-        if on_gpu and ds["offload_params"]:  # host memory is where the parameters already are on a CPU learner
+        if on_gpu and ds.offload_params:  # host memory is where the parameters already are on a CPU learner
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        if on_gpu and trainable and ds["offload_optimizer"]:
+        if on_gpu and trainable and ds.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         config: dict = {
             "train_micro_batch_size_per_gpu": 1,
@@ -116,7 +113,7 @@ class DeepSpeedLearner(Learner):
         }
         if trainable:
             config.update(
-                gradient_clipping=float(self.cfg["grad_clip"]),
+                gradient_clipping=self.cfg.grad_clip,
                 managed_gradient_accumulation=False,  # engine.step() is the boundary: we accumulate ourselves
                 zero_allow_untested_optimizer=True,  # torch's AdamW on the fp32 partitions
                 zero_force_ds_cpu_optimizer=False,  # ... also when its state is offloaded to host memory
@@ -146,8 +143,8 @@ class DeepSpeedLearner(Learner):
             deepspeed.zero.register_external_parameter(module, head.weight)
         optimizer = None
         if trainable:
-            optimizer = torch.optim.AdamW(module.parameters(), lr=self.cfg["lr"], betas=tuple(self.cfg["betas"]),
-                                          weight_decay=self.cfg["weight_decay"])
+            optimizer = torch.optim.AdamW(module.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+                                          weight_decay=self.cfg.weight_decay)
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         return engine
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from rl.config import FsdpConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The config's dtype names (``model.dtype``, ``learner.param_dtype``, ``learner.fsdp.reduce_dtype``)."""
@@ -114,18 +117,18 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def shard_with_fsdp2(root: LogProbModule, fsdp_cfg: dict, device: torch.device, trainable: bool = True,
+def shard_with_fsdp2(root: LogProbModule, fsdp_cfg: FsdpConfig, device: torch.device, trainable: bool = True,
                      compute_dtype: torch.dtype | None = None) -> None:
     """``fully_shard`` each decoder layer, then the root. The shards (and so the gradients and the AdamW state)
     keep the parameters' dtype; ``compute_dtype`` is the dtype the gathered parameters compute in (FSDP2's
     ``MixedPrecisionPolicy.param_dtype``; None: the parameters' own). Gradients are reduced in
-    ``fsdp_cfg["reduce_dtype"]`` (float32 by default). Gradient reduction sums (divide factor 1): losses are already
+    ``fsdp_cfg.reduce_dtype`` (``learner.fsdp``). Gradient reduction sums (divide factor 1): losses are already
     normalized by global counts."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=DTYPES[fsdp_cfg.get("reduce_dtype", "float32")])
-    kwargs: dict[str, Any] = dict(mp_policy=mp, reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)))
-    if fsdp_cfg.get("cpu_offload") and device.type == "cuda":
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=DTYPES[fsdp_cfg.reduce_dtype])
+    kwargs: dict[str, Any] = dict(mp_policy=mp, reshard_after_forward=fsdp_cfg.reshard_after_forward)
+    if fsdp_cfg.cpu_offload and device.type == "cuda":
         kwargs["offload_policy"] = CPUOffloadPolicy()
     layers = getattr(root.lm.get_decoder(), "layers", None)
     if layers is None:

@@ -52,7 +52,7 @@ class DrafterMixin:
         from rollout.drafter.model import num_trainable_parameters
         from rollout.drafter.online import OnlineDrafter, OnlineDrafterConfig
 
-        if self.cfg["old_logprob_source"] != "learner":
+        if self.cfg.old_logprob_source != "learner":
             raise ValueError("the drafter learns from the learner's old-log-prob pass: set "
                              "learner.old_logprob_source=learner")
         self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device,

@@ -9,7 +9,8 @@ same gradient as one big batch. The algorithm math (advantages, policy loss, agg
 Around the update, each concern has its module: the token log-probs and the kernels that compute them
 (``learner.kernels``, chosen once at start-up and logged: ``trainers.logprob``), the weight export to the engines
 (``trainers.weight_export``), the online drafter (``trainers.drafter``) and the checkpoint format
-(``trainers.checkpoint``).
+(``trainers.checkpoint``). The learner is built from a :class:`trainers.settings.LearnerSettings` and the run's
+``rl.algorithms.AlgorithmConfig``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rl.algorithms import (
     kl_estimate,
     kl_reward_penalty,
 )
-from rl.config import KernelsConfig
+from rl.config import LoraSection
 from rl.console import name_log
 from rl.types import TrainSample
 from trainers import checkpoint as C
@@ -47,6 +48,7 @@ from trainers.batching import (
 from trainers.drafter import DrafterMixin
 from trainers.logprob import KernelChoice, apply_kernels, select_kernels
 from trainers.packing import use_packed_attention
+from trainers.settings import LearnerSettings
 from trainers.weight_export import WeightExportMixin
 
 
@@ -62,8 +64,8 @@ class Learner(WeightExportMixin, DrafterMixin):
     def __init__(
         self,
         model_path: str,
-        learner_cfg: dict,
-        algo_cfg: dict,
+        settings: LearnerSettings,
+        algo: AlgorithmConfig,
         *,
         temperature: float,
         seed: int = 0,
@@ -73,50 +75,52 @@ class Learner(WeightExportMixin, DrafterMixin):
         world_size: int = 1,
         master: tuple[str, int] | None = None,
     ) -> None:
-        """``dtype``: the compute dtype (``model.dtype``); the parameters, gradients and AdamW state are held in
-        ``learner_cfg["param_dtype"]`` (``learner.param_dtype``: float32 by default in the config, fp32 master
-        weights; a dict without the key keeps them in ``dtype``, with no master copy); ``export_dtype``: the engines'
-        dtype, which the weight export casts to on the device (None: ``dtype``)."""
+        """``settings``: the ``learner`` section and what else the learner reads (``LearnerSettings.from_config``);
+        ``algo``: the ``algorithm`` section. ``dtype``: the compute dtype (``model.dtype``); the parameters, gradients
+        and AdamW state are held in ``settings.param_dtype`` (fp32 master weights by default); ``export_dtype``: the
+        engines' dtype, which the weight export casts to on the device (None: ``dtype``)."""
+        if not isinstance(settings, LearnerSettings) or not isinstance(algo, AlgorithmConfig):
+            raise TypeError(f"Learner takes a trainers.settings.LearnerSettings and an rl.algorithms.AlgorithmConfig, "
+                            f"got {type(settings).__name__} and {type(algo).__name__}")
         name_log(f"learner{rank}")  # <run>/logs/learner<rank>-<pid>.log when the run captures its workers' output
         from transformers import AutoModelForCausalLM
 
-        self.cfg = learner_cfg
-        self.algo = AlgorithmConfig.model_validate(algo_cfg)
+        self.cfg = settings
+        self.algo = algo
         self.temperature = float(temperature)
-        self.strategy = learner_cfg.get("strategy", "single")
+        self.strategy = settings.strategy
         if self.strategy not in self.STRATEGIES:
             raise ValueError(f"learner.strategy={self.strategy!r}: {type(self).__name__} runs "
                              f"{' or '.join(self.STRATEGIES)} (trainers.learner.learner_class picks the class)")
         if self.strategy == "single" and world_size != 1:
             raise ValueError(f"learner.strategy=single runs one rank, got world_size={world_size}; use fsdp2")
-        if learner_cfg.get("torch_threads"):
-            torch.set_num_threads(int(learner_cfg["torch_threads"]))
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         torch.manual_seed(seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() and learner_cfg.get("num_gpus", 0) > 0 else "cpu")
+        self.device = torch.device("cuda" if torch.cuda.is_available() and settings.num_gpus > 0 else "cpu")
         self.rank, self.world_size = rank, world_size
         if self.strategy != "single":
             D.init_process_group(rank, world_size, master or ("127.0.0.1", 29500), self.device,
-                                 init_timeout_s=float(learner_cfg.get("init_timeout_s", 300.0)))
+                                 init_timeout_s=settings.init_timeout_s)
         # Sharded strategies load the whole model into host memory and move only their shard to the device.
         load_device = self.device if self.strategy == "single" else torch.device("cpu")
         self._set_dtypes(dtype, export_dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self._load_dtype()).to(load_device)
         self.drafter = None  # rollout.drafter.online.OnlineDrafter on every rank once drafter_setup ran
         self.model.train()
-        if learner_cfg.get("activation_checkpointing"):
+        if settings.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if self.algo.kl_coef > 0:  # KL to the initial policy, as a loss term or a reward penalty (algorithm.kl_in)
             # frozen, so no master copy: held in the compute dtype
             self.ref_model = copy.deepcopy(self.model).to(self.compute_dtype).eval().requires_grad_(False)
         self.lora_model = None  # the peft model (model.lora): self.model is its base, adapters injected in place
-        if learner_cfg.get("lora"):
-            self._apply_lora(learner_cfg["lora"])
+        if settings.lora is not None:
+            self._apply_lora(settings.lora)
         self.policy_loss = POLICY_LOSSES.get(self.algo.policy_loss)
         self.kernels = KernelChoice()  # until checked below
         self._setup_policy()
-        kernel_cfg = KernelsConfig.model_validate(learner_cfg.get("kernels") or {})
-        chosen = select_kernels(kernel_cfg, self.model, self.device, learner_cfg["micro_batch_tokens"],
+        chosen = select_kernels(settings.kernels, self.model, self.device, settings.micro_batch_tokens,
                                 compute_dtype=self.compute_dtype)
         # checked through the wrapped (possibly sharded) policy: a collective, every rank runs the same probe
         self.kernels = apply_kernels(self.model, chosen, self.device,
@@ -128,7 +132,7 @@ class Learner(WeightExportMixin, DrafterMixin):
                   flush=True)
         self.num_updates = 0
 
-    def _apply_lora(self, lora: dict) -> None:
+    def _apply_lora(self, lora: LoraSection) -> None:
         """``model.lora``: freeze the base and inject peft adapters into ``self.model`` in place (after the
         reference copy, which stays the base policy). Only ``learner.strategy=single`` is wired."""
         from trainers.lora import apply_lora
@@ -136,15 +140,15 @@ class Learner(WeightExportMixin, DrafterMixin):
         if self.strategy != "single":
             raise ValueError(f"model.lora with learner.strategy={self.strategy}: LoRA is wired for strategy=single "
                              "only")
-        self.lora_model = apply_lora(self.model, rank=int(lora["rank"]), alpha=float(lora["alpha"]),
-                                     dropout=float(lora.get("dropout", 0.0)), target_modules=lora["target_modules"])
+        self.lora_model = apply_lora(self.model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                     target_modules=lora.target_modules)
         self.model = self.lora_model.get_base_model()
         for p in self.model.parameters():  # the adapters are the master weights: learner.param_dtype
             if p.requires_grad:
                 p.data = p.data.to(self.param_dtype)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        print(f"[learner] LoRA rank {lora['rank']} alpha {lora['alpha']} on {list(lora['target_modules'])}: "
+        print(f"[learner] LoRA rank {lora.rank} alpha {lora.alpha} on {list(lora.target_modules)}: "
               f"{trainable} trainable of {total} parameters", flush=True)
 
     def trainable_parameters(self) -> dict[str, int]:
@@ -155,11 +159,8 @@ class Learner(WeightExportMixin, DrafterMixin):
     def _set_dtypes(self, dtype: str, export_dtype: str | None) -> None:
         """``param_dtype`` (parameters, gradients, AdamW state), ``compute_dtype`` (forward and backward) and
         ``export_dtype`` (the engines' weights)."""
-        fsdp_cfg = self.cfg.get("fsdp") or {}
-        # a learner_cfg dict written before learner.param_dtype existed: fsdp.param_dtype was FSDP2's compute dtype
-        legacy = fsdp_cfg.get("param_dtype") if self.strategy == "fsdp2" else None
-        self.compute_dtype = D.DTYPES[legacy or dtype]
-        self.param_dtype = D.DTYPES[self.cfg.get("param_dtype") or dtype]
+        self.compute_dtype = D.DTYPES[dtype]
+        self.param_dtype = D.DTYPES[self.cfg.param_dtype]
         self.export_dtype = D.DTYPES[export_dtype or dtype]
         if self.param_dtype != torch.float32 and self.param_dtype != self.compute_dtype:
             param, compute = (str(t).removeprefix("torch.") for t in (self.param_dtype, self.compute_dtype))
@@ -170,7 +171,7 @@ class Learner(WeightExportMixin, DrafterMixin):
     def _load_dtype(self) -> torch.dtype:
         """The dtype the model's parameters are held in (the master copy). With ``model.lora`` the base is frozen
         and needs no master copy: it is held in the compute dtype (the adapters in ``param_dtype``)."""
-        return self.compute_dtype if self.cfg.get("lora") else self.param_dtype
+        return self.compute_dtype if self.cfg.lora is not None else self.param_dtype
 
     # ---------------------------------------------------------------- strategy hooks
     # The strategy-specific parts: how the policy is wrapped, backward, the optimizer step, the whole weights.
@@ -185,15 +186,14 @@ class Learner(WeightExportMixin, DrafterMixin):
         # the reference is held in the compute dtype: nothing to cast
         self.ref_policy = D.LogProbModule(self.ref_model) if self.ref_model is not None else None
         if self.strategy == "fsdp2":
-            fsdp_cfg = self.cfg.get("fsdp") or {}
-            D.shard_with_fsdp2(self.policy, fsdp_cfg, self.device, compute_dtype=mixed)
+            D.shard_with_fsdp2(self.policy, self.cfg.fsdp, self.device, compute_dtype=mixed)
             if self.ref_policy is not None:
-                D.shard_with_fsdp2(self.ref_policy, fsdp_cfg, self.device, trainable=False)
+                D.shard_with_fsdp2(self.ref_policy, self.cfg.fsdp, self.device, trainable=False)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],  # with model.lora: the adapters alone
-            lr=self.cfg["lr"],
-            betas=tuple(self.cfg["betas"]),
-            weight_decay=self.cfg["weight_decay"],
+            lr=self.cfg.lr,
+            betas=tuple(self.cfg.betas),
+            weight_decay=self.cfg.weight_decay,
         )
 
     def _zero_grad(self) -> None:
@@ -205,7 +205,7 @@ class Learner(WeightExportMixin, DrafterMixin):
     def _optimizer_step(self) -> float:
         """Clip the global gradient norm to ``grad_clip``, step; the norm before clipping."""
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, self.cfg["grad_clip"]))
+        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, self.cfg.grad_clip))
         self.optimizer.step()
         return float(grad_norm)
 
@@ -242,7 +242,7 @@ class Learner(WeightExportMixin, DrafterMixin):
         temp = self.temperature if temperature is None else temperature
         mine = D.assign_to_ranks([s.num_tokens for s in samples], self.world_size)[self.rank]
         local = [samples[i] for i in mine]
-        mbs = make_micro_batches(local, self.cfg["micro_batch_tokens"], packed=self.kernels.packed)
+        mbs = make_micro_batches(local, self.cfg.micro_batch_tokens, packed=self.kernels.packed)
         rows: dict[int, list[float]] = {}
         hidden: list[torch.Tensor] = []
         hook = None
@@ -305,7 +305,7 @@ class Learner(WeightExportMixin, DrafterMixin):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         capture = [] if self.drafter is not None else None
-        if self.cfg["old_logprob_source"] == "learner":
+        if self.cfg.old_logprob_source == "learner":
             old = self.compute_logprobs(samples, capture=capture)
         else:
             old = [s.behaviour_logprobs for s in samples]
@@ -317,7 +317,7 @@ class Learner(WeightExportMixin, DrafterMixin):
         drift = [abs(a - b) for s, o in zip(samples, old) for a, b in zip(s.behaviour_logprobs, o)]
 
         # Consecutive near-equal slices that cover every sample (group sizes may vary: GDRO, dynamic sampling).
-        n_mini = min(self.cfg["mini_batches_per_step"], len(samples))
+        n_mini = min(self.cfg.mini_batches_per_step, len(samples))
         bounds = np.linspace(0, len(samples), n_mini + 1).round().astype(int)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
@@ -327,7 +327,7 @@ class Learner(WeightExportMixin, DrafterMixin):
             counts[key] = counts.get(key, 0) + 1
 
         train_tokens = 0
-        for _epoch in range(self.cfg["epochs_per_step"]):
+        for _epoch in range(self.cfg.epochs_per_step):
             for m in range(n_mini):
                 idx = list(range(bounds[m], bounds[m + 1]))
                 stats = self._update(samples, idx, old, ref)
@@ -369,7 +369,7 @@ class Learner(WeightExportMixin, DrafterMixin):
         self._zero_grad()
         totals = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0}
         weighted: dict[str, float] = {"loss/entropy": 0.0}
-        mbs = make_micro_batches(sub, self.cfg["micro_batch_tokens"], packed=self.kernels.packed)
+        mbs = make_micro_batches(sub, self.cfg.micro_batch_tokens, packed=self.kernels.packed)
         n_passes = D.max_over_ranks(len(mbs))
         for k in range(n_passes):
             if k >= len(mbs):  # padding pass with zero loss: keeps this rank in the other ranks' collectives
@@ -395,10 +395,10 @@ class Learner(WeightExportMixin, DrafterMixin):
             )
             per_token_loss = out.per_token_loss
             tis = None
-            if self.cfg.get("tis_cap"):  # async mode: truncated importance weight pi_old / pi_behaviour per token
+            if self.cfg.tis_cap:  # async mode: truncated importance weight pi_old / pi_behaviour per token
                 beh_t = response_values(mb, sub, [s.behaviour_logprobs for s in sub]).to(logp.device)
                 ratio = torch.exp(old_t[sel] - beh_t[sel])
-                tis = ratio.clamp(max=float(self.cfg["tis_cap"]))
+                tis = ratio.clamp(max=self.cfg.tis_cap)
                 per_token_loss = per_token_loss * tis
             pg = aggregate_loss(per_token_loss, inp.mask, inp.seq_index, **agg)
             loss = pg

@@ -11,10 +11,12 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 
 from safetensors.torch import load as st_load
 
+from rl.algorithms import AlgorithmConfig
 from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers import distributed as D
 from trainers.learner import Learner, learner_class
 from trainers.logprob import KernelChoice
+from trainers.settings import LearnerSettings
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,11 +24,11 @@ pytestmark = [
 ]
 
 # padded + naive at start-up; the tests set the fused kernel afterwards
-CFG = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=256,
-           mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=1,
-           kernels={"logprob": "naive", "attention": "padded"})
-ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean",
-            kl_coef=0.05, kl_in="loss", kl_estimator="k3")
+CFG = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=256,
+                      mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=1,
+                      kernels={"logprob": "naive", "attention": "padded"})
+ALGO = AlgorithmConfig(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean",
+                       kl_coef=0.05, kl_in="loss", kl_estimator="k3")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def _samples(n=12, seed=0):
 
 @pytest.fixture(scope="module")
 def single(model_dir):
-    learner = Learner(model_dir, {**CFG, "strategy": "single"}, ALGO, temperature=1.0)
+    learner = Learner(model_dir, CFG.replace(strategy="single"), ALGO, temperature=1.0)
     want = learner.train_step(_samples())
     weights = st_load(learner.export_weights())
     del learner
@@ -61,8 +63,7 @@ def master():
 @pytest.mark.parametrize("logprob,offload", [("naive", False), ("chunked", False), ("chunked", True)])
 def test_deepspeed_one_rank_matches_single_on_cuda(model_dir, single, master, logprob, offload):
     want, want_w = single
-    cfg = {**CFG, "strategy": "deepspeed",
-           "deepspeed": {"param_persistence_threshold": 0, "offload_optimizer": offload}}
+    cfg = CFG.replace(strategy="deepspeed", deepspeed={"param_persistence_threshold": 0, "offload_optimizer": offload})
     learner = learner_class("deepspeed")(model_dir, cfg, ALGO, temperature=1.0, rank=0, world_size=1, master=master)
     assert next(learner.model.parameters()).numel() == 0  # partitioned: the whole tensor is gathered on use
     learner.kernels = KernelChoice(logprob=logprob)

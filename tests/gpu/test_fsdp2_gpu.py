@@ -8,18 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
+from rl.algorithms import AlgorithmConfig
 from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers import distributed as D
 from trainers.learner import Learner
+from trainers.settings import LearnerSettings
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-CFG = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=256,
-           mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=1)
-ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean")
+CFG = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=256,
+                      mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=1)
+ALGO = AlgorithmConfig(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean")
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +38,13 @@ def _samples(n=12, seed=0):
 def test_fsdp2_one_rank_matches_single_on_cuda(model_dir, dtype, tol):
     """``dtype`` is FSDP2's compute dtype (model.dtype); its shard, gradients and AdamW state stay fp32 either way,
     and the reference is the unsharded learner all in fp32 (bf16 export: the masters rounded once)."""
-    single = Learner(model_dir, {**CFG, "strategy": "single", "param_dtype": "float32"}, ALGO, temperature=1.0)
+    single = Learner(model_dir, CFG.replace(strategy="single", param_dtype="float32"), ALGO, temperature=1.0)
     want = single.train_step(_samples())
     want_w = st_load(single.export_weights())
     del single
     torch.cuda.empty_cache()
     port = free_port()
-    sharded = Learner(model_dir, {**CFG, "strategy": "fsdp2", "param_dtype": "float32", "fsdp": {}}, ALGO,
+    sharded = Learner(model_dir, CFG.replace(strategy="fsdp2", param_dtype="float32"), ALGO,
                       temperature=1.0, dtype=dtype, rank=0, world_size=1, master=("127.0.0.1", port))
     try:
         assert sharded.kernels.packed and sharded.kernels.logprob in ("triton", "chunked")
@@ -63,7 +65,7 @@ def test_fsdp2_fp32_masters_keep_a_small_step_on_cuda(model_dir, param_dtype):
     weight; stepped in bf16 (pure bf16) most such updates are below half a bf16 spacing and round away. The
     embedding is left out of the count: only the rows of the tokens in the batch get a gradient (about half of
     this vocabulary). tests/unit/test_mixed_precision.py measures the same on gloo."""
-    cfg = {**CFG, "lr": 1e-6, "mini_batches_per_step": 1, "strategy": "fsdp2", "param_dtype": param_dtype, "fsdp": {}}
+    cfg = CFG.replace(lr=1e-6, mini_batches_per_step=1, strategy="fsdp2", param_dtype=param_dtype)
     learner = Learner(model_dir, cfg, ALGO, temperature=1.0, dtype="bfloat16", rank=0, world_size=1,
                       master=("127.0.0.1", free_port()))
     try:

@@ -9,9 +9,11 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rl.types import TrainSample
+from rl.algorithms import AlgorithmConfig
 from trainers.batching import gather_response, make_micro_batches, move_micro_batch
 from trainers.learner import Learner
 from trainers.logprob import KernelChoice, token_logprobs
+from trainers.settings import LearnerSettings
 from trainers.packing import backend_unavailable, use_packed_attention
 
 pytestmark = [
@@ -77,9 +79,11 @@ def test_packed_equals_padded_on_cuda(backend, dtype, tol):
 
 def test_learner_auto_selects_fused_and_packed(tmp_path):
     _model(torch.bfloat16).save_pretrained(tmp_path)
-    cfg = dict(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=2048,
-               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=1)
-    learner = Learner(str(tmp_path), cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype="bfloat16")
+    # param_dtype=bfloat16: parameters held in the compute dtype, no fp32 master copy
+    cfg = LearnerSettings(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=2048,
+                          mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=1,
+                          param_dtype="bfloat16")
+    learner = Learner(str(tmp_path), cfg, AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0, dtype="bfloat16")
     assert learner.kernels.logprob == "triton"
     assert learner.kernels.packed, learner.kernels.describe()
     metrics = learner.train_step(_samples(8))

@@ -38,8 +38,10 @@ def test_executor_on_engine_masks_paths_and_learner_context(ray_local, dccot_mod
     from rl.data.dccot_arith import make_sum_problems
     from rl.dccot import DCCoTConfig
     from rollout.dccot import TrajectoryRequest, run_dccot, to_train_samples
+    from rl.algorithms import AlgorithmConfig
     from rollout.engine import Engine, SamplingSettings
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     engine = ray.remote(Engine).options(num_cpus=1).remote(dccot_model_dir, seed=0, max_model_len=256)
     tok = AutoTokenizer.from_pretrained(dccot_model_dir)
@@ -81,9 +83,9 @@ def test_executor_on_engine_masks_paths_and_learner_context(ray_local, dccot_mod
     # Each trained token sits in exactly the context the engine sampled it in: the learner's log-probs on the
     # train samples reproduce the engine's behaviour log-probs (workers do not see their siblings; the director
     # sees the copies).
-    learner_cfg = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
-                       mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
-    learner = Learner(dccot_model_dir, learner_cfg, {"policy_loss": "ppo_clip"}, temperature=1.0)
+    settings = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
+                               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
+    learner = Learner(dccot_model_dir, settings, AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0)
     got = learner.compute_logprobs(samples)
     worst = max(abs(g - b) for s, gs in zip(samples, got) for g, b, m in zip(gs, s.behaviour_logprobs, s.loss_mask) if m)
     assert worst < 1e-3

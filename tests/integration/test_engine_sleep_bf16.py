@@ -8,14 +8,16 @@ import time
 import pytest
 import torch
 
+from rl.algorithms import AlgorithmConfig
 from rl.config import CANARY_BOUNDS
 from rl.driver import canary_gap
+from trainers.settings import LearnerSettings
 
 pytestmark = pytest.mark.integration
 
-LEARNER_CFG = dict(lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
-                   mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
-                   param_dtype="float32")
+LEARNER_CFG = LearnerSettings(lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
+                              mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
+                              param_dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,8 @@ def test_bf16_canary_bounds(bf16_engine, tiny_model_dir):
     from trainers.learner import Learner
 
     probe = _probe(bf16_engine)
-    learner = Learner(tiny_model_dir, LEARNER_CFG, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype="bfloat16")
+    learner = Learner(tiny_model_dir, LEARNER_CFG, AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0,
+                      dtype="bfloat16")
     assert next(learner.model.parameters()).dtype == torch.float32  # fp32 masters, bf16 compute
     mean, largest = canary_gap(learner.probe_logprobs(probe), bf16_engine.score_tokens(probe))
     bf16_mean, bf16_max = CANARY_BOUNDS["bfloat16"]

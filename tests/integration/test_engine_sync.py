@@ -13,13 +13,15 @@ def _max_diff(a, b):
 
 def test_engine_generate_sync_canary(ray_local, tiny_model_dir):
     ray = ray_local
+    from rl.algorithms import AlgorithmConfig
     from rollout.engine import Engine, GenerationRequest, SamplingSettings
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     engine = ray.remote(Engine).options(num_cpus=1).remote(tiny_model_dir, seed=0, max_model_len=256)
-    learner_cfg = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
-                       mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
-    learner = Learner(tiny_model_dir, learner_cfg, {"policy_loss": "ppo_clip"}, temperature=0.7)
+    settings = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
+                               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
+    learner = Learner(tiny_model_dir, settings, AlgorithmConfig(policy_loss="ppo_clip"), temperature=0.7)
 
     reqs = [GenerationRequest("p0", "Compute 12 + 34.", 4, seed=1), GenerationRequest("p1", "Compute 7 * 8.", 4, seed=2)]
     settings = SamplingSettings(temperature=0.7, top_p=1.0, max_tokens=24)

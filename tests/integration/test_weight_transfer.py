@@ -4,10 +4,13 @@ the engine and the bucket, with the engine's version unchanged."""
 
 import pytest
 
+from rl.algorithms import AlgorithmConfig
+from trainers.settings import LearnerSettings
+
 pytestmark = pytest.mark.integration
 
-LEARNER_CFG = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
-                   mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
+LEARNER_CFG = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
+                              mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
 BUCKET_BYTES = 30_000  # the tiny model's embedding, each decoder layer, the norm and the tied head: 7 buckets
 
 
@@ -44,8 +47,8 @@ def test_gloo_sync_equals_object_store_and_breaks_off_cleanly(ray_local, tiny_mo
 
     engine = ray.remote(Engine).options(num_cpus=1).remote(tiny_model_dir, seed=0, max_model_len=256,
                                                             weight_transfer="gloo")
-    actor = ray.remote(TestLearner).options(num_cpus=1).remote(tiny_model_dir, LEARNER_CFG, {"policy_loss": "ppo_clip"},
-                                                               temperature=1.0)
+    actor = ray.remote(TestLearner).options(num_cpus=1).remote(tiny_model_dir, LEARNER_CFG,
+                                                               AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0)
     learner = LearnerGroup([actor])
     ray.get([engine.ping.remote(), actor.ping.remote()])  # as the driver does: both up before the rendezvous
     init_weight_transfer(learner, [engine], 1, timeout_s=20.0)

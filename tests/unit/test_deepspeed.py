@@ -17,15 +17,17 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 import torch.multiprocessing as mp
 from safetensors.torch import load as st_load
 
+from rl.algorithms import AlgorithmConfig
 from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers.learner import Learner, learner_class
 from trainers.logprob import KernelChoice
+from trainers.settings import LearnerSettings
 
-LEARNER_CFG = dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
-                   mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
-                   strategy="deepspeed", deepspeed={"param_persistence_threshold": 0})
-ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean",
-            kl_coef=0.1, kl_in="loss", kl_estimator="k3")
+LEARNER_CFG = LearnerSettings(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
+                              mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
+                              strategy="deepspeed", deepspeed={"param_persistence_threshold": 0})
+ALGO = AlgorithmConfig(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean",
+                       kl_coef=0.1, kl_in="loss", kl_estimator="k3")
 METRICS = ("loss/policy", "loss/kl", "loss/total", "loss/entropy", "loss/grad_norm")
 
 
@@ -92,7 +94,7 @@ def _run(world, model_dir, out_dir, resume_from=None):
 def runs(model_dir, tmp_path_factory):
     """The single strategy, then deepspeed on 1 rank, then on 2 ranks (which also resume the 1-rank checkpoint)."""
     root = tmp_path_factory.mktemp("ds_runs")
-    single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
+    single = Learner(model_dir, LEARNER_CFG.replace(strategy="single"), ALGO, temperature=0.8)
     ref = {"before": single.compute_logprobs(random_samples()), "metrics": single.train_step(random_samples()),
            "weights": st_load(single.export_weights())}
     ref["next_metrics"] = single.train_step(random_samples(seed=1))
@@ -142,7 +144,7 @@ def test_checkpoint_resume(runs, model_dir):
     w1, w2 = runs["w1"], runs["w2"]
     assert w2["resumed_num_updates"] == w1["num_updates"] == 4
     resumed = {"next_metrics": w2["resumed_metrics"], "next_weights": w2["resumed_weights"]}
-    single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
+    single = Learner(model_dir, LEARNER_CFG.replace(strategy="single"), ALGO, temperature=0.8)
     single.load(str(runs["root"] / "w2" / "ck"))
     from_ds = {"next_metrics": single.train_step(random_samples(seed=1)), "next_weights": st_load(single.export_weights())}
     for name, got, want in (("2 ranks from a 1-rank checkpoint", resumed, w1), ("single from 2 ranks", from_ds, w2)):

@@ -12,15 +12,17 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load as st_load
 
+from rl.algorithms import AlgorithmConfig
 from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers.distributed import assign_to_ranks
 from trainers.learner import Learner
+from trainers.settings import LearnerSettings
 
-LEARNER_CFG = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
-                   mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
-                   strategy="fsdp2", fsdp={})
-ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean",
-            kl_coef=0.1, kl_in="loss", kl_estimator="k3")
+LEARNER_CFG = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
+                              mini_batches_per_step=2, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
+                              strategy="fsdp2")
+ALGO = AlgorithmConfig(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean",
+                       kl_coef=0.1, kl_in="loss", kl_estimator="k3")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def _run(world, model_dir, out_dir, cfg=None, resume_from=None):
 @pytest.fixture(scope="module")
 def runs(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_runs")
-    single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
+    single = Learner(model_dir, LEARNER_CFG.replace(strategy="single"), ALGO, temperature=0.8)
     before = single.compute_logprobs(random_samples())
     metrics = single.train_step(random_samples())
     ref = {"before": before, "metrics": metrics, "weights": st_load(single.export_weights())}
@@ -105,7 +107,7 @@ def test_checkpoint_across_world_sizes(runs, model_dir, tmp_path):
     ck = str(root / "w2" / "ck")
     again2 = _run(2, model_dir, tmp_path / "r2", resume_from=ck)
     again1 = _run(1, model_dir, tmp_path / "r1", resume_from=ck)
-    single = Learner(model_dir, {**LEARNER_CFG, "strategy": "single"}, ALGO, temperature=0.8)
+    single = Learner(model_dir, LEARNER_CFG.replace(strategy="single"), ALGO, temperature=0.8)
     single.load(ck)
     m = single.train_step(random_samples())
     for res in (again1, {"metrics": m}):

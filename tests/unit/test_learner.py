@@ -6,13 +6,15 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from rl.algorithms import AlgorithmConfig
 from rl.types import TrainSample
 from trainers.batching import make_micro_batches
 from trainers.learner import Learner
+from trainers.settings import LearnerSettings
 
-LEARNER_CFG = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1e9, micro_batch_tokens=10_000,
-                   mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
-ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean")
+LEARNER_CFG = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1e9, micro_batch_tokens=10_000,
+                              mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
+ALGO = AlgorithmConfig(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean")
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,9 @@ def test_micro_batches_respect_budget_and_cover_all():
 
 
 def _grads(model_dir, budget, mode="token-mean", loss="ppo_clip", kernels=None):
-    cfg = {**LEARNER_CFG, "micro_batch_tokens": budget, "kernels": kernels or {}}
-    algo = {**ALGO, "loss_agg_mode": mode, "loss_agg_const_len": 8, "policy_loss": loss}
+    # budget 1 (one sample per micro-batch) is below learner.micro_batch_tokens' minimum: set without validation
+    cfg = LEARNER_CFG.replace(kernels=kernels or {}).model_copy(update={"micro_batch_tokens": budget})
+    algo = AlgorithmConfig(advantage_estimator="grpo", policy_loss=loss, loss_agg_mode=mode, loss_agg_const_len=8)
     learner = Learner(model_dir, cfg, algo, temperature=1.0)
     samples = _samples(8)
     captured = {}
@@ -148,7 +151,8 @@ def test_checkpoint_round_trip(model_dir, tmp_path):
 
 def test_kl_reward_penalty_per_sample(model_dir):
     """kl_in=reward: kl_coef * sum_t k1 over loss tokens, with behaviour log-probs against the reference model."""
-    algo = {**ALGO, "kl_coef": 0.5, "kl_in": "reward", "kl_estimator": "k1"}
+    algo = AlgorithmConfig(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean",
+                           kl_coef=0.5, kl_in="reward", kl_estimator="k1")
     learner = Learner(model_dir, LEARNER_CFG, algo, temperature=1.0)
     samples = _samples(3)
     ref = learner.compute_logprobs(samples, model=learner.ref_model)
@@ -166,7 +170,7 @@ def test_kl_reward_penalty_per_sample(model_dir):
 def test_truncated_importance_weights_scale_the_token_loss(model_dir):
     """Async mode: per-token loss x min(pi_old / pi_behaviour, tis_cap). At the first mini-batch pi = pi_old, so the
     PPO term is -A per token; with weights [1, 1.5, 2 (capped from 4)] token-mean gives -(1 + 1.5 + 2) / 3 = -1.5."""
-    cfg = {**LEARNER_CFG, "tis_cap": 2.0}
+    cfg = LEARNER_CFG.replace(tis_cap=2.0)
     learner = Learner(model_dir, cfg, ALGO, temperature=1.0)
     s = TrainSample([3, 4, 5], [6, 7, 8], [0.0] * 3, advantage=1.0, group_id="g0")
     old = learner.compute_logprobs([s])[0]
@@ -214,7 +218,7 @@ def test_bucketed_export_equals_the_whole_export(model_dir):
 def test_memory_released_after_the_step_and_the_export(model_dir):
     """Gradients are freed at the end of the update (not only at the next one), the caching allocator is released
     after train_step and after the export's last bucket, and the step reports its allocator peak (0 on CPU)."""
-    learner = Learner(model_dir, {**LEARNER_CFG, "mini_batches_per_step": 2}, ALGO, temperature=1.0)
+    learner = Learner(model_dir, LEARNER_CFG.replace(mini_batches_per_step=2), ALGO, temperature=1.0)
     released = []
     learner._release_cached_memory = lambda: released.append(len(released))
     seen = []

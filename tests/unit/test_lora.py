@@ -100,11 +100,12 @@ def tiny_dir(tiny, tmp_path):
 
 
 def _learner(path, lora=LORA, **over):
-    from rl.config import LearnerConfig
+    from rl.algorithms import AlgorithmConfig
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
-    cfg = {**LearnerConfig(lr=1e-2, micro_batch_tokens=256).model_dump(), "lora": lora, **over}
-    return Learner(path, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, seed=0)
+    cfg = LearnerSettings(lr=1e-2, micro_batch_tokens=256, lora=lora, **over)
+    return Learner(path, cfg, AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0, seed=0)
 
 
 def _samples():

@@ -10,14 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
+from rl.algorithms import AlgorithmConfig
 from tests.learner_fixtures import free_port, random_samples, save_tiny_qwen2
 from trainers import distributed as D
 from trainers.learner import Learner
+from trainers.settings import LearnerSettings
 
 LR = 1e-6
-CFG = dict(lr=LR, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
-           mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
-ALGO = dict(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean")
+CFG = LearnerSettings(lr=LR, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
+                      mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
+ALGO = AlgorithmConfig(advantage_estimator="grpo", policy_loss="ppo_clip", loss_agg_mode="token-mean")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def model_dir(tmp_path_factory):
 
 
 def _learner(model_dir, strategy: str, param_dtype: str, compute_dtype: str, export_dtype: str | None = None):
-    cfg = {**CFG, "strategy": strategy, "param_dtype": param_dtype, "fsdp": {}}
+    cfg = CFG.replace(strategy=strategy, param_dtype=param_dtype)
     kw = dict(rank=0, world_size=1, master=("127.0.0.1", free_port())) if strategy == "fsdp2" else {}
     return Learner(model_dir, cfg, ALGO, temperature=1.0, dtype=compute_dtype, export_dtype=export_dtype, **kw)
 
@@ -99,9 +101,6 @@ def test_export_casts_fp32_masters_to_the_engine_dtype(model_dir, strategy):
 def test_sixteen_bit_params_need_the_same_compute_dtype(model_dir):
     with pytest.raises(ValueError, match="learner.param_dtype=bfloat16 with model.dtype=float32"):
         _learner(model_dir, "single", "bfloat16", "float32")
-    # a learner_cfg dict without param_dtype (written before the key; rl.config always sets it, float32 by default)
-    # holds the parameters in the dtype it is given
-    cfg = {k: v for k, v in CFG.items() if k != "param_dtype"}
-    learner = Learner(model_dir, cfg, ALGO, temperature=1.0, dtype="bfloat16")
+    learner = _learner(model_dir, "single", "bfloat16", "bfloat16")  # pure bf16: no master copy
     assert (learner.param_dtype, learner.compute_dtype) == (torch.bfloat16, torch.bfloat16)
     assert next(learner.model.parameters()).dtype == torch.bfloat16

@@ -153,11 +153,12 @@ def test_drafter_config_errors_name_the_fix():
 # ---------------------------------------------------------------------- the learner's online drafter
 @pytest.fixture(scope="module")
 def learner_with_drafter(tmp_path_factory):
-    from rl.config import LearnerConfig
+    from rl.algorithms import AlgorithmConfig
     from rollout.drafter.checkpoint import save_drafter
     from rollout.drafter.model import Drafter
     from tests.learner_fixtures import save_tiny_qwen2
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     root = tmp_path_factory.mktemp("online_drafter")
     model_dir = save_tiny_qwen2(root / "model", tie=False)
@@ -165,8 +166,8 @@ def learner_with_drafter(tmp_path_factory):
 
     target = AutoModelForCausalLM.from_pretrained(model_dir)
     drafter_dir = save_drafter(Drafter.from_target(target, seed=0), root / "drafter")
-    lc = LearnerConfig(micro_batch_tokens=64, lr=1e-3).model_dump()
-    learner = Learner(model_dir, lc, {"kl_coef": 0.0}, temperature=1.0)
+    lc = LearnerSettings(micro_batch_tokens=64, lr=1e-3)
+    learner = Learner(model_dir, lc, AlgorithmConfig(kl_coef=0.0), temperature=1.0)
     section = load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32", "drafter.batch_size=4",
                                  "drafter.lr=1e-3"]).drafter.model_dump()
     assert learner.drafter_setup(section, str(drafter_dir)) > 0
@@ -193,12 +194,13 @@ def test_learner_keeps_the_hidden_states_of_its_old_logprob_pass(learner_with_dr
 
 
 def test_captured_states_equal_a_transformers_forward(tmp_path):
-    from rl.config import LearnerConfig
+    from rl.algorithms import AlgorithmConfig
     from rollout.drafter.capture import capture_hidden_states
     from rollout.drafter.checkpoint import save_drafter
     from rollout.drafter.model import Drafter
     from tests.learner_fixtures import random_samples, save_tiny_qwen2
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     model_dir = save_tiny_qwen2(tmp_path / "model")
     from transformers import AutoModelForCausalLM
@@ -206,8 +208,8 @@ def test_captured_states_equal_a_transformers_forward(tmp_path):
     target = AutoModelForCausalLM.from_pretrained(model_dir)
     drafter_dir = save_drafter(Drafter.from_target(target, seed=0), tmp_path / "drafter")
     for packed in ("padded", "packed"):
-        lc = LearnerConfig(micro_batch_tokens=40, kernels={"attention": packed}).model_dump()
-        learner = Learner(model_dir, lc, {"kl_coef": 0.0}, temperature=1.0)
+        lc = LearnerSettings(micro_batch_tokens=40, kernels={"attention": packed})
+        learner = Learner(model_dir, lc, AlgorithmConfig(kl_coef=0.0), temperature=1.0)
         learner.drafter_setup(load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32"]).drafter
                               .model_dump(), str(drafter_dir))
         samples = random_samples(7, seed=2)
@@ -266,14 +268,16 @@ def test_expand_to_tokens_replaces_vllms_cpu_kernel():
 
 
 def _drafter_rank_main(rank, world, port, strategy, model_dir, drafter_dir, out_path):
+    from rl.algorithms import AlgorithmConfig
     from tests.learner_fixtures import random_samples
     from trainers.learner import learner_class
+    from trainers.settings import LearnerSettings
 
     torch.set_num_threads(1)
-    cfg = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
-               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
-               strategy=strategy, fsdp={}, deepspeed={"param_persistence_threshold": 0})
-    learner = learner_class(strategy)(model_dir, cfg, {"kl_coef": 0.0}, temperature=1.0, rank=rank,
+    cfg = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=24,
+                          mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
+                          strategy=strategy, deepspeed={"param_persistence_threshold": 0})
+    learner = learner_class(strategy)(model_dir, cfg, AlgorithmConfig(kl_coef=0.0), temperature=1.0, rank=rank,
                                       world_size=world, master=("127.0.0.1", port))
     section = load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32",
                                  "drafter.batch_size=3"]).drafter.model_dump()

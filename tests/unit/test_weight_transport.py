@@ -218,15 +218,16 @@ def test_gloo_drafter_publish_delivers_the_drafters_own_weights(tmp_path, no_lay
     from safetensors.torch import load as st_load
     from transformers import AutoModelForCausalLM
 
-    from rl.config import LearnerConfig
+    from rl.algorithms import AlgorithmConfig
     from rollout.drafter.checkpoint import save_drafter
     from rollout.drafter.model import Drafter
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     model_dir = save_tiny_qwen2(tmp_path / "model", tie=False)
     drafter_dir = save_drafter(Drafter.from_target(AutoModelForCausalLM.from_pretrained(model_dir), seed=0),
                                tmp_path / "drafter")
-    learner = Learner(model_dir, LearnerConfig(micro_batch_tokens=64).model_dump(), {"kl_coef": 0.0}, temperature=1.0)
+    learner = Learner(model_dir, LearnerSettings(micro_batch_tokens=64), AlgorithmConfig(kl_coef=0.0), temperature=1.0)
     learner.drafter_setup(load_config(None, ["drafter.mode=fixed"]).drafter.model_dump(), str(drafter_dir))
     want = st_load(learner.export_drafter())
     meta = learner.drafter_transfer_meta()
@@ -248,13 +249,15 @@ def test_gloo_drafter_publish_delivers_the_drafters_own_weights(tmp_path, no_lay
 
 
 def _learner(tmp_path):
+    from rl.algorithms import AlgorithmConfig
     from trainers.learner import Learner
+    from trainers.settings import LearnerSettings
 
     path = save_tiny_qwen2(tmp_path / "m")
-    cfg = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=512,
-               mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
-               param_dtype="float32")
-    learner = Learner(path, cfg, {"policy_loss": "ppo_clip"}, temperature=1.0, dtype="float32",
+    cfg = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=512,
+                          mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0,
+                          param_dtype="float32")
+    learner = Learner(path, cfg, AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0, dtype="float32",
                       export_dtype="bfloat16")
     with torch.no_grad():
         for p in learner.model.parameters():
