@@ -1,8 +1,8 @@
 """LoRA building blocks: a policy with low-rank adapters on its linear layers (peft), the adapter as the files
 vLLM's ``LoRARequest`` loads, and the merged weights (W + scale * B @ A) under the base model's names.
 
-These are the parts LoRA training is built from (adapter-only sync to the engines, merged export); ``model.lora``
-is not a config key yet. vLLM's CPU build serves adapters (its Punica CPU wrapper):
+These are the parts LoRA training (``model.lora``, docs/lora.md) is built from (adapter-only sync to the engines,
+merged export). vLLM's CPU build serves adapters (its Punica CPU wrapper):
 ``tests/integration/test_lora_engine.py`` checks that an adapter written here gives the merged model's log-probs.
 """
 
