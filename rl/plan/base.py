@@ -16,7 +16,7 @@ CUDA_CONTEXT_BYTES = GIB // 2
 ENGINE_OVERHEAD_BYTES = 2 * GIB
 FUSED_BUFFER_BYTES = 256 * MIB
 DRAFTER_CHUNK_BYTES = 128 * MIB  # rollout.drafter.train.DrafterLossConfig.chunk_bytes
-AUTO_CPU_LOGITS_BYTES = 256 * MIB  # trainers.learner: CPU `auto` switches to chunked above this
+AUTO_CPU_LOGITS_BYTES = 256 * MIB  # trainers.logprob: CPU `auto` switches to chunked above this
 
 
 @dataclass(frozen=True)
