@@ -7,8 +7,8 @@
         --transports object_store  # pure bf16
 
 One learner actor (single strategy) and one vLLM engine actor on local Ray per weight-transfer transport (an
-engine starts with one backend; the object store shares the first pair); ``rl.driver.push_weights``
-(``sync.transport=object_store``) and ``rl.driver.push_weights_transfer`` (``gloo``; ``ipc`` with its handoff) do the
+engine starts with one backend; the object store shares the first pair); ``trainers.sync.push_weights``
+(``sync.transport=object_store``) and ``trainers.sync.push_weights_transfer`` (``gloo``; ``ipc`` with its handoff) do the
 sync exactly as ``rl train`` does, with ``--buckets-mb`` (0: one piece). Each (bucket size, transport) runs ``--repeats``
 syncs after a warm-up sync; the transports take turns within each repeat, so drift on a shared machine hits both
 alike. Reported per setting: median sync time, the engine's own loading time (object store: the whole
@@ -85,7 +85,7 @@ def run_all(model_dir: str, args) -> list[dict]:
 
     import ray
 
-    from rl.driver import LearnerGroup, init_weight_transfer, push_weights, push_weights_transfer
+    from trainers.sync import LearnerGroup, init_weight_transfer, push_weights, push_weights_transfer
     from rollout.engine import Engine
     from trainers.learner import Learner
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rl.config import CANARY_BOUNDS
-from rl.driver import canary_gap
+from trainers.sync import canary_gap
 
 pytestmark = pytest.mark.integration
 
