@@ -15,6 +15,9 @@ import json
 import signal
 import time
 
+import ray
+from ray.exceptions import RayActorError
+
 from rl.config import Config
 from rl.tracking import Progress
 from trainers.job import Job, start_job
@@ -36,8 +39,6 @@ class Trainer:
         self.learner_step = job.start_step
 
     def run(self) -> dict:
-        from ray.exceptions import RayActorError
-
         job, cfg = self.job, self.job.cfg
         # the canary's fixed probe: the answers to the first two eval prompts, fixed for the whole run
         job.sync.set_probe(job.ctx.generate(job.ctx.eval_items[:2], 1, step=0, temperature=1.0, max_tokens=16))
@@ -105,8 +106,6 @@ class Trainer:
 
     def train_one_step(self, step: int) -> dict[str, float]:
         """The step's batch -> learner update -> weight sync (when the batch source says it is due) -> canary."""
-        import ray
-
         job = self.job
         t_step = time.perf_counter()
         batch = job.source.take(step)
