@@ -116,7 +116,7 @@ def main() -> None:
         info = {"num_params": build_random_model(model_dir, shape, args.dtype), "build_s": time.perf_counter() - t0}
     print(f"[bench] model: {info or 'reused'} in {model_dir}", flush=True)
 
-    cmd = [sys.executable, "-m", "rl.cli", "train", RECIPE, *overrides(args, model_dir, run_dir)]
+    cmd = [sys.executable, "-m", "trainers.cli", "train", RECIPE, *overrides(args, model_dir, run_dir)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - t0

@@ -40,7 +40,7 @@ def _prompts(args, tokenizer, n: int, split: str, seed: int) -> list[str]:
         from rl.data.arith import make_arith_problems
 
         return [it.prompt for it in make_arith_problems(n, seed, split, "easy")]
-    from rl.evaluation import load_benchmark, make_prompt_formatter, parse_benchmarks
+    from trainers.evaluation import load_benchmark, make_prompt_formatter, parse_benchmarks
 
     spec = parse_benchmarks(args.prompts, None)[0]
     items, _ = load_benchmark(spec, make_prompt_formatter(tokenizer)[0], args.data_dir)

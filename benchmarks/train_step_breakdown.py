@@ -37,7 +37,7 @@ def run(args, transport: str, out: Path) -> dict[str, float]:
     if transport == "ipc":
         overrides.append("placement.mode=colocated")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", *overrides], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "trainers.cli", "train", "configs/tiny_cpu.yaml", *overrides], cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{transport}: rl train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

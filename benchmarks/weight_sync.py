@@ -7,15 +7,15 @@
         --transports object_store  # pure bf16
 
 One learner actor (single strategy) and one vLLM engine actor on local Ray per weight-transfer transport (an
-engine starts with one backend; the object store shares the first pair); ``rl.driver.push_weights``
-(``sync.transport=object_store``) and ``rl.driver.push_weights_transfer`` (``gloo``; ``ipc`` with its handoff) do the
+engine starts with one backend; the object store shares the first pair); ``trainers.sync.push_weights``
+(``sync.transport=object_store``) and ``trainers.sync.push_weights_transfer`` (``gloo``; ``ipc`` with its handoff) do the
 sync exactly as ``rl train`` does, with ``--buckets-mb`` (0: one piece). Each (bucket size, transport) runs ``--repeats``
 syncs after a warm-up sync; the transports take turns within each repeat, so drift on a shared machine hits both
 alike. Reported per setting: median sync time, the engine's own loading time (object store: the whole
 ``collective_rpc`` of the bytes, deserialization and reload; gloo: ``load_weights`` of the received views plus the
 finish), and the learner process's peak resident memory above its level before the sync (sampled every 2 ms
 during the syncs). After every sync the engine's log-probs on a probe are compared with the learner's (mean and
-max |diff|, against the run's default canary bounds for the dtype, ``rl.config.CANARY_BOUNDS``).
+max |diff|, against the run's default canary bounds for the dtype, ``rl.config_runtime.CANARY_BOUNDS``).
 
 Precision is a run's default: ``--dtype`` is ``model.dtype``, the learner's compute dtype and the engine's weights
 dtype; the learner holds fp32 master weights (``--param-dtype``, ``learner.param_dtype``: float32) and the export
@@ -37,7 +37,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from rl.config import CANARY_BOUNDS  # noqa: E402
+from rl.config_runtime import CANARY_BOUNDS  # noqa: E402
 from trainers.tiny_model import QWEN25_1_5B_SHAPE, build_random_model  # noqa: E402
 
 SHAPES = {
@@ -85,7 +85,7 @@ def run_all(model_dir: str, args) -> list[dict]:
 
     import ray
 
-    from rl.driver import LearnerGroup, init_weight_transfer, push_weights, push_weights_transfer
+    from trainers.sync import LearnerGroup, init_weight_transfer, push_weights, push_weights_transfer
     from rl.algorithms import AlgorithmConfig
     from rollout.engine import Engine
     from trainers.learner import Learner

@@ -13,19 +13,18 @@ A plug-in function declares itself a verifier (its ``correct`` is the verdict th
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import inspect
 import os
 import re
-import sys
 from pathlib import Path
 
 from rewards import builtin as _builtin  # noqa: F401  (registers format_boxed, length_penalty)
 from rewards import dccot as _dccot  # noqa: F401  (registers dccot, dccot_format, dccot_path_penalty)
 from rewards import math_verifier as _math_verifier  # noqa: F401  (registers math_verify)
 from rewards.base import REWARD_REGISTRY, RewardEntry, RewardSpec, registered_reward
+from rl.plugin_files import load_file_module
 
 _ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _MODULE_RE = _ATTR_RE
@@ -81,25 +80,7 @@ def check_spec(spec: RewardSpec) -> None:
 
 
 def _load_file_module(path_text: str, spec_name: str):
-    path = Path(path_text).resolve()
-    if not path.is_file():
-        raise ValueError(f"reward spec {spec_name!r}: file {path_text!r} not found (relative to {os.getcwd()})")
-    # A stable, unique module name per file, so two plug-ins called reward.py do not collide.
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    module_name = f"_rl_reward_plugin_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{digest}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    import_spec = importlib.util.spec_from_file_location(module_name, path)
-    if import_spec is None or import_spec.loader is None:
-        raise ValueError(f"reward spec {spec_name!r}: cannot load {path} as a Python module")
-    module = importlib.util.module_from_spec(import_spec)
-    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
-    try:
-        import_spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[module_name]
-        raise ValueError(f"reward spec {spec_name!r}: executing {path} failed: {type(exc).__name__}: {exc}") from exc
-    return module
+    return load_file_module(path_text, f"reward spec {spec_name!r}", "_rl_reward_plugin_")
 
 
 def _load_module(module_name: str, spec_name: str):

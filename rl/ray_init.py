@@ -25,7 +25,7 @@ def actor_env_vars(extra: dict[str, str] | None = None) -> dict[str, str]:
     ``extra``, and everything named ``NCCL_*``, ``GLOO_*`` or ``TORCH_NCCL_*``. Inside a ``ray job submit`` job,
     keys the job's runtime env already sets are left out (Ray refuses a key set both by the job and by
     ``ray.init``; the job's value reaches the actors anyway). ``PYTORCH_CUDA_ALLOC_CONF`` is never here: the
-    learner ranks get it in their own runtime env (``rl.driver.learner_env_vars``)."""
+    learner ranks get it in their own runtime env (``trainers.actors.learner_env_vars``)."""
     env = {
         "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(Path.cwd() / ".cache" / "vllm")),
         "TOKENIZERS_PARALLELISM": "false",

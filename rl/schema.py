@@ -29,3 +29,10 @@ class StrictModel(BaseModel):
                     hint = f" Did you mean {close[0]!r}?" if close else ""
                     raise ValueError(f"unknown {cls._kind} option {key!r}.{hint} Valid options: {', '.join(valid)}")
         return data
+
+
+class ConfigSection(BaseModel):
+    """A section of ``rl.config.Config``: unknown keys are rejected (``rl.config.load_config`` names the nearest
+    valid key before pydantic sees them) and assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -355,7 +355,7 @@ class Engine:
         return None if r is None else {"name": r.lora_name, "lora_id": r.lora_int_id, "path": r.lora_path}
 
     # The control plane of vLLM's weight-transfer API (engines started with ``weight_transfer``): the driver calls
-    # these on every engine while the learner's sender broadcasts (``rl.driver.push_weights_transfer``).
+    # these on every engine while the learner's sender broadcasts (``trainers.sync.push_weights_transfer``).
     def init_weight_transfer(self, init_info: dict) -> float:
         """Join the transfer group (blocks until the sender and every other worker have joined); seconds."""
         t0 = time.perf_counter()

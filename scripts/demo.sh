@@ -8,4 +8,4 @@ bash scripts/setup.sh
 . scripts/env.sh
 OUT=${RL_DEMO_DIR:-runs/demo}
 rl train configs/tiny_cpu.yaml run.output_dir="$OUT" "$@"
-python -m rl.report "$OUT"
+python -m trainers.report "$OUT"

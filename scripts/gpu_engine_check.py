@@ -333,7 +333,7 @@ def run_checks(args, rep: Report, work: Path) -> bool:
 
 
 def ipc_push(eng, ref, buckets: list[list[str]], version: int) -> dict:
-    """Perturb ``ref`` and push it to ``eng`` over ``rl_ipc`` as the driver does (``rl.driver.push_weights_transfer``
+    """Perturb ``ref`` and push it to ``eng`` over ``rl_ipc`` as the driver does (``trainers.sync.push_weights_transfer``
     with ``handoff``), the sender on ``ref``'s device; returns the transfer's numbers."""
     import torch
 

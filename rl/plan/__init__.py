@@ -309,33 +309,21 @@ def _describe_need(cfg) -> str:
 
 
 def _batch(cfg, f: _Findings) -> dict[str, Any]:
-    r, lc = cfg.rollout, cfg.learner
-    mt = cfg.multiturn
-    if mt.env is not None:
-        groups, group_size = mt.groups_per_step, mt.group_size
-        unit = "episodes"
-    else:
-        groups, group_size = r.prompts_per_step, r.num_samples_per_prompt
-        unit = "responses"
+    r, lc, kind = cfg.rollout, cfg.learner, cfg.kind
+    groups, group_size, unit = kind.step_groups(cfg), kind.step_group_size(cfg), kind.sample_unit
     samples = groups * group_size
     n_mini = lc.mini_batches_per_step
     mini = samples // n_mini
     groups_per_mini = groups // n_mini
     ranks = lc.num_ranks
     per_rank = mini / ranks
-    response_len = cfg.dccot.context_tokens if cfg.dccot is not None else r.max_response_tokens
+    response_len = kind.response_tokens(cfg)
     prompt_len = r.max_model_len - response_len
     mb_tokens = max(lc.micro_batch_tokens, r.max_model_len)
     mb_per_rank = math.ceil(math.ceil(per_rank) * r.max_model_len / mb_tokens) if per_rank else 0
     opt_steps = n_mini * lc.epochs_per_step
 
-    if mt.env is not None:
-        first = (f"Each step: {groups} groups x {group_size} episodes = {samples} episodes of up to {mt.max_turns} "
-                 f"turns (one training sample per turn, so {samples} to {samples * mt.max_turns} samples), each turn "
-                 f"up to {r.max_model_len} tokens")
-    else:
-        first = (f"Each step: {groups} prompts x {group_size} samples = {samples} responses, up to {samples} x "
-                 f"(prompt {prompt_len} + response {response_len}) tokens")
+    first = kind.plan_shape(cfg, prompt_len, response_len)
     mini_txt = (f"{n_mini} mini-batch{'es' if n_mini > 1 else ''} of {mini} {unit} ({groups_per_mini} whole groups)"
                 f"{f' x {lc.epochs_per_step} epochs' if lc.epochs_per_step > 1 else ''} = {opt_steps} optimizer "
                 f"step{'s' if opt_steps > 1 else ''} per RL step")
@@ -344,13 +332,12 @@ def _batch(cfg, f: _Findings) -> dict[str, Any]:
                 f"{lc.micro_batch_tokens} tokens (about {mb_per_rank} at full length)")
     summary = f"{first}; {mini_txt}; {rank_txt}"
     ds = r.dynamic_sampling
-    if ds.enabled and mt.env is None:
+    if ds.enabled:
         per_round = ds.prompts_per_round or r.prompts_per_step
         summary += (f". Dynamic sampling generates rounds of {per_round} prompts x {group_size} = "
                     f"{per_round * group_size} responses, at most {ds.max_rounds} rounds, until {groups} groups vary")
-    if cfg.dccot is not None:
-        summary += (". DC-CoT: each response is a director trajectory with parallel workers, trained as its "
-                    "director thread and every worker (more samples than responses)")
+    if kind.plan_note(cfg):
+        summary += f". {kind.plan_note(cfg)}"
     if cfg.gdro.rollout_gdro:
         summary += f". Rollout-GDRO varies the samples per prompt around a mean of {cfg.gdro.n_mean}"
 
@@ -365,7 +352,7 @@ def _batch(cfg, f: _Findings) -> dict[str, Any]:
         f.warn(key, f"a mini-batch of {mini} {unit} splits unevenly over {ranks} ranks ({mini // ranks} or "
                f"{mini // ranks + 1} each): ranks with fewer micro-batches run padding passes; choose "
                f"learner.num_ranks dividing {mini}, or adjust rollout.prompts_per_step / learner.mini_batches_per_step")
-    if ds.enabled and ranks > 1 and mt.env is None:
+    if ds.enabled and ranks > 1:
         f.notes.append("dynamic sampling may end a step with fewer groups than rollout.prompts_per_step (max_rounds "
                        "cap), which shrinks the mini-batches each rank gets")
     if lc.micro_batch_tokens < r.max_model_len:

@@ -150,12 +150,9 @@ def _engine_memory(cfg, shape: ModelShape, on_gpu: bool, gpu_bytes: float, host_
     weights = _ceil_div(p * e, tp)
     kv_per_token = 2 * shape.layers * _ceil_div(shape.kv_heads, tp) * shape.d * e
     ds = r.dynamic_sampling
-    per_round = (ds.prompts_per_round or r.prompts_per_step) if ds.enabled else r.prompts_per_step
-    if cfg.multiturn.env is not None:
-        per_round = cfg.multiturn.groups_per_step
-        n = cfg.multiturn.group_size
-    else:
-        n = r.num_samples_per_prompt
+    groups = cfg.kind.step_groups(cfg)
+    per_round = (ds.prompts_per_round or groups) if ds.enabled else groups
+    n = cfg.kind.step_group_size(cfg)
     seqs_per_engine = _ceil_div(per_round * n, r.num_engines)
     need_tokens = seqs_per_engine * r.max_model_len
     out: dict[str, Any] = {

@@ -23,7 +23,7 @@ COMPARED = ("reward/mean", "reward/accuracy", "loss/policy", "rollout/response_l
 
 def _rl(*args, cwd):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "rl.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "trainers.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=1500)
     if proc.returncode != 0:
         raise AssertionError(f"rl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -85,7 +85,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, warm_tiny_model_dir):
 
     run = tmp_path / "run"
     model = [f"model.path={warm_tiny_model_dir}", "model.build_tiny=false"]
-    args = [sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={run}", *model,
+    args = [sys.executable, "-m", "trainers.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={run}", *model,
             "run.progress=false", "run.num_steps=500", "run.save_every_steps=0", "eval.every_steps=0",
             "data.eval.num_problems=8", "eval.num_samples=1"]
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -24,7 +24,7 @@ FAST = ["run.progress=false", "data.eval.num_problems=16", "eval.num_samples=1",
 
 def train(config: str, model_dir: str, out: Path, *overrides: str) -> dict[int, dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "rl.cli", "train", config, f"run.output_dir={out}", f"model.path={model_dir}",
+    args = [sys.executable, "-m", "trainers.cli", "train", config, f"run.output_dir={out}", f"model.path={model_dir}",
             "model.build_tiny=false", *FAST, *overrides]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -126,7 +126,7 @@ def test_differential_smoothing_shapes_advantages_with_kl_in_the_reward(warm_tin
 def test_gigpo_finds_anchor_groups_in_multi_turn_episodes(warm_tiny_model_dir, tmp_path):
     # In async mode (lag 1): step 2's episodes are played while the learner trains on step 1's.
     m = train("configs/gigpo_tiny_cpu.yaml", warm_tiny_model_dir, tmp_path / "run", "run.num_steps=2",
-              "multiturn.groups_per_step=4", "multiturn.eval_groups=8",
+              "kind.groups_per_step=4", "kind.eval_groups=8",
               "async_mode.enabled=true", "async_mode.max_off_policy_steps=1")
     rows = steps(m)
     assert [r["async/policy_lag"] for r in rows] == [0.0, 1.0]

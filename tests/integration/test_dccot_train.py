@@ -54,7 +54,7 @@ def test_rl_eval_dccot_reports_longest_path_and_resumes(dccot_model_dir, tmp_pat
     data.write_text("".join(json.dumps({"id": it.id, "problem": it.metadata["question"], "answer": it.answer}) + "\n"
                             for it in items))
     out = tmp_path / "eval"
-    args = [sys.executable, "-m", "rl.cli", "eval", "--model", dccot_model_dir, "--benchmarks", str(data), "--n", "2",
+    args = [sys.executable, "-m", "trainers.cli", "eval", "--model", dccot_model_dir, "--benchmarks", str(data), "--n", "2",
             "--max-tokens", "96", "--temperature", "1.0", "--top-p", "1.0", "--chat-template", "off",
             "--prompt-template", "Problem: {problem}\nSolution:\n<think>\n", "--chunk-problems", "4", "--dccot",
             "--dccot-max-spawn-blocks", "2", "--dccot-max-worker-tokens", "24", "--dccot-max-total-tokens", "160",

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rl.algorithms import AlgorithmConfig
-from rl.config import CANARY_BOUNDS
-from rl.driver import canary_gap
+from rl.config_runtime import CANARY_BOUNDS
+from trainers.sync import canary_gap
 from trainers.settings import LearnerSettings
 
 pytestmark = pytest.mark.integration

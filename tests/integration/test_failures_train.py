@@ -27,7 +27,7 @@ SMALL = ["run.progress=false", "run.num_steps=200", "run.save_every_steps=0", "r
 
 
 def start(model_dir: str, run: Path, log: str, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={run}",
+    args = [sys.executable, "-m", "trainers.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={run}",
             f"model.path={model_dir}", "model.build_tiny=false", *SMALL, *extra]
     out = (run.parent / f"{log}.out").open("w")
     err = (run.parent / f"{log}.err").open("w")

@@ -30,7 +30,8 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
     import ray
 
     from rl.config import load_config
-    from rl.driver import CanaryError, Trainer
+    from trainers.driver import CanaryError, Trainer
+    from trainers.job import start_job
 
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     out = tmp_path / "run"
@@ -54,7 +55,8 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
         engine.weight_version = version
         return old.lora_int_id
 
-    trainer = Trainer(cfg)
+    job = start_job(cfg)
+    trainer, sync = Trainer(job), job.sync
     try:
         summary = trainer.run()
         assert summary["final_step"] == 2
@@ -70,49 +72,49 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
         assert m[1]["sync/bytes"] < 500_000
         ckpt = out / "checkpoints" / "step_000002"
         assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and (ckpt / "model" / "config.json").is_file()
-        engine = trainer.engines[0]
+        engine = job.engines[0]
         served = ray.get(engine.served_adapter.remote())
         assert served["lora_id"] == 3 and served["path"] == str(out / "adapters" / "engine0" / "v2")
         assert sorted(p.name for p in (out / "adapters" / "engine0").iterdir()) == ["v2"]  # older versions removed
 
         # 1. the push skipped: the learner moves on, the engine keeps serving version 2's adapter
-        real_push = trainer.push
-        trainer.push = lambda version: {}
+        real_push = sync.push
+        sync.push = lambda version: {}
         with pytest.raises(CanaryError, match="canary failed on engine 0 at version 3") as skipped:
             trainer.train_one_step(3)
         print("[push skipped]", skipped.value)
-        trainer.push = real_push
-        assert trainer.sync_weights(3)["sync/canary_max_abs_diff"] < 1e-3  # the real push repairs it
+        sync.push = real_push
+        assert sync.sync_weights(3)["sync/canary_max_abs_diff"] < 1e-3  # the real push repairs it
 
         # 2. a stale adapter under the new version: the version moves, the weights do not
-        stale = trainer.learner.call("export_adapter")
-        trainer.push = lambda version: {"v": ray.get(engine.load_adapter.remote(stale, version))["version"]}
+        stale = job.learner.call("export_adapter")
+        sync.push = lambda version: {"v": ray.get(engine.load_adapter.remote(stale, version))["version"]}
         with pytest.raises(CanaryError, match="at version 4") as stale_files:
             trainer.train_one_step(4)
         print("[stale adapter]", stale_files.value)
         assert ray.get(engine.ping.remote()) == 4  # the engine claims the version; only the canary tells
-        trainer.push = real_push
-        assert trainer.sync_weights(4)["sync/canary_max_abs_diff"] < 1e-3
+        sync.push = real_push
+        assert sync.sync_weights(4)["sync/canary_max_abs_diff"] < 1e-3
 
         # a corrupted adapter is refused by vLLM: the sync fails naming the engine, which keeps serving version 4
-        from rl.driver import WeightSyncError
-        from rl.lora_sync import push_adapter
+        from trainers.driver import WeightSyncError
+        from trainers.sync import push_adapter
 
         class Corrupting:  # the learner group, with the adapter's tensors cut short on the way
             def call(self, method):
-                files = trainer.learner.call(method)
+                files = job.learner.call(method)
                 return {**files, "adapter_model.safetensors": files["adapter_model.safetensors"][:1000]}
 
         with pytest.raises(WeightSyncError, match="adapter sync to version 9 broke off on engine 0"):
-            push_adapter(Corrupting(), trainer.engines, 9)
+            push_adapter(Corrupting(), job.engines, 9)
         assert ray.get(engine.ping.remote()) == 4 and ray.get(engine.served_adapter.remote())["name"] == "policy-v4"
-        assert trainer.check_canary(4)["sync/canary_max_abs_diff"] < 1e-3
+        assert sync.check_canary(4)["sync/canary_max_abs_diff"] < 1e-3
 
         # 3. the new adapter's files under the id already served: vLLM keeps its cached adapter
-        trainer.push = lambda version: {"id": ray.get(engine.__ray_call__.remote(
-            reuse_the_served_id, trainer.learner.call("export_adapter"), version))}
+        sync.push = lambda version: {"id": ray.get(engine.__ray_call__.remote(
+            reuse_the_served_id, job.learner.call("export_adapter"), version))}
         with pytest.raises(CanaryError, match="at version 5") as reused_id:
             trainer.train_one_step(5)
         print("[reused id]", reused_id.value)
     finally:
-        trainer.close()
+        job.close()

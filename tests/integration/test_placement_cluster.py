@@ -1,7 +1,7 @@
 """The run's placement on a simulated two-node Ray cluster with fake GPUs (``ray.cluster_utils.Cluster``).
 
 Stand-in actors take exactly the ``.options(...)`` the driver gives its Engine and Learner actors
-(``rl.driver.engine_actor_options`` / ``learner_actor_options`` over ``rl.placement.reserve``) and report where
+(``trainers.engine_actor_options`` / ``learner_actor_options`` over ``rl.placement.reserve``) and report where
 they landed: node, GPU ids, ``CUDA_VISIBLE_DEVICES``, whether they run inside a placement group, and the
 allocator setting they see. No vLLM, no learner.
 
@@ -17,8 +17,9 @@ import time
 import pytest
 import ray
 
-from rl import driver, placement
+from rl import placement
 from rl.config import load_config
+from trainers.actors import engine_actor_options, learner_actor_options
 
 pytestmark = pytest.mark.integration
 
@@ -81,9 +82,9 @@ def _place(cfg):
     placed = placement.reserve(cfg)
     actors = []
     try:
-        engines = [StandIn.options(**driver.engine_actor_options(cfg, placed, i)).remote()
+        engines = [StandIn.options(**engine_actor_options(cfg, placed, i)).remote()
                    for i in range(cfg.rollout.num_engines)]
-        learners = [StandIn.options(**driver.learner_actor_options(cfg, placed, k)).remote()
+        learners = [StandIn.options(**learner_actor_options(cfg, placed, k)).remote()
                     for k in range(cfg.learner.num_ranks)]
         actors = engines + learners
         reports = ray.get([a.where.remote() for a in actors], timeout=60)

@@ -28,7 +28,7 @@ def expected_length_penalty(num_tokens: int) -> float:
 
 def test_a_reward_failing_at_run_time_stops_the_run_with_a_checkpoint(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
+    args = [sys.executable, "-m", "trainers.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
             f"model.path={tiny_model_dir}", "model.build_tiny=false", "run.progress=false", "run.num_steps=2",
             "run.save_every_steps=0", "run.log_samples_per_step=8", "rollout.prompts_per_step=4",
             "rollout.num_samples_per_prompt=2", "data.eval.num_problems=4", "eval.num_samples=1",

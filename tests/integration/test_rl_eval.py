@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def rl_eval(model_dir: str, data: Path | str, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "rl.cli", "eval", "--model", model_dir, "--benchmarks", str(data), "--n", "4",
+    args = [sys.executable, "-m", "trainers.cli", "eval", "--model", model_dir, "--benchmarks", str(data), "--n", "4",
             "--k", "1,2,4", "--temperature", "1.0", "--top-p", "1.0", "--max-tokens", "16", "--chat-template", "off",
             "--prompt-template", "Problem: {problem}\nSolution:\n", "--out", str(out), "--no-progress",
             "--num-resamples", "200", "--reward-workers", "1", *extra]

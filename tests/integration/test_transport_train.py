@@ -23,7 +23,7 @@ FAST = ["run.progress=false", "data.eval.num_problems=8", "eval.num_samples=1", 
 
 def train(model_dir: str, out: Path, *overrides: str) -> tuple[dict[int, dict], str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
+    args = [sys.executable, "-m", "trainers.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
             f"model.path={model_dir}", "model.build_tiny=false", *FAST, *overrides]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:

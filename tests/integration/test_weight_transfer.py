@@ -20,7 +20,7 @@ def _max_diff(a, b):
 
 def test_gloo_sync_equals_object_store_and_breaks_off_cleanly(ray_local, tiny_model_dir):
     ray = ray_local
-    from rl.driver import LearnerGroup, WeightSyncError, init_weight_transfer, push_weights, push_weights_transfer
+    from trainers.sync import LearnerGroup, WeightSyncError, init_weight_transfer, push_weights, push_weights_transfer
     from rollout.engine import Engine, GenerationRequest, SamplingSettings
     from trainers.learner import Learner
 
@@ -92,7 +92,7 @@ def test_a_broken_sync_names_the_engine_that_failed_or_died(ray_local):
     """The driver's wait over a sync's calls: the first failure ends it, named by who failed (a task's error, or
     an actor that died mid-sync, as an engine whose worker crashed)."""
     ray = ray_local
-    from rl.driver import WeightSyncError, _wait_all
+    from trainers.sync import WeightSyncError, _wait_all
 
     @ray.remote(num_cpus=0)
     class Peer:

@@ -45,10 +45,9 @@ def test_every_recipe_loads(recipe):
         for part in key:
             got = got[part]
         assert _same(got, value), (key, got, value)
-    if cfg.multiturn.env is not None:  # the environment and its options are checked when the trainer starts
-        from rollout.env import make_env
+    from trainers.kinds import make_kind
 
-        make_env(cfg.multiturn.env, **cfg.multiturn.env_options)
+    make_kind(cfg)  # the kind checks its own settings (an environment's name and options) when the run starts
 
 
 def test_misspelled_key_names_nearest(tmp_path):
@@ -141,16 +140,16 @@ def test_config_changes_lists_every_changed_value_and_which_a_resume_may_change(
 def _resume(tmp_path, monkeypatch, *overrides: str, allow: bool = False) -> int:
     """`rl train --resume` over a run directory whose config.yaml has the defaults; the model build and Ray are
     not reached (a resume the check lets through stops there)."""
-    from rl import driver
-    from rl.cli import main
+    from trainers import job
+    from trainers.cli import main
 
     class Reached(Exception):
         pass
 
-    def stop(self):
+    def stop(*args):
         raise Reached
 
-    monkeypatch.setattr(driver.Trainer, "_resolve_model", stop)
+    monkeypatch.setattr(job, "resolve_model", stop)
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
     (run / "config.yaml").write_text(dump_config(load_config(None, [f"run.output_dir={run}"])))
@@ -180,18 +179,18 @@ def test_resume_refuses_a_changed_recipe_and_shows_the_diff(tmp_path, monkeypatc
 
 
 def test_resume_accepts_a_run_written_before_a_key_existed(tmp_path, capsys):
-    from rl.driver import Trainer
+    from trainers.preflight import check_resumed_config
 
     run = tmp_path / "run"
     run.mkdir()
     saved = yaml.safe_load(dump_config(load_config(None, [f"run.output_dir={run}"])))
     del saved["algorithm"]["clip_eps_high"]  # as if the run's code had no such key yet
     (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    Trainer(load_config(None, [f"run.output_dir={run}"]), resume=True)._check_resumed_config()  # the default: no change
+    check_resumed_config(load_config(None, [f"run.output_dir={run}"]), run, False)  # the default: no change
     assert capsys.readouterr().out == ""
-    trainer = Trainer(load_config(None, [f"run.output_dir={run}", "algorithm.clip_eps_high=0.28"]), resume=True)
+    changed = load_config(None, [f"run.output_dir={run}", "algorithm.clip_eps_high=0.28"])
     with pytest.raises(ValueError, match=r"algorithm.clip_eps_high: \"<absent>\" -> 0.28  \(not resumable\)"):
-        trainer._check_resumed_config()
+        check_resumed_config(changed, run, False)
 
 
 def test_every_recipes_written_config_loads_back_the_same(tmp_path):

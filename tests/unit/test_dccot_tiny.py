@@ -99,12 +99,12 @@ def _cfg(*overrides):
 
 
 def test_dccot_recipes_load_and_reject_what_they_do_not_support():
-    assert _cfg().dccot.max_total_tokens == 160
+    assert _cfg().kind.max_total_tokens == 160
     with pytest.raises(ConfigError, match="gdro"):
         _cfg("gdro.prompt_gdro=true")
     with pytest.raises(ConfigError, match="rollout.max_response_tokens"):
         _cfg("rollout.max_response_tokens=32")
     with pytest.raises(ConfigError, match="max_model_len=150 cannot hold"):
         _cfg("rollout.max_model_len=150")
-    with pytest.raises(ConfigError, match="correct_and_format needs DC-CoT"):
+    with pytest.raises(ConfigError, match="correct_and_format needs the dccot kind"):
         load_config(None, ["rollout.dynamic_sampling.metric=correct_and_format"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.cli import main, parse_args
+from trainers.cli import main, parse_args
 from rl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
-"""Driver batching logic (dynamic sampling, overlong shaping, truncation masks) with a fake generator.
+"""The single-turn kind's batching (dynamic sampling, overlong shaping, truncation masks) in a fake context.
 
-A unit test of the driver's bookkeeping only: the engine and reward pool are replaced by deterministic
-functions so the expected numbers can be computed by hand. The real engine path is in tests/integration.
+A unit test of the kind's bookkeeping only: the context's generation and grading are deterministic functions so the
+expected numbers can be computed by hand. The real engine path is in tests/integration.
 """
 
 from __future__ import annotations
@@ -10,35 +10,55 @@ import pytest
 
 from rl.config import load_config
 from rl.data.datasets import PromptSampler
-from rl.driver import Trainer
 from rl.types import PromptItem, RewardResult, Rollout
+from trainers.kinds.base import RolloutContext
+from trainers.kinds.single_turn import SingleTurn
 
 
-def make_trainer(tmp_path, outcomes: dict[str, list[bool]], lengths: dict[str, list[int]] | None = None, **over):
-    """A Trainer whose generate/score return fixed groups: prompt id -> correctness (and lengths) per sample."""
-    overrides = [f"run.output_dir={tmp_path}", "rollout.max_response_tokens=20", "rollout.max_model_len=64"]
-    overrides += [f"{k}={v}" for k, v in over.items()]
-    trainer = Trainer(load_config(None, overrides))
-    items = [PromptItem(pid, f"prompt {pid}", "1") for pid in outcomes]
-    trainer.sampler = PromptSampler(items, seed=0)
-    trainer.sampler._order = list(range(len(items)))  # walk the prompts in the order given
-    calls = []
+class FakeContext(RolloutContext):
+    """Generation and grading from fixed tables: prompt id -> correctness (and lengths) per sample."""
 
-    def generate(its, n, step, temperature, max_tokens, seed_offset=0):
-        calls.append(([it.id for it in its], n, seed_offset))
+    def __init__(self, cfg, outcomes: dict[str, list[bool]], lengths: dict[str, list[int]] | None) -> None:
+        items = [PromptItem(pid, f"prompt {pid}", "1") for pid in outcomes]
+        sampler = PromptSampler(items, seed=0)
+        sampler._order = list(range(len(items)))  # walk the prompts in the order given
+        super().__init__(cfg, engines=[], reward_pool=None, sampler=sampler)
+        self.outcomes, self.lengths = outcomes, lengths or {}
+        self.calls: list[tuple[list[str], int, int]] = []
+
+    def generate(self, items, n, step, temperature, max_tokens, seed_offset=0):
+        self.calls.append(([it.id for it in items], n, seed_offset))
         out = []
-        for it in its:
-            lens = (lengths or {}).get(it.id) or [5] * len(outcomes[it.id])
+        for it in items:
+            lens = self.lengths.get(it.id) or [5] * len(self.outcomes[it.id])
             out.append([Rollout(it.id, [1, 2], [3] * ln, [-0.5] * ln, "length" if ln >= max_tokens else "stop", 0)
                         for ln in lens])
         return out
 
-    def score(its, groups):
-        return [RewardResult(score=float(c), correct=c) for it in its for c in outcomes[it.id]]
+    def score(self, items, groups):
+        return [RewardResult(score=float(c), correct=c) for it in items for c in self.outcomes[it.id]]
 
-    trainer.generate = generate
-    trainer.score = score
-    return trainer, calls
+
+class KindInContext:
+    """The single-turn kind and its fake context, with the kind's steps bound to the context."""
+
+    def __init__(self, ctx: FakeContext) -> None:
+        self.ctx, self.kind = ctx, SingleTurn(ctx.cfg)
+
+    def rollout_batch(self, step: int):
+        items, groups, results, stats, _ = self.kind.rollout(self.ctx, step)
+        return items, groups, results, stats
+
+    def build_samples(self, items, groups, results):
+        samples, stats, _ = self.kind.build_samples(self.ctx, items, groups, results)
+        return samples, stats
+
+
+def make_trainer(tmp_path, outcomes: dict[str, list[bool]], lengths: dict[str, list[int]] | None = None, **over):
+    overrides = [f"run.output_dir={tmp_path}", "rollout.max_response_tokens=20", "rollout.max_model_len=64"]
+    overrides += [f"{k}={v}" for k, v in over.items()]
+    ctx = FakeContext(load_config(None, overrides), outcomes, lengths)
+    return KindInContext(ctx), ctx.calls
 
 
 OUTCOMES = {  # 2 of every 3 prompts have all-equal groups

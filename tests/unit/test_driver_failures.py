@@ -1,6 +1,7 @@
-"""The run loop when something goes wrong mid-run, on fake actors (the real loop, checkpoints, metrics log and
-canary check; no Ray, no engines): Ctrl-C mid-step, an engine or learner actor dying, a canary failure. A
-checkpoint labelled N must hold exactly N updates, and ``--resume`` must continue from what was saved.
+"""The run loop when something goes wrong mid-run, on a fake job (``fake_job``: the real loop, batch source,
+checkpoints, metrics log and canary check over fake actors and a fake rollout kind; no Ray, no engines): Ctrl-C
+mid-step, an engine or learner actor dying, a canary failure. A checkpoint labelled N must hold exactly N updates,
+and ``--resume`` must continue from what was saved.
 
 The fake learner counts its updates; its "weights" are that count, written into every checkpoint. A fake
 engine serves the count it was last pushed. (With real Ray and vLLM: tests/integration/test_failures_train.py.)"""
@@ -17,11 +18,15 @@ import pytest
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
-from rl import driver
 from rl.config import load_config
-from rl.driver import ActorDiedError as RunActorDied, Trainer
+from rl.data.datasets import PromptSampler
 from rl.tracking import CheckpointManager, MetricsLogger, TrackerSettings
 from rl.types import PromptItem, Rollout, TrainSample
+from trainers import driver
+from trainers.driver import ActorDiedError as RunActorDied, Trainer
+from trainers.job import assemble
+from trainers.kinds.base import RolloutContext, StepBatch
+from trainers.sync import WeightSync, WeightSyncError
 
 
 class Ref:
@@ -100,56 +105,68 @@ class FakeEngine:
                        "was killed by signal 9")
 
 
-class FakeTrainer(Trainer):
-    """The real loop (``run``, ``train_one_step``, checkpoints, canary) over fake actors."""
-
-    def __init__(self, cfg, resume: bool = False, learner: FakeLearner | None = None, engines=None) -> None:
-        super().__init__(cfg, resume=resume)
-        self.fake_learner = learner or FakeLearner()
-        self.fake_engines = engines or [FakeEngine(0), FakeEngine(1)]
-
-    def setup(self) -> None:
-        self.model_path = str(self.run_dir)
-        self.reward_pool = SimpleNamespace(names=[], take_first_errors=dict, metrics=lambda reset=False: {},
-                                           close=lambda: None)
-        self.eval_items = [PromptItem(f"e{i}", f"eval {i}", "1") for i in range(2)]
-        self.sampler = driver.PromptSampler([PromptItem(f"p{i}", f"train {i}", "1") for i in range(6)], seed=0)
-        self.engines, self.learner = self.fake_engines, self.fake_learner
-        self.logger = MetricsLogger(self.run_dir, TrackerSettings(trackers=("jsonl",)))
-        self.ckpt = CheckpointManager(self.run_dir, self.cfg.run.keep_last_checkpoints)
-        self.start_step = 0
-        if self.resume:
-            self._load_latest()
-        self.probe = None
-
+class FakeContext(RolloutContext):
     def generate(self, items, n, step, temperature, max_tokens, seed_offset=0):
         return [[Rollout(it.id, [1, 2], [3, 4], [-1.0, -1.0], "stop", 0)] for it in items]
 
-    def evaluate(self, step):
+
+class FakeKind:
+    """Two prompts a step, one sample each; an engine may die while generating."""
+
+    name = "fake"
+
+    def collect(self, ctx, step):
+        for e in ctx.engines:
+            e.generate(step)
+        items = ctx.sampler.next(2)
+        samples = [TrainSample([1, 2], [3, 4], [-1.0, -1.0], 1.0, it.id) for it in items]
+        return StepBatch(samples, {"rollout/tokens": 4.0, "perf/rollout_s": 1.0})
+
+    def evaluate(self, ctx, step):
         return {"eval/accuracy": 0.5}
 
-    def prepare_batch(self, step):
-        self._sampler_marks[step] = self.sampler.state_dict()
-        for e in self.engines:
-            e.generate(step)
-        items = self.sampler.next(2)
-        samples = [TrainSample([1, 2], [3, 4], [-1.0, -1.0], 1.0, it.id) for it in items]
-        return {"samples": samples, "metrics": {"rollout/tokens": 4.0, "perf/rollout_s": 1.0},
-                "log": ("single", ([], [], [])), "engine_version": self.engine_version, "generation_interval": None,
-                "gdro_feed": None}
+
+class FakeSync(WeightSync):
+    """The real canary; the push as the transports report it (a dead engine in the sync, a push that never reaches
+    a stale engine's weights)."""
 
     def push(self, version):
         for i, e in enumerate(self.engines):
-            if e.dead_at_push is not None and version >= e.dead_at_push:  # as driver._wait_all reports it
-                raise driver.WeightSyncError(
+            if e.dead_at_push is not None and version >= e.dead_at_push:  # as trainers.sync._wait_all reports it
+                raise WeightSyncError(
                     f"weight sync to version {version} (start) broke off on engine {i}: ActorDiedError: ...",
                     f"weight sync to version {version} (start)",
                     actor_error=dead(f"engine{i}", "Worker exit type: SYSTEM_ERROR Worker exit detail: EOF"))
         for e in self.engines:
             if e.stale_from_version is None or version < e.stale_from_version:
                 e.serving = self.learner.updates
-        self.engine_version = version
+        self.version = version
         return {}
+
+
+def fake_job(cfg, resume: bool = False, learner: FakeLearner | None = None, engines=None):
+    """The real job (batch source, checkpoints, metrics log, reward guard) over fake actors and a fake kind."""
+    run_dir = Path(cfg.run.output_dir)
+    learner = learner or FakeLearner()
+    engines = engines or [FakeEngine(0), FakeEngine(1)]
+    pool = SimpleNamespace(names=[], take_first_errors=dict, metrics=lambda reset=False: {}, close=lambda: None)
+    ctx = FakeContext(cfg, engines=engines, reward_pool=pool, learner=learner,
+                      sampler=PromptSampler([PromptItem(f"p{i}", f"train {i}", "1") for i in range(6)], seed=0),
+                      eval_items=[PromptItem(f"e{i}", f"eval {i}", "1") for i in range(2)])
+    job = assemble(cfg, run_dir, logger=MetricsLogger(run_dir, TrackerSettings(trackers=("jsonl",))),
+                   learner=learner, engines=engines, ctx=ctx, kind=FakeKind(), hooks=[], model_path=str(run_dir),
+                   sync=FakeSync(cfg, learner, engines))
+    if resume:
+        job.load_latest()
+    return job
+
+
+class FakeTrainer(Trainer):
+    """The real loop over a fake job."""
+
+    def __init__(self, cfg, resume: bool = False, learner: FakeLearner | None = None, engines=None) -> None:
+        super().__init__(fake_job(cfg, resume, learner, engines))
+        self.fake_learner = self.job.learner
 
 
 @pytest.fixture(autouse=True)
@@ -240,8 +257,8 @@ def test_an_engine_dying_in_the_weight_sync_is_named_as_its_death(tmp_path):
 
 def test_a_sync_error_without_a_dead_actor_is_not_reported_as_a_death(tmp_path):
     trainer = FakeTrainer(config(tmp_path))
-    trainer.push = lambda version: (_ for _ in ()).throw(driver.WeightSyncError("broke off on engine 0: timeout"))
-    with pytest.raises(driver.WeightSyncError, match="timeout"):
+    trainer.job.sync.push = lambda version: (_ for _ in ()).throw(WeightSyncError("broke off on engine 0: timeout"))
+    with pytest.raises(WeightSyncError, match="timeout"):
         trainer.run()
 
 
@@ -259,14 +276,14 @@ def test_the_learner_dying_keeps_the_last_checkpoint_and_says_so(tmp_path):
 
 
 def test_the_cli_exits_1_naming_the_dead_actor(tmp_path, monkeypatch, capsys):
-    from rl.cli import main
+    from trainers.cli import main
 
     def with_dead_engine(cfg, resume=False, allow_config_change=False):
         engines = [FakeEngine(0)]
         engines[0].dead_at_step = 2
-        return FakeTrainer(cfg, resume=resume, engines=engines)
+        return fake_job(cfg, resume=resume, engines=engines)
 
-    monkeypatch.setattr(driver, "Trainer", with_dead_engine)
+    monkeypatch.setattr(driver, "start_job", with_dead_engine)
     assert main(["train", f"run.output_dir={tmp_path}", "run.progress=false", "run.trackers=[jsonl]",
                  "run.num_steps=3"]) == 1
     assert "rl train: engine 0 died during step 2: " in capsys.readouterr().err
@@ -274,14 +291,14 @@ def test_the_cli_exits_1_naming_the_dead_actor(tmp_path, monkeypatch, capsys):
 
 
 def test_a_canary_failure_stops_the_run_at_that_step(tmp_path, monkeypatch, capsys):
-    from rl.cli import main
+    from trainers.cli import main
 
     def with_stale_engine(cfg, resume=False, allow_config_change=False):
         engines = [FakeEngine(0), FakeEngine(1)]
         engines[1].stale_from_version = 3  # from the sync after step 3, engine 1 keeps step 2's weights
-        return FakeTrainer(cfg, resume=resume, engines=engines)
+        return fake_job(cfg, resume=resume, engines=engines)
 
-    monkeypatch.setattr(driver, "Trainer", with_stale_engine)
+    monkeypatch.setattr(driver, "start_job", with_stale_engine)
     assert main(["train", f"run.output_dir={tmp_path}", "run.progress=false", "run.trackers=[jsonl]",
                  "run.num_steps=6", "run.save_every_steps=1", "run.keep_last_checkpoints=10"]) == 1
     err = capsys.readouterr().err

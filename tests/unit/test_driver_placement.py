@@ -5,35 +5,38 @@ import json
 
 import pytest
 
-from rl import driver, placement
+from rl import placement
 from rl.config import load_config
+from rl.ray_init import actor_env_vars
+from trainers import actors
+from trainers.job import start_local_or_attach
 
 
 def test_actor_env_leaves_out_keys_the_ray_job_sets(monkeypatch):
     monkeypatch.setenv("RL_DATA_DIR", "/data/math")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    env = driver.actor_env_vars()
+    env = actor_env_vars()
     assert env["RL_DATA_DIR"] == "/data/math" and env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert env["TOKENIZERS_PARALLELISM"] == "false"
     job = {"runtime_env": {"env_vars": {"RL_DATA_DIR": "/data/math"}, "working_dir": "."}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
-    env = driver.actor_env_vars()
+    env = actor_env_vars()
     assert "RL_DATA_DIR" not in env  # the job's runtime env carries it; passing it again would be refused
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
 
 
 def test_cpu_engines_get_disjoint_cores(monkeypatch):
-    monkeypatch.setattr(driver.os, "cpu_count", lambda: 2)
-    assert [driver._cpu_binding(i, 2) for i in range(2)] == ["0", "1"]
-    monkeypatch.setattr(driver.os, "cpu_count", lambda: 8)
-    assert [driver._cpu_binding(i, 2) for i in range(2)] == ["0-3", "4-7"]
-    assert driver._cpu_binding(0, 1) == "0-7"
+    monkeypatch.setattr(actors.os, "cpu_count", lambda: 2)
+    assert [actors._cpu_binding(i, 2) for i in range(2)] == ["0", "1"]
+    monkeypatch.setattr(actors.os, "cpu_count", lambda: 8)
+    assert [actors._cpu_binding(i, 2) for i in range(2)] == ["0-3", "4-7"]
+    assert actors._cpu_binding(0, 1) == "0-7"
 
 
 def test_communication_settings_reach_every_actor_and_the_allocator_only_learners(monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    for key in [k for k in driver.os.environ if k.startswith(("NCCL_", "GLOO_", "TORCH_NCCL_"))]:
+    for key in [k for k in actors.os.environ if k.startswith(("NCCL_", "GLOO_", "TORCH_NCCL_"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
     monkeypatch.setenv("NCCL_DEBUG", "INFO")
@@ -41,20 +44,20 @@ def test_communication_settings_reach_every_actor_and_the_allocator_only_learner
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     monkeypatch.setenv("MY_NCCL_THING", "no")  # only the prefixes
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    env = driver.actor_env_vars()
+    env = actor_env_vars()
     assert {k: env[k] for k in env if "NCCL" in k or "GLOO" in k} == {
         "NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO", "GLOO_SOCKET_IFNAME": "eth1",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
     assert "PYTORCH_CUDA_ALLOC_CONF" not in env  # never for every actor
-    assert driver.learner_env_vars() == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert actors.learner_env_vars() == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     # a local Ray's workers inherit the driver's environment: the engines get the key blanked
-    assert driver.engine_env_vars() == {"PYTORCH_CUDA_ALLOC_CONF": ""}
+    assert actors.engine_env_vars() == {"PYTORCH_CUDA_ALLOC_CONF": ""}
     # a job that sets a forwarded key itself keeps it (Ray refuses the key twice)
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"NCCL_DEBUG": "WARN"}}}))
-    env = driver.actor_env_vars()
+    env = actor_env_vars()
     assert "NCCL_DEBUG" not in env and env["NCCL_SOCKET_IFNAME"] == "ib0"
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    assert driver.learner_env_vars() == {} and driver.engine_env_vars() == {}  # nothing set: nothing changed
+    assert actors.learner_env_vars() == {} and actors.engine_env_vars() == {}  # nothing set: nothing changed
 
 
 def test_bundles_never_empty_and_gpu_only_when_asked():
@@ -104,6 +107,5 @@ def test_labels_need_a_cluster(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init must not run"))
-    trainer = driver.Trainer(_cfg(f"run.output_dir={tmp_path}", "placement.learner_node_labels={rl-role: learner}"))
     with pytest.raises(ValueError, match="set ray.address"):
-        trainer._start_ray()
+        start_local_or_attach(_cfg("placement.learner_node_labels={rl-role: learner}"), tmp_path)

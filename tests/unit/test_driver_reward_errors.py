@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from rl.config import load_config
-from rl.driver import RewardError, Trainer
+from trainers.reward_guard import RewardError, RewardErrorGuard
 
 
 class FakePool:
@@ -23,11 +23,13 @@ class FakePool:
 
 
 def fake_trainer(max_error_rate: float = 1.0):
-    logged = []
-    trainer = SimpleNamespace(cfg=load_config(None, [f"reward_pool.max_error_rate={max_error_rate}"]),
-                              reward_pool=FakePool(), logged=logged, _reward_error_warned={})
-    trainer._log_samples = lambda step, log: logged.append((step, log))
-    return trainer
+    guard = RewardErrorGuard(FakePool(), load_config(None, [f"reward_pool.max_error_rate={max_error_rate}"])
+                             .reward_pool.max_error_rate)
+    return SimpleNamespace(guard=guard, reward_pool=guard.reward_pool, logged=[])
+
+
+def check(trainer, step: int, metrics: dict[str, float], log) -> None:
+    trainer.guard.check(step, metrics, before_stop=lambda: trainer.logged.append((step, log)))
 
 
 def step_metrics(errors: int, graded: int = 16) -> dict[str, float]:
@@ -40,7 +42,7 @@ def test_a_reward_erroring_on_every_response_stops_the_step(capsys) -> None:
     trainer = fake_trainer()
     trainer.reward_pool.texts = {"my_reward": "KeyError: 'lang'"}
     with pytest.raises(RewardError) as info:
-        Trainer.check_reward_errors(trainer, 3, step_metrics(16), ("single", "rows"))
+        check(trainer, 3, step_metrics(16), ("single", "rows"))
     assert str(info.value) == ("reward 'my_reward' errored on 16/16 responses of step 3 "
                                "(reward_pool.max_error_rate=1); first error: KeyError: 'lang'")
     assert trainer.logged == [(3, ("single", "rows"))]  # the failing rows reach samples.jsonl first
@@ -50,7 +52,7 @@ def test_errors_below_the_threshold_warn_at_most_every_ten_steps(capsys) -> None
     trainer = fake_trainer(max_error_rate=0.5)
     for step in range(1, 13):
         trainer.reward_pool.texts = {"my_reward": f"ValueError: bad row {step}"}
-        Trainer.check_reward_errors(trainer, step, step_metrics(4), ("single", None))
+        check(trainer, step, step_metrics(4), ("single", None))
     lines = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(lines) == 2
     assert lines[0].startswith("[rl] warning: step 1: reward 'my_reward' errored on 4/16 responses (scored 0); "
@@ -59,7 +61,7 @@ def test_errors_below_the_threshold_warn_at_most_every_ten_steps(capsys) -> None
     assert trainer.logged == []
     with pytest.raises(RewardError, match="errored on 8/16 responses of step 13 .* first error: ValueError: x"):
         trainer.reward_pool.texts = {"my_reward": "ValueError: x"}
-        Trainer.check_reward_errors(trainer, 13, step_metrics(8), ("single", None))
+        check(trainer, 13, step_metrics(8), ("single", None))
 
 
 def test_max_error_rate_is_a_fraction_in_0_1() -> None:

@@ -1,10 +1,10 @@
-"""rl.evaluation without engines: records, statistics, flat metrics, the generation log, prompts, outputs."""
+"""trainers.evaluation without engines: records, statistics, flat metrics, the generation log, prompts, outputs."""
 
 import json
 
 import pytest
 
-from rl.evaluation import (
+from trainers.evaluation import (
     BenchmarkSpec,
     GenerationLog,
     SampleRecord,
@@ -204,7 +204,7 @@ def digit_tokenizer():
 
 
 def test_check_prompt_lengths_names_offenders_or_skips(digit_tokenizer):
-    from rl.evaluation import LongPrompt, check_prompt_lengths
+    from trainers.evaluation import LongPrompt, check_prompt_lengths
 
     benches = {"a": [PromptItem("short", "7" * 100, "1"), PromptItem("edge", "7" * 240, "1")],
                "b": [PromptItem("long", "7" * 241, "1")]}
@@ -222,7 +222,7 @@ def test_check_prompt_lengths_names_offenders_or_skips(digit_tokenizer):
 
 
 def test_model_context_len(tmp_path, digit_tokenizer):
-    from rl.evaluation import model_context_len
+    from trainers.evaluation import model_context_len
 
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 4096, "n_positions": 2048}))
     assert model_context_len(tmp_path, digit_tokenizer) == 2048
@@ -232,7 +232,7 @@ def test_model_context_len(tmp_path, digit_tokenizer):
 
 
 def test_resolve_model_dir_accepts_a_training_checkpoint(tmp_path):
-    from rl.evaluation import resolve_model_dir
+    from trainers.evaluation import resolve_model_dir
 
     plain = tmp_path / "hf"
     plain.mkdir()
@@ -269,7 +269,7 @@ def test_arith_benchmark_is_the_demos_held_out_set():
 
 
 def test_merge_throughput_keeps_earlier_runs():
-    from rl.evaluation import merge_throughput
+    from trainers.evaluation import merge_throughput
 
     first = {"engine_start_s": 40.0, "generation_s": 10.0, "response_tokens": 1000, "tokens_per_s": 100.0}
     tot = merge_throughput(None, first)
@@ -286,7 +286,7 @@ def test_merge_throughput_keeps_earlier_runs():
 
 def test_run_eval_skips_long_prompts_of_a_checkpoint_before_engines(tmp_path, digit_tokenizer):
     """Every prompt too long: nothing to generate, so no engine starts; the skips are counted."""
-    from rl.evaluation import EvalSettings, run_eval
+    from trainers.evaluation import EvalSettings, run_eval
 
     model = tmp_path / "run" / "checkpoints" / "step_000002" / "model"
     model.mkdir(parents=True)
@@ -313,9 +313,9 @@ def test_run_eval_skips_long_prompts_of_a_checkpoint_before_engines(tmp_path, di
 def test_eval_cli_defaults_match_training():
     import argparse
 
-    from rl.cli import _add_eval_parser
+    from trainers.cli import _add_eval_parser
     from rl.config import RolloutConfig
-    from rl.evaluation import EvalSettings
+    from trainers.evaluation import EvalSettings
 
     parser = argparse.ArgumentParser()
     _add_eval_parser(parser.add_subparsers())

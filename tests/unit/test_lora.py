@@ -218,7 +218,7 @@ def test_lora_config_resolves_the_engine_rank_and_sync():
 
 
 def test_rl_eval_reads_an_adapter_directory(tiny, tmp_path):
-    from rl.evaluation import read_adapter
+    from trainers.evaluation import read_adapter
 
     model = apply_lora(tiny, rank=12, alpha=24)
     write_adapter(adapter_files(model), tmp_path / "adapter")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.cli import main
+from trainers.cli import main
 from rl.config import load_config
 from rl.plan import KNOWN_SHAPES, PlanError, parse_shape_spec, plan
 

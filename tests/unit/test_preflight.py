@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rl.config import load_config
-from rl.driver import preflight
+from trainers.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ def test_every_missing_thing_is_named_at_once(tmp_path):
 def test_rl_train_stops_before_building_anything(tmp_path):
     out = tmp_path / "run"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "rl.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
+    proc = subprocess.run([sys.executable, "-m", "trainers.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
                            "data.train.kind=jsonl", "data.train.path=missing_file.jsonl", f"data.data_dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -64,13 +64,13 @@ def test_jsonl_only_keys_are_refused_for_the_embedded_tasks():
 
 def _heavy_work_forbidden(monkeypatch):
     """The model build and Ray must not start: the check has to come first."""
-    from rl import driver
+    from trainers import job
 
-    def forbidden(self, *args):
+    def forbidden(*args):
         raise AssertionError("heavy work started before the data was checked")
 
-    monkeypatch.setattr(driver.Trainer, "_resolve_model", forbidden)
-    monkeypatch.setattr(driver.Trainer, "_start_ray", forbidden)
+    monkeypatch.setattr(job, "resolve_model", forbidden)
+    monkeypatch.setattr(job, "start_local_or_attach", forbidden)
 
 
 @pytest.mark.parametrize(("row", "problem"), [
@@ -82,7 +82,7 @@ def _heavy_work_forbidden(monkeypatch):
     ('["Compute 1 + 1.", "2"]', "expected a JSON object, got list"),
 ])
 def test_rl_train_names_a_malformed_row_before_heavy_work(tmp_path, monkeypatch, capsys, row, problem):
-    from rl.cli import main
+    from trainers.cli import main
 
     _heavy_work_forbidden(monkeypatch)
     data = tmp_path / "train.jsonl"

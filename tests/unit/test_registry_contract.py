@@ -23,9 +23,15 @@ from rl.algorithms import (
 )
 from rewards import REWARD_REGISTRY, RewardSpec, check_spec, load_reward
 from rewards.base import SMOKE_REQUEST, call_reward
+import rl.data
+import trainers.kinds
+from rl.data.benchmarks import BUILTIN_BENCHMARKS
 from rl.registry import Registry
+from trainers.kinds import KINDS
 
-COVERED = {id(ADVANTAGE_ESTIMATORS), id(POLICY_LOSSES), id(ADVANTAGE_SHAPING), id(REWARD_REGISTRY)}
+# the rollout kinds' contract is tests/unit/test_kind_contract.py; the built-in benchmarks' is below
+COVERED = {id(ADVANTAGE_ESTIMATORS), id(POLICY_LOSSES), id(ADVANTAGE_SHAPING), id(REWARD_REGISTRY), id(KINDS),
+           id(BUILTIN_BENCHMARKS)}
 
 
 def _algorithm_modules():
@@ -39,8 +45,15 @@ def _reward_modules():
             yield importlib.import_module(f"rewards.{mod.name}")
 
 
+def _other_modules():
+    for package in (rl.data, trainers.kinds):
+        for mod in pkgutil.iter_modules(package.__path__):
+            yield importlib.import_module(f"{package.__name__}.{mod.name}")
+    yield trainers.kinds
+
+
 def test_every_registry_has_a_contract():
-    for module in [*_algorithm_modules(), *_reward_modules()]:
+    for module in [*_algorithm_modules(), *_reward_modules(), *_other_modules()]:
         for name, obj in vars(module).items():
             if isinstance(obj, Registry):
                 assert id(obj) in COVERED, f"registry {module.__name__}.{name} has no contract test"
@@ -48,7 +61,7 @@ def test_every_registry_has_a_contract():
 
 def test_no_extension_point_is_a_plain_dict():
     """A name -> function table must be a ``Registry``: a plain dict escapes the contract tests here."""
-    for module in [*_algorithm_modules(), *_reward_modules()]:
+    for module in [*_algorithm_modules(), *_reward_modules(), *_other_modules()]:
         for name, obj in vars(module).items():
             if isinstance(obj, dict) and obj and all(isinstance(k, str) and callable(v) for k, v in obj.items()):
                 raise AssertionError(f"{module.__name__}.{name} maps names to functions: make it a Registry")
@@ -188,3 +201,11 @@ def test_reward_contract(name):
     assert math.isfinite(result.score)
     if entry.is_verifier:
         assert isinstance(result.correct, bool)
+
+
+@pytest.mark.parametrize("name", BUILTIN_BENCHMARKS.names())
+def test_builtin_benchmark_contract(name):
+    """A built-in benchmark gives distinct, answered prompts, and a smaller limit is a prefix of a larger one."""
+    small, large = BUILTIN_BENCHMARKS.get(name)(5), BUILTIN_BENCHMARKS.get(name)(12)
+    assert len(small) == 5 and len(large) == 12 and large[:5] == small
+    assert len({it.id for it in large}) == 12 and all(it.prompt and it.answer for it in large)

@@ -3,8 +3,8 @@ how a call site builds its key) changes every run's samples and must show up her
 
 import pytest
 
-from rl.driver import request_seed as train_request_seed
-from rl.evaluation import request_seed as eval_request_seed
+from trainers.kinds.base import request_seed as train_request_seed
+from trainers.evaluation import request_seed as eval_request_seed
 from rl.seeding import stable_seed
 from rollout.dccot import segment_seed
 from rollout.multiturn import sampling_seed

@@ -12,6 +12,8 @@
 - while the engines generate: drafter training on the learner (a Ray call that runs while the driver waits for
   rollouts), within the time budget; its overlap with generation is measured;
 - after a weight sync, every ``publish_every`` steps: the drafter's weights pushed into the running engines.
+
+It is a step hook (``trainers.hooks``): the loop calls it around each batch, after the update and after the push.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 from rl.config import DrafterSection
+from trainers.hooks import StepHook
+from trainers.kinds.base import StepBatch
 from rollout.drafter.bandit import SpecTokensBanditConfig
 from rollout.drafter.metrics import SpecDecodeCounters
 from rollout.drafter.policy import SpecPolicy, merge_rows, phase_metrics
@@ -28,7 +32,9 @@ INIT_DIR = "drafter_init"
 MAX_BATCH_SIZE = 1024  # schedules cover running batch sizes 1..this (vLLM clips them to its max_num_seqs)
 
 
-class DrafterController:
+class DrafterController(StepHook):
+    name = "spec_decode"
+
     def __init__(self, section: DrafterSection, run_dir: Path, model_path: str, seed: int,
                  resume_checkpoint: Path | None = None) -> None:
         if section.mode == "off":
@@ -51,8 +57,15 @@ class DrafterController:
         self.submitted_budget_s = 0.0
         self.published_version = 0
         self.push_drafter = None
-        """Set by the driver when the weights travel over a transfer group (``rl.driver.push_drafter_transfer``);
+        """Set by the driver when the weights travel over a transfer group (``trainers.sync.push_drafter_transfer``);
         None: publish through the object store (``Engine.load_drafter_weights``)."""
+        self.attach_metrics: dict[str, float] = {}
+        # one training round per step, on the learner while the engines make the first batch after an update: its
+        # refs, whether that batch's generation interval is still to come, the interval, the current phase's start
+        self._training: list | None = None
+        self._awaiting_interval = False
+        self._interval: tuple[float, float] | None = None
+        self._phase_start = 0.0
 
     # ------------------------------------------------------------------ start-up
     def _initial_drafter(self, resume_checkpoint: Path | None) -> str:
@@ -103,6 +116,7 @@ class DrafterController:
                 learner.call("drafter_setup", self.cfg.model_dump(), self.drafter_dir))
         ray.get([e.set_spec_schedule.remote(self.policy.next_schedule()) for e in engines])
         ray.get([e.spec_step_stats.remote() for e in engines])  # starts the step timers
+        self.attach_metrics = out
         print(f"[rl] drafter: mode={self.cfg.mode} K={self.cfg.num_speculative_tokens} "
               f"long_tail_threshold={self.cfg.long_tail_threshold} train={self.cfg.train} "
               f"from {self.drafter_dir}", flush=True)
@@ -117,9 +131,9 @@ class DrafterController:
                 + [e.spec_decode_delta.remote() for e in self.engines])
         return time.time()
 
-    def end_generation(self, started: float) -> dict[str, float]:
-        """The phase's speculative-decoding metrics; the bandit learns from them and the next schedule goes to
-        the engines."""
+    def end_generation(self, started: float) -> tuple[dict[str, float], tuple[float, float]]:
+        """The phase's speculative-decoding metrics and its wall-time interval; the bandit learns from the metrics
+        and the next schedule goes to the engines."""
         import ray
 
         ended = time.time()
@@ -134,8 +148,7 @@ class DrafterController:
         out.update(self.policy.observe(rows))
         schedule = self.policy.next_schedule()
         ray.get([e.set_spec_schedule.remote(schedule) for e in self.engines])
-        out["_generation_interval"] = (started, ended)  # popped by the driver
-        return out
+        return out, (started, ended)
 
     # ------------------------------------------------------------------ training and publishing
     def budget_s(self) -> float:
@@ -183,14 +196,45 @@ class DrafterController:
         return {"perf/drafter_publish_s": time.perf_counter() - t0, "drafter/published_version": float(step),
                 "drafter/publish_bytes": float(nbytes)}
 
+    # ------------------------------------------------------------------ the step hook
+    def start_metrics(self) -> dict[str, float]:
+        return self.attach_metrics
+
+    def before_collect(self, step: int) -> None:
+        """The learner would wait for this batch: a training round goes first (queued behind the update in async
+        mode), unless this step's round is already out."""
+        if self._training is None:
+            self._training = self.submit_training()
+            self._awaiting_interval = True
+        self._phase_start = self.begin_generation()
+
+    def after_collect(self, step: int, batch: StepBatch) -> None:
+        metrics, interval = self.end_generation(self._phase_start)
+        batch.metrics.update(metrics)
+        if self._awaiting_interval:
+            self._interval, self._awaiting_interval = interval, False
+
+    def after_update(self, step: int, metrics: dict[str, float]) -> None:
+        metrics.update(self.collect_training(self._training, self._interval))
+        self._training = self._interval = None
+
+    def after_push(self, step: int, metrics: dict[str, float]) -> None:
+        metrics.update(self.publish(step))
+
+    def after_step(self, step: int, batch: StepBatch, metrics: dict[str, float]) -> None:
+        if "rollout/spec/long_tail_s" in metrics:
+            metrics["rollout/spec/long_tail_step_frac"] = metrics["rollout/spec/long_tail_s"] / metrics["perf/step_s"]
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(),
                 "published_version": self.published_version}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None, checkpoint: str = "") -> None:
         import ray
 
+        if state is None:
+            return
         if state.get("policy") is not None:
             self.policy.load_state_dict(state["policy"])
             if self.policy.current:

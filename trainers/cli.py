@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg.ray.address = args.ray_address
     if args.verbose:
         cfg.run.verbose = True
-    from rl.driver import ActorDiedError, CanaryError, train
+    from trainers.driver import ActorDiedError, CanaryError, train
 
     try:
         summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
@@ -40,7 +40,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rl.evaluation import EvalSettings, parse_benchmarks, run_eval
+    from trainers.evaluation import EvalSettings, parse_benchmarks, run_eval
 
     try:
         ks = [int(k) for k in args.k.split(",")] if args.k else None
@@ -76,7 +76,7 @@ def _dccot_options(args: argparse.Namespace) -> dict | None:
 
 
 def _convert_gguf(args: argparse.Namespace) -> int:
-    from rl.evaluation import convert_gguf
+    from trainers.evaluation import convert_gguf
 
     try:
         print(json.dumps(convert_gguf(args.gguf_path, args.out_dir, dtype=args.dtype), indent=1))
@@ -87,7 +87,7 @@ def _convert_gguf(args: argparse.Namespace) -> int:
 
 
 def _add_eval_parser(sub) -> None:
-    from rl.evaluation import DEFAULT_PROMPT_TEMPLATE
+    from trainers.evaluation import DEFAULT_PROMPT_TEMPLATE
 
     p = sub.add_parser(
         "eval", help="pass@k / maj@k on math benchmarks with vLLM (rl eval --model DIR --benchmarks math500,gsm8k)",

@@ -1,6 +1,6 @@
 """Summarize a run directory: the learning curve as a table and a PNG plot.
 
-    python -m rl.report runs/demo
+    python -m trainers.report runs/demo
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def plot_run(records: list[dict], out_png: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m rl.report RUN_DIR", file=sys.stderr)
+        print("usage: python -m trainers.report RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
     records = read_metrics(run_dir)

@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# re-exported: rl.evaluation is the API of evaluation
+# re-exported: trainers.evaluation is the API of evaluation
 from rl.data.benchmarks import (  # noqa: F401
     ARITH_EVAL_PROBLEMS, ARITH_EVAL_SEED, BUILTIN_BENCHMARKS, BenchmarkSpec, LongPrompt, check_prompt_lengths,
     load_benchmark, make_prompt_formatter, model_context_len, parse_benchmarks, resolve_model_dir,
