@@ -76,9 +76,13 @@ def _differences(want, got, where: str, out: list[str]) -> None:
         out.append(f"{where}: {got!r}, reference {want!r}")
 
 
-def check_reference(run: Path | dict, name: str, model_dir: str | Path) -> None:
+def check_reference(run: Path | dict, name: str, model_dir: str | Path, last_step: int | None = None,
+                    ignore: tuple[str, ...] = ()) -> None:
     """A run (its directory, or what ``observed`` took from it earlier) against ``tests/references/<name>.json``, or
-    written there with ``RL_WRITE_REFERENCES=1``. Call it last in a test: on another fingerprint it skips."""
+    written there with ``RL_WRITE_REFERENCES=1``. Call it last in a test: on another fingerprint it skips.
+
+    ``last_step`` and ``ignore`` (metric key prefixes) narrow the comparison to what the run decides without the
+    wall clock (a recipe whose choices depend on measured time repeats only up to its first such choice)."""
     path = REFERENCE_DIR / f"{name}.json"
     got = {"fingerprint": fingerprint(model_dir), **(run if isinstance(run, dict) else observed(run))}
     if os.environ.get("RL_WRITE_REFERENCES") == "1":
@@ -90,7 +94,15 @@ def check_reference(run: Path | dict, name: str, model_dir: str | Path) -> None:
     want = json.loads(path.read_text())
     if want["fingerprint"] != got["fingerprint"]:
         pytest.skip(f"reference {name} was made on {want['fingerprint']}, this is {got['fingerprint']}")
+    def narrow(data: dict) -> tuple[list, list]:
+        rows = [{k: v for k, v in r.items() if not k.startswith(ignore)} for r in _untimed(data["metrics"])]
+        if last_step is None:
+            return rows, data["samples"]
+        return ([r for r in rows if r["step"] <= last_step],
+                [s for s in data["samples"] if s.get("step", 0) <= last_step])
+
+    (want_metrics, want_samples), (got_metrics, got_samples) = narrow(want), narrow(got)
     diffs: list[str] = []
-    _differences(_untimed(want["metrics"]), _untimed(got["metrics"]), "metrics", diffs)
-    _differences(want["samples"], got["samples"], "samples", diffs)
+    _differences(want_metrics, got_metrics, "metrics", diffs)
+    _differences(want_samples, got_samples, "samples", diffs)
     assert not diffs, f"run differs from reference {name} (first differences):\n" + "\n".join(diffs)

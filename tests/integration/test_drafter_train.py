@@ -50,4 +50,7 @@ def test_rl_train_with_adaptive_drafter_then_resume(warm_tiny_model_dir, tmp_pat
     # the engines started with the checkpoint's trained drafter (a fresh one accepts almost nothing: ~1.0)
     assert resumed[5]["rollout/spec_decode/mean_acceptance_length"] > 1.2
     assert resumed[5]["drafter/steps"] == 0.0  # the buffer is not checkpointed: it refills from step 5 on
-    check_reference(first_run, "drafter", warm_tiny_model_dir)
+    # The drafter trains within a wall-clock budget and the bandit picks K from measured throughput, and with
+    # speculation the sampled tokens depend on the drafts: two runs of the same code part after step 1 (drafter/steps
+    # 9 vs 10 at step 2). Steps 0-1 (and their samples) are decided without the clock.
+    check_reference(first_run, "drafter", warm_tiny_model_dir, last_step=1, ignore=("drafter/", "rollout/spec/"))
