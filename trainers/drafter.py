@@ -9,6 +9,7 @@ import torch
 
 from rl.types import TrainSample
 from rl.weight_wire import BucketMeta, dtype_name
+from rollout.drafter.online import OnlineDrafterConfig
 from trainers.batching import MicroBatch, response_mask
 
 
@@ -44,18 +45,21 @@ class DrafterMixin:
         return (f"{names[id(self.model.get_input_embeddings())]}.weight",
                 f"{names[id(self.model.get_output_embeddings())]}.weight")
 
-    def drafter_setup(self, section: dict, drafter_dir: str) -> int:
-        """Hold a replica of the drafter saved in ``drafter_dir`` (``section``: the ``drafter`` config) on every
-        rank, trained data-parallel: each rank keeps the hidden states of its own share of each step's rollouts
-        and the gradients are summed across ranks (``rollout.drafter.online``). Its copies of the shared weights
-        arrive with the next weight export. Returns the drafter's trainable parameter count."""
+    def drafter_setup(self, config: OnlineDrafterConfig, drafter_dir: str) -> int:
+        """Hold a replica of the drafter saved in ``drafter_dir`` (``config``: the ``drafter`` section's training
+        part, built on the driver) on every rank, trained data-parallel: each rank keeps the hidden states of its
+        own share of each step's rollouts and the gradients are summed across ranks (``rollout.drafter.online``).
+        Its copies of the shared weights arrive with the next weight export. Returns the drafter's trainable
+        parameter count."""
         from rollout.drafter.model import num_trainable_parameters
-        from rollout.drafter.online import OnlineDrafter, OnlineDrafterConfig
+        from rollout.drafter.online import OnlineDrafter
 
         if self.cfg.old_logprob_source != "learner":
             raise ValueError("the drafter learns from the learner's old-log-prob pass: set "
                              "learner.old_logprob_source=learner")
-        self.drafter = OnlineDrafter(drafter_dir, OnlineDrafterConfig.from_section(section), self.device,
+        if not isinstance(config, OnlineDrafterConfig):
+            raise TypeError(f"drafter_setup takes an OnlineDrafterConfig, got {type(config).__name__}")
+        self.drafter = OnlineDrafter(drafter_dir, config, self.device,
                                      export_dtype=self.export_dtype, rank=self.rank, world_size=self.world_size)
         return num_trainable_parameters(self.drafter.drafter)
 

@@ -26,6 +26,7 @@ from trainers.hooks import StepHook
 from trainers.kinds.base import StepBatch
 from rollout.drafter.bandit import SpecTokensBanditConfig
 from rollout.drafter.metrics import SpecDecodeCounters
+from rollout.drafter.online import OnlineDrafterConfig
 from rollout.drafter.policy import SpecPolicy, merge_rows, phase_metrics
 
 INIT_DIR = "drafter_init"
@@ -112,8 +113,8 @@ class DrafterController(StepHook):
         self.engines, self.learner = engines, learner
         out = {}
         if self.cfg.train:
-            out["drafter/trainable_params"] = float(
-                learner.call("drafter_setup", self.cfg.model_dump(), self.drafter_dir))
+            config = OnlineDrafterConfig.from_section(self.cfg.model_dump())  # crosses Ray typed
+            out["drafter/trainable_params"] = float(learner.call("drafter_setup", config, self.drafter_dir))
         ray.get([e.set_spec_schedule.remote(self.policy.next_schedule()) for e in engines])
         ray.get([e.spec_step_stats.remote() for e in engines])  # starts the step timers
         self.attach_metrics = out

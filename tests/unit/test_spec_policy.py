@@ -12,9 +12,15 @@ import torch
 
 from rl.config import ConfigError, load_config
 from rollout.drafter.bandit import SpecTokensBanditConfig
+from rollout.drafter.online import OnlineDrafterConfig
 from rollout.drafter.policy import SpecPolicy, StepRow, merge_rows, phase_metrics
 from rollout.vllm_plugin import _StepTimer
 
+
+
+def drafter_config(*overrides: str) -> OnlineDrafterConfig:
+    """The drafter section's training part, as the driver sends it to the learner."""
+    return OnlineDrafterConfig.from_section(load_config(None, list(overrides)).drafter.model_dump())
 
 def test_fixed_schedule_speculates_only_in_the_long_tail():
     p = SpecPolicy("fixed", 3, long_tail_threshold=16, max_batch_size=256)
@@ -168,8 +174,8 @@ def learner_with_drafter(tmp_path_factory):
     drafter_dir = save_drafter(Drafter.from_target(target, seed=0), root / "drafter")
     lc = LearnerSettings(micro_batch_tokens=64, lr=1e-3)
     learner = Learner(model_dir, lc, AlgorithmConfig(kl_coef=0.0), temperature=1.0)
-    section = load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32", "drafter.batch_size=4",
-                                 "drafter.lr=1e-3"]).drafter.model_dump()
+    section = drafter_config("drafter.mode=fixed", "drafter.buffer_dtype=float32", "drafter.batch_size=4",
+                             "drafter.lr=1e-3")
     assert learner.drafter_setup(section, str(drafter_dir)) > 0
     return learner, root
 
@@ -210,8 +216,7 @@ def test_captured_states_equal_a_transformers_forward(tmp_path):
     for packed in ("padded", "packed"):
         lc = LearnerSettings(micro_batch_tokens=40, kernels={"attention": packed})
         learner = Learner(model_dir, lc, AlgorithmConfig(kl_coef=0.0), temperature=1.0)
-        learner.drafter_setup(load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32"]).drafter
-                              .model_dump(), str(drafter_dir))
+        learner.drafter_setup(drafter_config("drafter.mode=fixed", "drafter.buffer_dtype=float32"), str(drafter_dir))
         samples = random_samples(7, seed=2)
         got: list = []
         learner.compute_logprobs(samples, capture=got)
@@ -279,8 +284,7 @@ def _drafter_rank_main(rank, world, port, strategy, model_dir, drafter_dir, out_
                           strategy=strategy, deepspeed={"param_persistence_threshold": 0})
     learner = learner_class(strategy)(model_dir, cfg, AlgorithmConfig(kl_coef=0.0), temperature=1.0, rank=rank,
                                       world_size=world, master=("127.0.0.1", port))
-    section = load_config(None, ["drafter.mode=fixed", "drafter.buffer_dtype=float32",
-                                 "drafter.batch_size=3"]).drafter.model_dump()
+    section = drafter_config("drafter.mode=fixed", "drafter.buffer_dtype=float32", "drafter.batch_size=3")
     learner.drafter_setup(section, drafter_dir)
     learner.export_weights()
     learner.train_step(random_samples(10, seed=4))

@@ -10,6 +10,7 @@ import torch
 
 from rl.config import Config, ConfigError, SyncConfig, load_config
 from rl.weight_wire import ALIGN_BYTES, BucketMeta, dtype_name, layout, pack, unpack
+from rollout.drafter.online import OnlineDrafterConfig
 from tests.learner_fixtures import free_port, save_tiny_qwen2
 
 
@@ -228,7 +229,8 @@ def test_gloo_drafter_publish_delivers_the_drafters_own_weights(tmp_path, no_lay
     drafter_dir = save_drafter(Drafter.from_target(AutoModelForCausalLM.from_pretrained(model_dir), seed=0),
                                tmp_path / "drafter")
     learner = Learner(model_dir, LearnerSettings(micro_batch_tokens=64), AlgorithmConfig(kl_coef=0.0), temperature=1.0)
-    learner.drafter_setup(load_config(None, ["drafter.mode=fixed"]).drafter.model_dump(), str(drafter_dir))
+    section = load_config(None, ["drafter.mode=fixed"]).drafter
+    learner.drafter_setup(OnlineDrafterConfig.from_section(section.model_dump()), str(drafter_dir))
     want = st_load(learner.export_drafter())
     meta = learner.drafter_transfer_meta()
     assert sorted(meta["names"]) == sorted(want) and meta["num_buckets"] == 1
