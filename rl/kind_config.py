@@ -92,9 +92,6 @@ class EpisodesKind(KindQuestions, _Section):
     def step_group_size(self, cfg: Config) -> int:
         return self.group_size
 
-    def response_tokens(self, cfg: Config) -> int:
-        return cfg.rollout.max_response_tokens
-
     def plan_shape(self, cfg: Config, prompt_len: int, response_len: int) -> str:
         n = self.groups_per_step * self.group_size
         return (f"Each step: {self.groups_per_step} groups x {self.group_size} episodes = {n} episodes of up to "

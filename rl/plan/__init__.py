@@ -336,8 +336,8 @@ def _batch(cfg, f: _Findings) -> dict[str, Any]:
         per_round = ds.prompts_per_round or r.prompts_per_step
         summary += (f". Dynamic sampling generates rounds of {per_round} prompts x {group_size} = "
                     f"{per_round * group_size} responses, at most {ds.max_rounds} rounds, until {groups} groups vary")
-    if kind.plan_note(cfg):
-        summary += f". {kind.plan_note(cfg)}"
+    if note := kind.plan_note(cfg):
+        summary += f". {note}"
     if cfg.gdro.rollout_gdro:
         summary += f". Rollout-GDRO varies the samples per prompt around a mean of {cfg.gdro.n_mean}"
 

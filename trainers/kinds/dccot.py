@@ -49,11 +49,9 @@ class DCCoT:
 
     @staticmethod
     def score(ctx: RolloutContext, items: list[PromptItem], trajs, n: int) -> list[RewardResult]:
-        """Grade each trajectory's response text; the rewards see its path lengths in the metadata."""
-        from rewards import reward_request
-
-        reqs = [reward_request(it, t, j) for i, it in enumerate(items) for j, t in enumerate(trajs[i * n:(i + 1) * n])]
-        return ctx.grade(reqs)
+        """Grade each trajectory's response text (``ctx.score`` with ``n`` trajectories per item); the rewards see
+        its path lengths in the metadata."""
+        return ctx.score(items, [trajs[i * n:(i + 1) * n] for i in range(len(items))])
 
     @staticmethod
     def format_valid(cfg: Config, text: str) -> bool:
