@@ -226,7 +226,16 @@ class RolloutConfig(_Section):
     gpu_memory_utilization: float = Field(
         0.15, gt=0, le=1, description="vLLM memory share (on CPU: share of RAM for the KV cache)."
     )
-    enforce_eager: bool = Field(False, description="Disable torch.compile/graphs in the engine (faster start, slower run).")
+    enforce_eager: bool | None = Field(
+        None,
+        description="Disable torch.compile and graphs in the engines (faster start, slower generation). None: eager "
+        "on CPU, where compiling costs more start-up than it saves, compiled on GPUs.",
+    )
+    engine_core: Literal["auto", "in_process", "process"] = Field(
+        "auto",
+        description="Where each engine's vLLM core runs (VLLM_ENABLE_V1_MULTIPROCESSING): in the engine actor's own "
+        "process or in a process of its own. auto: in-process on CPU (start-up in seconds), its own process on GPUs.",
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor parallel degree of each engine.")
     model_runner: Literal["auto", "v1", "v2"] = Field(
         "auto",

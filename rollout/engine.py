@@ -20,9 +20,24 @@ SLEEP_TAGS = ("weights", "kv_cache")
 """What ``Engine.sleep`` puts to sleep; vLLM resumes scheduling only once every one of them is awake again."""
 WEIGHT_TRANSFER_BACKENDS = tuple(WEIGHT_TRANSFER_ENGINES)
 """Backends of vLLM's weight-transfer API an engine can start with (``rollout.weight_transfer``)."""
+ENGINE_CORES = ("auto", "in_process", "process")
+"""``rollout.engine_core``: where vLLM's engine core runs (``VLLM_ENABLE_V1_MULTIPROCESSING``)."""
 MODEL_RUNNERS = {"auto": None, "v1": "0", "v2": "1"}
 """``rollout.model_runner`` -> ``VLLM_USE_V2_MODEL_RUNNER`` (None: vLLM's choice: V2 on CUDA with Triton, V1 on
 the CPU build)."""
+
+
+def resolve_engine_mode(enforce_eager: bool | None, engine_core: str, cuda: bool) -> tuple[bool, bool]:
+    """(eager, in_process) for an engine on a CUDA machine or not. ``None`` / ``auto`` pick by device: on CPU an
+    eager engine with its core in the engine's own process starts in seconds (measured on 2 cores with the tiny
+    model: 3 s against 31 s for a compiled core in its own process, whose compile cache vLLM 0.32 fails to reload,
+    and two more process start-ups); on GPUs compilation and CUDA graphs pay for themselves, and a separate core
+    process overlaps scheduling with the GPU's work."""
+    if engine_core not in ENGINE_CORES:
+        raise ValueError(f"engine_core={engine_core!r}: use one of {list(ENGINE_CORES)}")
+    eager = (not cuda) if enforce_eager is None else bool(enforce_eager)
+    in_process = (not cuda) if engine_core == "auto" else engine_core == "in_process"
+    return eager, in_process
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,8 @@ class Engine:
         seed: int = 0,
         max_model_len: int = 512,
         gpu_memory_utilization: float = 0.15,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
+        engine_core: str = "auto",
         tensor_parallel_size: int = 1,
         speculative_config: dict | None = None,
         enable_sleep_mode: bool = False,
@@ -118,24 +134,27 @@ class Engine:
             raise ValueError(f"model_runner={model_runner!r}: use one of {list(MODEL_RUNNERS)}")
         if MODEL_RUNNERS[model_runner] is not None:  # read by vLLM in this process and the ones it spawns
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = MODEL_RUNNERS[model_runner]
+        import torch
+
+        cuda = torch.cuda.is_available()
+        eager, in_process = resolve_engine_mode(enforce_eager, engine_core, cuda)
+        # read by vLLM when the LLM is built (vllm.envs reads the environment lazily until the engine is up)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         from vllm import LLM
 
         from rollout.vllm_plugin import register
 
         register()  # the engine-core calls, for an engine core in this process (a spawned one loads the plugin)
 
-        import torch
-
         # Colocated engines sleep while the learner trains. vLLM's CPU build has no sleep mode (it rejects
         # enable_sleep_mode), so there a sleep is vLLM's level 0, a scheduler pause that frees nothing, kept until
         # every tag is awake, exactly as a GPU engine's scheduler is: the driver's order runs the same on both.
-        cuda = torch.cuda.is_available()
         self.sleep_mode = bool(enable_sleep_mode)
         self.can_sleep = bool(enable_sleep_mode and cuda)
         self.asleep: set[str] = set()
         t0 = time.perf_counter()
         kwargs = llm_kwargs(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=eager,
                             tensor_parallel_size=tensor_parallel_size, speculative_config=speculative_config,
                             sleep_mode=self.can_sleep, cuda=cuda, weight_transfer=weight_transfer,
                             max_lora_rank=max_lora_rank)
@@ -150,8 +169,14 @@ class Engine:
         self._adapter_root = adapter_dir  # where load_adapter writes each version (None: a temporary directory)
         self.start_s = time.perf_counter() - t0
         self.runner = self.model_runner_name()
+        self.eager, self.in_process = eager, in_process
         print(f"[engine] vLLM model runner {self.runner} (rollout.model_runner={model_runner}), dtype {dtype}, "
+              f"{'eager' if eager else 'compiled'}, core {'in this process' if in_process else 'in its own process'}, "
               f"started in {self.start_s:.0f} s", flush=True)
+
+    def engine_mode(self) -> dict:
+        """How this engine runs: ``eager`` (no compilation), ``in_process`` (its core in this process), ``runner``."""
+        return {"eager": self.eager, "in_process": self.in_process, "runner": self.runner}
 
     def model_runner_name(self) -> str:
         """``v1`` or ``v2``: the model runner vLLM chose (V2 is vLLM's CUDA default; the CPU build runs V1)."""

@@ -61,9 +61,10 @@ def learner_actor_options(cfg: Config, placed, rank: int) -> dict:
 
 
 def start_actors(cfg: Config, model_path: str, run_dir: Path, resume: bool):
-    """Reserve the placement groups, start the engines and wait until they are up (vLLM sizes its KV cache from
-    the device's free memory, so no learner may be loading beside it), then start the learner ranks and the weight
-    transfer. Returns (engines, learner group, the drafter's controller or None)."""
+    """Reserve the placement groups, start the engines and the learner ranks, then the weight transfer. Colocated,
+    the learners start once the engines are up (vLLM sizes its KV cache from the device's free memory, so no learner
+    may be loading beside it); disaggregated, both start at once. Returns (engines, learner group, the drafter's
+    controller or None)."""
     import ray
 
     from rl import placement
@@ -88,13 +89,15 @@ def start_actors(cfg: Config, model_path: str, run_dir: Path, resume: bool):
         engines.append(ray.remote(Engine).options(**engine_actor_options(cfg, placed, i)).remote(
             model_path, dtype=r.dtype or cfg.model.dtype, seed=cfg.run.seed + i, max_model_len=r.max_model_len,
             gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
-            tensor_parallel_size=r.tensor_parallel_size,
+            engine_core=r.engine_core, tensor_parallel_size=r.tensor_parallel_size,
             enable_sleep_mode=colocated and pc.engine_sleep_level > 0, speculative_config=speculative_config,
             model_runner=r.model_runner, weight_transfer=ENGINE_WEIGHT_TRANSFER[cfg.weight_transport()],
             max_lora_rank=cfg.model.lora.engine_max_rank() if cfg.model.lora is not None else None,
             adapter_dir=str(run_dir / "adapters" / f"engine{i}") if cfg.model.lora is not None else None,
         ))
-    ray.get([e.ping.remote() for e in engines])
+    if colocated:
+        # vLLM sizes its KV cache from the device's free memory, so no learner may be loading beside it
+        ray.get([e.ping.remote() for e in engines])
     t1 = time.perf_counter()
     # The rendezvous port is picked on rank 0's node just before the ranks bind it (a port free now may not be
     # free minutes later).
@@ -107,10 +110,15 @@ def start_actors(cfg: Config, model_path: str, run_dir: Path, resume: bool):
             world_size=lc.num_ranks, master=master)
         for k in range(lc.num_ranks)
     ]
+    if not colocated:
+        # disaggregated: the learners' devices are not the engines', so both start at once
+        ray.get([e.ping.remote() for e in engines])
+        t1 = time.perf_counter()
     ray.get([a.ping.remote() for a in actors])
     logs = "" if cfg.run.verbose else f"; their logs: {run_dir / 'logs'}/ (--verbose shows them here)"
-    print(f"[rl] {len(engines)} engine(s) up in {t1 - t0:.0f} s, then {len(actors)} learner rank(s) "
-          f"({lc.strategy}, {pc.mode}) in {time.perf_counter() - t1:.0f} s{logs}", flush=True)
+    order = "then" if colocated else "and"
+    print(f"[rl] {len(engines)} engine(s) up in {t1 - t0:.0f} s, {order} {len(actors)} learner rank(s) "
+          f"({lc.strategy}, {pc.mode}) in {time.perf_counter() - t1:.0f} s more{logs}", flush=True)
     if colocated and pc.engine_sleep_level > 0 and not ray.get(engines[0].sleep_supported.remote()):
         print("[rl] placement colocated: this vLLM build has no sleep mode (CPU), so a sleeping engine only pauses "
               "its scheduler while the learner trains (no memory is freed)", flush=True)

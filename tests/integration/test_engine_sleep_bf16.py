@@ -25,7 +25,7 @@ def bf16_engine(tiny_model_dir):
     from rollout.engine import Engine
 
     engine = Engine(tiny_model_dir, dtype="bfloat16", seed=0, max_model_len=256, enforce_eager=True,
-                    enable_sleep_mode=True)
+                    enable_sleep_mode=True, engine_core="process")  # vLLM's thread binding stays out of pytest
     yield engine
     del engine
 

@@ -18,7 +18,11 @@ def test_engine_generate_sync_canary(ray_local, tiny_model_dir):
     from trainers.learner import Learner
     from trainers.settings import LearnerSettings
 
-    engine = ray.remote(Engine).options(num_cpus=1).remote(tiny_model_dir, seed=0, max_model_len=256)
+    # The one engine test of vLLM's compiled path with its core in a process of its own (the GPU defaults; on CPU
+    # the other tests run eager, in-process engines): new weights must reach the compiled graph too.
+    engine = ray.remote(Engine).options(num_cpus=1).remote(tiny_model_dir, seed=0, max_model_len=256,
+                                                           enforce_eager=False, engine_core="process")
+    assert ray.get(engine.engine_mode.remote()) == {"eager": False, "in_process": False, "runner": "v1"}
     settings = LearnerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0, micro_batch_tokens=4096,
                                mini_batches_per_step=1, epochs_per_step=1, old_logprob_source="learner", num_gpus=0)
     learner = Learner(tiny_model_dir, settings, AlgorithmConfig(policy_loss="ppo_clip"), temperature=0.7)

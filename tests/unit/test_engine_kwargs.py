@@ -1,6 +1,8 @@
 """The vLLM arguments an engine is built with on a GPU, checked without one (``rollout.engine.llm_kwargs``)."""
 
-from rollout.engine import MODEL_RUNNERS, llm_kwargs
+import pytest
+
+from rollout.engine import MODEL_RUNNERS, llm_kwargs, resolve_engine_mode
 
 BASE = dict(dtype="bfloat16", seed=0, max_model_len=4096, gpu_memory_utilization=0.6, enforce_eager=False)
 SPEC = {"method": "eagle", "model": "/drafter", "num_speculative_tokens": 3}
@@ -34,3 +36,13 @@ def test_cpu_engines_never_chunk_seeded_prompts_and_never_sleep():
 
 def test_model_runner_choices():
     assert MODEL_RUNNERS == {"auto": None, "v1": "0", "v2": "1"}
+
+
+def test_engines_run_eager_and_in_process_on_cpu_and_compiled_in_their_own_process_on_gpus():
+    assert resolve_engine_mode(None, "auto", cuda=False) == (True, True)
+    assert resolve_engine_mode(None, "auto", cuda=True) == (False, False)
+    # what the config says wins on either device
+    assert resolve_engine_mode(False, "process", cuda=False) == (False, False)
+    assert resolve_engine_mode(True, "in_process", cuda=True) == (True, True)
+    with pytest.raises(ValueError, match=r"engine_core='threads': use one of \['auto', 'in_process', 'process'\]"):
+        resolve_engine_mode(None, "threads", cuda=False)
