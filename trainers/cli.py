@@ -19,13 +19,13 @@ def _train(args: argparse.Namespace) -> int:
         cfg.ray.address = args.ray_address
     if args.verbose:
         cfg.run.verbose = True
-    from trainers.driver import ActorDiedError, CanaryError, train
+    from trainers.driver import ActorDiedError, CanaryError, CheckpointWriteError, train
 
     try:
         summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, CanaryError, ActorDiedError) as e:
+    except (ValueError, CanaryError, ActorDiedError, CheckpointWriteError) as e:
         print(f"rl train: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1))

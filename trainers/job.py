@@ -25,6 +25,7 @@ from trainers.kinds import make_kind
 from trainers.kinds.base import RolloutContext, RolloutKind, StepBatch
 from trainers.preflight import check_resumed_config, preflight
 from trainers.reward_guard import RewardErrorGuard
+from trainers.stops import checkpoint_write_error, os_error_of
 from trainers.sync import LearnerGroup, WeightSync
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -68,12 +69,22 @@ class Job:
             self.logger.log_samples(step, batch.rows)
 
     def save_checkpoint(self, step: int) -> Path:
-        tmp = self.ckpt.begin(step)
-        self.learner.call("save", str(tmp))
-        copy_tokenizer_files(self.model_path, tmp / "model")  # so <checkpoint>/model is a complete model.path
-        state = {"step": step, "sampler": self.source.sampler_state(step), "weight_version": step}
-        state.update({hook.name: s for hook in self.hooks if (s := hook.state_dict()) is not None})
-        return self.ckpt.commit(tmp, step, state)
+        """Written into a temporary folder and renamed. One that cannot be written (a full disk) is removed and
+        stops the run with ``CheckpointWriteError``; the older checkpoints stay as they were."""
+        tmp = None
+        try:
+            tmp = self.ckpt.begin(step)
+            self.learner.call("save", str(tmp))
+            copy_tokenizer_files(self.model_path, tmp / "model")  # so <checkpoint>/model is a complete model.path
+            state = {"step": step, "sampler": self.source.sampler_state(step), "weight_version": step}
+            state.update({hook.name: s for hook in self.hooks if (s := hook.state_dict()) is not None})
+            return self.ckpt.commit(tmp, step, state)
+        except Exception as exc:
+            if (os_error := os_error_of(exc)) is None:
+                raise
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # frees what it held, and no half checkpoint is left
+            raise checkpoint_write_error(self, step, os_error) from exc
 
     def load_latest(self) -> None:
         latest = self.ckpt.latest()

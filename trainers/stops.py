@@ -12,6 +12,40 @@ class ActorDiedError(RuntimeError):
     """An engine or learner actor died mid-run; the message names it, says why, and where the run was saved."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, a permission): the half-written one is removed,
+    the message says why, how much space is left and which checkpoint a resume starts from."""
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``exc``: itself, or the one a Ray task raised on the learner's node."""
+    found = None
+    for _ in range(8):  # Ray's error is an OSError too, without the errno: the one it wraps is the better account
+        if exc is None:
+            break
+        if isinstance(exc, OSError):
+            found = exc
+            if exc.strerror:
+                return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return found
+
+
+def checkpoint_write_error(job, step: int, exc: OSError) -> CheckpointWriteError:
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(job.ckpt.root).free / 2**30:.1f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    latest = job.ckpt.latest()
+    resume = (f"the last complete checkpoint is {latest}: free some space, then continue with --resume"
+              if latest else "no checkpoint yet: free some space and start again")
+    why = exc.strerror or str(exc)
+    return CheckpointWriteError(f"the checkpoint of step {step} could not be written to {job.ckpt.root} ({why}; "
+                                f"{free}); the half-written one was removed; {resume}.")
+
+
 def save_after_failure(job, step: int, learner_step: int, learner_died: bool = False) -> str:
     """Save what a stopped run can (``step``: the last step the loop finished; ``learner_step``: the step whose
     update the learner holds or is applying). Says what was saved, for the user."""
@@ -26,7 +60,7 @@ def save_after_failure(job, step: int, learner_step: int, learner_died: bool = F
     elif step > job.start_step or step == 0:
         try:
             return f"saved step {step} to {job.save_checkpoint(step)}"
-        except RayError as exc:  # e.g. the learner died while saving
+        except (RayError, CheckpointWriteError) as exc:  # e.g. the learner died while saving, a full disk
             reason = f"saving step {step} failed ({type(exc).__name__})"
     else:
         reason = f"nothing new since step {step}"

@@ -8,6 +8,7 @@ engine serves the count it was last pushed. (With real Ray and vLLM: tests/integ
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -60,6 +61,7 @@ class FakeLearner:
     def __init__(self) -> None:
         self.updates = 0
         self.dead_from_update: int | None = None  # the actor dies when this update is submitted
+        self.disk_full_from_update: int | None = None  # a save fails half-written from this update on
         self.on_update = lambda n: None
         self.actors = [SimpleNamespace(_actor_id=SimpleNamespace(hex=lambda: "learner0"))]
 
@@ -79,6 +81,9 @@ class FakeLearner:
             if self.dead_from_update is not None and self.updates + 1 >= self.dead_from_update:
                 raise dead("learner0", "the actor is dead")
             (Path(args[0]) / "model").mkdir(parents=True, exist_ok=True)
+            if self.disk_full_from_update is not None and self.updates >= self.disk_full_from_update:
+                (Path(args[0]) / "model" / "model.safetensors").write_bytes(b"half")
+                raise OSError(errno.ENOSPC, "No space left on device")
             (Path(args[0]) / "model" / "updates.json").write_text(json.dumps(self.updates))
             return None
         if method == "load":
@@ -307,3 +312,38 @@ def test_a_canary_failure_stops_the_run_at_that_step(tmp_path, monkeypatch, caps
             "0.1 on average (bound 0.0001) and 0.1 at most (bound 0.001;") in err
     assert logged_steps(tmp_path) == [0, 1, 2]  # nothing after the failed sync ran or was logged
     assert checkpoints(tmp_path) == {1: 1, 2: 2}
+
+
+def test_a_full_disk_stops_the_run_removes_the_half_checkpoint_and_resume_continues(tmp_path, monkeypatch, capsys):
+    from trainers.cli import main
+
+    learner = FakeLearner()
+    learner.disk_full_from_update = 4
+    monkeypatch.setattr(driver, "start_job", lambda cfg, resume=False, allow_config_change=False:
+                        fake_job(cfg, resume=resume, learner=learner))
+    assert main(["train", f"run.output_dir={tmp_path}", "run.progress=false", "run.trackers=[jsonl]",
+                 "run.num_steps=6", "run.save_every_steps=2", "run.keep_last_checkpoints=10"]) == 1
+    err = capsys.readouterr().err
+    root = tmp_path / "checkpoints"
+    assert err.startswith(f"rl train: the checkpoint of step 4 could not be written to {root} (No space left on "
+                          "device; ")
+    assert err.rstrip().endswith(f"GiB free there); the half-written one was removed; the last complete checkpoint "
+                                 f"is {root / 'step_000002'}: free some space, then continue with --resume.")
+    assert checkpoints(tmp_path) == {2: 2}
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002"]  # no .tmp_step_000004 left holding the disk
+    assert logged_steps(tmp_path) == [0, 1, 2, 3, 4]
+    # space freed: --resume repeats steps 3 and 4 from the checkpoint of step 2 and runs to the end
+    resumed = FakeTrainer(config(tmp_path), resume=True)
+    assert resumed.run()["final_step"] == 6 and resumed.fake_learner.updates == 6
+    assert checkpoints(tmp_path) == {2: 2, 4: 4, 6: 6} and logged_steps(tmp_path) == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_a_full_disk_behind_a_ray_error_is_found_and_other_errors_pass_through():
+    from ray.exceptions import RayTaskError
+
+    from trainers.stops import os_error_of
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = RayTaskError("save", "Traceback ...", full).as_instanceof_cause()
+    assert isinstance(wrapped, OSError) and os_error_of(wrapped) is full
+    assert os_error_of(RuntimeError("no")) is None
