@@ -62,14 +62,18 @@ def test_training_matches_its_reference(trained_run):
 
 
 def test_resume_reproduces_uninterrupted_run(trained_run, tmp_path):
-    """Resume from the mid-run checkpoint of a copy of the run: the later steps' metrics must match."""
+    """Resume from the mid-run checkpoint of a copy of the run, on two engines instead of one: the later steps'
+    metrics must match (every request has its own seed, so which engine serves it does not matter)."""
     ckpts = sorted((trained_run / "checkpoints").glob("step_*"))
     assert len(ckpts) >= 2, ckpts
     mid, last = ckpts[-2], ckpts[-1]
     mid_step, last_step = int(mid.name.split("_")[1]), int(last.name.split("_")[1])
     copy = tmp_path / "resumed"
     shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns(last.name, "tb"))
-    _rl("train", "configs/tiny_cpu.yaml", f"run.output_dir={copy}", "run.progress=false", "--resume", cwd=ROOT)
+    out = _rl("train", "configs/tiny_cpu.yaml", f"run.output_dir={copy}", "run.progress=false",
+              "rollout.num_engines=2", "--resume", cwd=ROOT)
+    said = out.stdout + out.stderr
+    assert "rollout.num_engines: 1 -> 2" in said and "2 engine(s) up" in said, said[-3000:]
     full, resumed = _metrics(trained_run), _metrics(copy)
     assert sorted(resumed) == sorted(full)
     for step in range(mid_step + 1, last_step + 1):
