@@ -35,8 +35,11 @@ def _metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, warm_tiny_model_dir):
+    """The README's recipe as written. Its embedded model is the warm-model fixture's, built with the same arguments
+    (tests/unit/test_resolve_model.py), placed where the run builds it: the run finds it instead of building it again."""
     run = tmp_path_factory.mktemp("e2e") / "run"
+    shutil.copytree(warm_tiny_model_dir, run / "tiny_model")
     _rl("train", "configs/tiny_cpu.yaml", f"run.output_dir={run}", "run.progress=false", cwd=ROOT)
     return run
 

@@ -1,6 +1,7 @@
 """`rl train` with a reward plug-in that raises on every response a run sends (it passes the start-up smoke call):
 the run stops at the first step with the reward's name and error text, keeps a checkpoint, and writes the error and
-the per-reward scores to samples.jsonl. In the same run, `length_penalty` with `unit: tokens` grades every
+the per-reward scores to samples.jsonl. Beside it a plug-in kills its reward worker on half the responses: each
+crash grades that response 0 with the crash as its error, and the others are graded by new workers. In the same run, `length_penalty` with `unit: tokens` grades every
 response from the token count the driver passes."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ pytestmark = [pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = ("rewards=[{name: math_verify}, "
            "{name: length_penalty, kwargs: {max_length: 8, buffer_length: 4, unit: tokens}}, "
-           "{name: 'tests/fixtures/reward_plugins.py:fails_at_run_time'}]")
+           "{name: 'tests/fixtures/reward_plugins.py:fails_at_run_time'}, "
+           "{name: 'tests/fixtures/reward_plugins.py:crashes_at_run_time'}]")
 
 
 def expected_length_penalty(num_tokens: int) -> float:
@@ -47,6 +49,7 @@ def test_a_reward_failing_at_run_time_stops_the_run_with_a_checkpoint(tiny_model
 
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["step"] for r in rows} == {1}
+    crashes: list[bool] = []
     for row in rows:
         assert row["status"] == "error"
         assert f"fails_at_run_time: KeyError: \"no grading table for prompt '{row['prompt_id']}'\"" in row["error"]
@@ -55,8 +58,15 @@ def test_a_reward_failing_at_run_time_stops_the_run_with_a_checkpoint(tiny_model
         components = row["components"]
         assert components["fails_at_run_time"] == 0.0
         assert components["length_penalty"] == pytest.approx(expected_length_penalty(row["num_response_tokens"]))
-        assert row["reward"] == pytest.approx(components["math_verify"] + components["length_penalty"])
+        # a reward worker that dies grades its response 0 with the crash as the error; the next response gets a
+        # new worker (each prompt's first sample crashed its worker, the second was graded)
+        crashed = "crashes_at_run_time: the reward worker crashed (exit code 3)" in row["error"]
+        assert components["crashes_at_run_time"] == (0.0 if crashed else 0.5)
+        crashes.append(crashed)
+        assert row["reward"] == pytest.approx(components["math_verify"] + components["length_penalty"]
+                                              + components["crashes_at_run_time"])
     assert any(r["components"]["length_penalty"] < 0 for r in rows), "no response over 4 tokens: test proves little"
+    assert sum(crashes) == 4  # the first of each prompt's 2 samples
 
     # The console is quiet: the run's own lines, no library INFO, no warnings known to be harmless; the engine's and
     # the learner's full output is in the run's logs/ folder.
