@@ -235,7 +235,7 @@ def resolve_model(cfg: Config, run_dir: Path) -> str:
     os.replace(tmp, out)
     facts = [f"{info['model/num_params'] / 1e6:.2f}M parameters"] if "model/num_params" in info else []
     facts += [f"{info['sft/steps']} warm-start steps"] if "sft/steps" in info else []
-    facts += [f"greedy accuracy {info['sft/val_acc_greedy']:.3f}"] if "sft/val_acc_greedy" in info else []
+    facts += [f"greedy accuracy {info['sft/val_acc_greedy']:.3f}"] if info.get("sft/val_acc_greedy") is not None else []
     print(f"[rl] tiny model ready in {info.get('build/time_s', 0):.0f} s: {', '.join(facts)} "
           f"(details: {out / 'tiny_model_build.json'})", flush=True)
     return str(out)
