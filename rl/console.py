@@ -34,6 +34,12 @@ BENIGN_WARNINGS: dict[str, str] = {
     "libiomp is not found": "a CPU performance hint",
     "Reset SSM cache type": "no state-space layers in these models",
     "Inductor compilation was disabled": "eager engines on CPU (rollout.enforce_eager)",
+    "Enforce eager set, disabling torch.compile": "eager engines on CPU (rollout.enforce_eager)",
+    "this may affect the random state of the Python process that launched vLLM": "an engine core in its actor's "
+    "process (rollout.engine_core) seeds that process; the actor hosts nothing else, and every request has its "
+    "own seed",
+    "doesn't allow to use `torch.set_num_threads` after the thread binding": "a CPU engine's threads are bound "
+    "once at start-up (VLLM_CPU_OMP_THREADS_BIND); later requests to change them are skipped",
     "NUMA binding": "CPU engines bind their memory to the local NUMA node",
     "Setting accelerator to CPU": "DeepSpeed's accelerator on a machine without a GPU",
     "Compiling model again due to a load failure": "vLLM's compile cache holds a graph of another build or "

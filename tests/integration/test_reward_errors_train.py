@@ -74,7 +74,7 @@ def test_a_reward_failing_at_run_time_stops_the_run_with_a_checkpoint(tiny_model
     for noise in (" INFO ", "RotaryEmbedding", "Token authentication", "Setting accelerator to CPU",
                   "Loading safetensors", "Writing model shards", "mlflow.store"):
         assert not [ln for ln in console if noise in ln], (noise, console)
-    assert len(console) <= 12, console
+    assert len(console) <= 12, "\n".join(console)
     engine_log = next((out / "logs").glob("engine-*.log")).read_text()
     # vLLM's lines of every sync (whatever the transport) are in the engine's log, not on the console
     assert "Successfully reset prefix cache" in engine_log and "RotaryEmbedding" in engine_log
