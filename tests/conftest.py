@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny model built locally once per test session, a local Ray."""
+"""Shared fixtures: tiny models built locally once per test session (once for all of pytest-xdist's workers too),
+a local Ray."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,14 +15,32 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def session_build(tmp_path_factory, name: str, build) -> str:
+    """``build(folder)`` once per test session: with pytest-xdist the workers share the session's temporary folder,
+    and the first to ask builds under a file lock while the others wait for it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <session>/popen-gw0 -> <session>
+    out = root / name
+    with FileLock(str(out) + ".lock"):
+        if not (out / "config.json").is_file():
+            tmp = root / f"{name}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            build(tmp)
+            os.replace(tmp, out)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """The embedded tiny model with a short warm start (enough to emit task-shaped text)."""
     from trainers.tiny_model import build_tiny_model
 
-    out = tmp_path_factory.mktemp("tiny_model")
-    build_tiny_model(out, seed=0, sft_steps=30, eval_problems=0)
-    return str(out)
+    return session_build(tmp_path_factory, "tiny_model",
+                         lambda out: build_tiny_model(out, seed=0, sft_steps=30, eval_problems=0))
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +60,7 @@ def warm_tiny_model_dir(tmp_path_factory) -> str:
     """The embedded tiny model with its default warm start (right about 20% of the time when sampling)."""
     from trainers.tiny_model import build_tiny_model
 
-    out = tmp_path_factory.mktemp("warm_tiny_model")
-    build_tiny_model(out, seed=0, eval_problems=0)
-    return str(out)
+    return session_build(tmp_path_factory, "warm_tiny_model", lambda out: build_tiny_model(out, seed=0, eval_problems=0))
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +69,8 @@ def dccot_model_dir(tmp_path_factory) -> str:
     often wrong)."""
     from trainers.tiny_dccot import build_tiny_dccot_model
 
-    out = tmp_path_factory.mktemp("dccot_model")
-    build_tiny_dccot_model(out, seed=0, sft_steps=DCCOT_FIXTURE_SFT_STEPS, sft_target_accuracy=None, eval_problems=0)
-    return str(out)
+    return session_build(tmp_path_factory, "dccot_model", lambda out: build_tiny_dccot_model(
+        out, seed=0, sft_steps=DCCOT_FIXTURE_SFT_STEPS, sft_target_accuracy=None, eval_problems=0))
 
 
 DCCOT_FIXTURE_SFT_STEPS = 150
