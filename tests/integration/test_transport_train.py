@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,24 @@ def train(model_dir: str, out: Path, *overrides: str) -> tuple[dict[int, dict], 
     ("object_store", []),
     ("ipc", ["placement.mode=colocated"]),  # what auto picks for one colocated learner rank
 ])
-def test_train_syncs_over_transport_with_canary(warm_tiny_model_dir, tmp_path, transport, overrides):
+def test_train_syncs_over_transport_with_canary(warm_tiny_model_dir, tmp_path, transport, overrides, request):
+    if transport == "object_store":
+        ray = request.getfixturevalue("ray_local")  # this process's cluster, for the run to attach to
+        overrides = [*overrides, f"ray.address={ray.get_runtime_context().gcs_address}"]
     m, stdout = train(warm_tiny_model_dir, tmp_path / "run", f"sync.transport={transport}", *overrides)
+    if transport == "object_store":
+        from ray._private.state import actors  # Ray's state API needs the dashboard, which tests do not start
+
+        assert ray.cluster_resources()["CPU"] == 4  # still up: a run that attached does not shut the cluster down
+
+        def run_actors() -> dict[str, str]:  # the run's engine and learner in this cluster: class -> state
+            return {a["ActorClassName"]: a["State"] for a in actors().values()
+                    if a["ActorClassName"].endswith(("Engine", "Learner"))}
+
+        deadline = time.monotonic() + 30  # the run's actors go with its driver; Ray reaps them in a moment
+        while "ALIVE" in run_actors().values() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert run_actors() == {"Engine": "DEAD", "Learner": "DEAD"}  # they ran here, and none is left
     assert sorted(m) == [0, 1, 2]
     # the weights moved (a group with mixed rewards), so a sync that delivered nothing would fail the canary
     assert max(m[s]["loss/grad_norm"] for s in (1, 2)) > 0
