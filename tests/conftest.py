@@ -74,3 +74,16 @@ def dccot_model_dir(tmp_path_factory) -> str:
 
 
 DCCOT_FIXTURE_SFT_STEPS = 150
+
+
+# The files whose first test builds a session model, first: pytest-xdist hands them to different workers, which
+# then build the warm model and the DC-CoT model at the same time instead of one waiting for the other's build.
+FIRST = ("tests/e2e/test_train_tiny.py", "tests/integration/test_dccot_engine.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
+        return FIRST.index(path) if path in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
