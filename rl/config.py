@@ -661,10 +661,13 @@ def dump_config(cfg: Config) -> str:
 # a whole section.
 RESUME_SAFE_KEYS = ("run.output_dir", "run.num_steps", "run.save_every_steps", "run.keep_last_checkpoints",
                     "run.log_samples_per_step", "run.tensorboard", "run.progress", "eval.every_steps",
-                    "reward_pool.num_workers", "ray.", "rollout.num_engines")
+                    "reward_pool.num_workers", "ray.", "rollout.num_engines", "rollout.enforce_eager",
+                    "rollout.engine_core")
 """Every request carries its own seed, so the engine count does not change what is sampled (1 and 2 engines give
 identical runs on CPU: tests/e2e/test_train_tiny.py resumes with a second engine): a run that lost a node
-resumes on fewer engines."""
+resumes on fewer engines. How an engine runs (compiled or eager, its core in which process) moves only the
+engines' log-prob rounding (benchmarks/engine_start.py: the same tokens in every mode); runs started before the
+CPU default became eager (``rollout.enforce_eager: false`` in their config.yaml) resume without a flag."""
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None,

@@ -135,6 +135,8 @@ def test_config_changes_lists_every_changed_value_and_which_a_resume_may_change(
     assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}, {"a": {"b": 0, "c": 2}}) == []
     assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 3}}, {"a": {"b": 0, "c": 2}}) == [("a.c", "<absent>", 3)]
     assert not resume_safe("run.seed") and not resume_safe("rayx.y") and resume_safe("ray.address")
+    assert all(map(resume_safe, ("rollout.num_engines", "rollout.enforce_eager", "rollout.engine_core")))
+    assert not resume_safe("rollout.temperature") and not resume_safe("rollout.num_samples_per_prompt")
 
 
 def _resume(tmp_path, monkeypatch, *overrides: str, allow: bool = False) -> int:
@@ -204,3 +206,23 @@ def test_every_recipes_written_config_loads_back_the_same(tmp_path):
         written = tmp_path / "config.yaml"
         written.write_text(dump_config(cfg))
         assert load_config(written).model_dump() == cfg.model_dump(), recipe
+
+
+def test_a_run_from_before_the_eager_cpu_default_resumes_without_a_flag(tmp_path, monkeypatch, capsys):
+    # runs started before rollout.enforce_eager defaulted to None wrote `enforce_eager: false` and no engine_core
+    from trainers import job
+    from trainers.cli import main
+
+    def reached(*args):
+        raise KeyboardInterrupt  # the model build: the resume check let the run through
+
+    monkeypatch.setattr(job, "resolve_model", reached)
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = yaml.safe_load(dump_config(load_config(None, [f"run.output_dir={run}"])))
+    saved["rollout"]["enforce_eager"] = False
+    del saved["rollout"]["engine_core"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["train", f"run.output_dir={run}", "--resume"]) == 130
+    assert "[rl] --resume: config changes from" in (out := capsys.readouterr().out)
+    assert "  rollout.enforce_eager: false -> null\n" in out
