@@ -76,14 +76,20 @@ def dccot_model_dir(tmp_path_factory) -> str:
 DCCOT_FIXTURE_SFT_STEPS = 150
 
 
-# The files whose first test builds a session model, first: pytest-xdist hands them to different workers, which
-# then build the warm model and the DC-CoT model at the same time instead of one waiting for the other's build.
-FIRST = ("tests/e2e/test_train_tiny.py", "tests/integration/test_dccot_engine.py")
+# pytest-xdist (scripts/test.sh: --dist loadgroup) runs each group on one worker, in order. A file is a group (its
+# module fixtures start once), except that the files whose runs start several learner ranks and engines at once share
+# one: two of those side by side oversubscribe 2 cores (a 2x2 run took 209 s beside another against 65 s alone).
+MULTIRANK = ("tests/integration/test_placement.py", "tests/integration/test_transport_train.py")
+# The files whose first test builds a session model go first: the two workers then build the warm model and the
+# DC-CoT model at the same time instead of one waiting for the other's build. Then the multi-rank group.
+FIRST = ("tests/e2e/test_train_tiny.py", "tests/integration/test_dccot_engine.py", *MULTIRANK)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        path = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
-        return FIRST.index(path) if path in FIRST else len(FIRST)
+    def path(item) -> str:
+        return Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
 
-    items.sort(key=rank)  # stable: the rest keep their order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("multirank" if path(item) in MULTIRANK else path(item)))
+    items.sort(key=lambda item: FIRST.index(path(item)) if path(item) in FIRST else len(FIRST))  # stable
