@@ -8,7 +8,7 @@ bash scripts/setup.sh || exit 1
 # Two workers (pytest-xdist), one group of tests at a time each (a file, or the multi-rank files together:
 # tests/conftest.py): most of an integration test is start-up that leaves a core idle. RL_TEST_WORKERS=0 runs
 # everything in this process.
-python -m pytest tests -n "${RL_TEST_WORKERS:-2}" --dist loadgroup --durations=30 "$@"  # the slowest, to keep it fast
+python -m pytest tests -n "${RL_TEST_WORKERS:-2}" --dist loadfile --durations=30 "$@"  # the slowest, to keep it fast
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "[test] pytest collected no tests: that is a failure" >&2

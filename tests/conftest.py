@@ -76,20 +76,34 @@ def dccot_model_dir(tmp_path_factory) -> str:
 DCCOT_FIXTURE_SFT_STEPS = 150
 
 
-# pytest-xdist (scripts/test.sh: --dist loadgroup) runs each group on one worker, in order. A file is a group (its
-# module fixtures start once), except that the files whose runs start several learner ranks and engines at once share
-# one: two of those side by side oversubscribe 2 cores (a 2x2 run took 209 s beside another against 65 s alone).
+# pytest-xdist (scripts/test.sh: -n 2 --dist loadfile) runs each file on one worker, so its module fixtures start
+# once. The files whose runs start several learner ranks and engines at once form one group instead, run in turn on
+# one worker: two of those side by side oversubscribe 2 cores (a 2x2 run took 209 s beside another, 65 s alone).
 MULTIRANK = ("tests/integration/test_placement.py", "tests/integration/test_transport_train.py")
 # The files whose first test builds a session model go first: the two workers then build the warm model and the
 # DC-CoT model at the same time instead of one waiting for the other's build. Then the multi-rank group.
 FIRST = ("tests/e2e/test_train_tiny.py", "tests/integration/test_dccot_engine.py", *MULTIRANK)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    def path(item) -> str:
-        return Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
+def _path(item) -> str:
+    return Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("multirank" if path(item) in MULTIRANK else path(item)))
-    items.sort(key=lambda item: FIRST.index(path(item)) if path(item) in FIRST else len(FIRST))  # stable
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: FIRST.index(_path(item)) if _path(item) in FIRST else len(FIRST))  # stable
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the multi-rank files as one scope (``xdist_group`` marks do not reach pytest-xdist
+    3.8's scheduler under pytest 9: the node-id suffix it relies on is dropped)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndMultirank(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "multirank" if path in MULTIRANK else path
+
+    return FilesAndMultirank(config, log)
