@@ -60,7 +60,8 @@ def warm_tiny_model_dir(tmp_path_factory) -> str:
     """The embedded tiny model with its default warm start (right about 20% of the time when sampling)."""
     from trainers.tiny_model import build_tiny_model
 
-    return session_build(tmp_path_factory, "warm_tiny_model", lambda out: build_tiny_model(out, seed=0, eval_problems=0))
+    return session_build(tmp_path_factory, "warm_tiny_model",
+                         lambda out: build_tiny_model(out, seed=0, eval_problems=0))
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +91,8 @@ def _path(item) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: FIRST.index(_path(item)) if _path(item) in FIRST else len(FIRST))  # stable
+    rank = {path: i for i, path in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(_path(item), len(FIRST)))  # stable: the rest keep their order
 
 
 @pytest.hookimpl(tryfirst=True)

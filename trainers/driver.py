@@ -25,7 +25,7 @@ from trainers.reward_guard import RewardError
 from trainers.stops import ActorDiedError, CheckpointWriteError, dead_actor, save_after_failure
 from trainers.sync import CanaryError, WeightSyncError
 
-__all__ = ["ActorDiedError", "CanaryError", "RewardError", "Trainer", "WeightSyncError", "train"]
+__all__ = ["ActorDiedError", "CanaryError", "CheckpointWriteError", "RewardError", "Trainer", "WeightSyncError", "train"]
 
 
 class Trainer:
@@ -77,9 +77,6 @@ class Trainer:
             progress.close()
             raise RewardError(f"{exc}\n{save_after_failure(job, step, self.learner_step)}: fix the reward, then "
                               "continue with --resume.") from None
-        except CheckpointWriteError:
-            progress.close()
-            raise
         except (RayActorError, WeightSyncError) as exc:
             progress.close()
             dead = exc.actor_error if isinstance(exc, WeightSyncError) else exc
