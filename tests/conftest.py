@@ -109,3 +109,16 @@ def pytest_xdist_make_scheduler(config, log):
             return "multirank" if path in MULTIRANK else path
 
     return FilesAndMultirank(config, log)
+
+
+def pytest_runtest_logreport(report):
+    """``RL_TEST_TIMELINE=FILE`` appends each test phase's worker, start and stop (JSON lines): where a run's time
+    went per worker, idle tails included (``python -m tests.timeline FILE`` summarizes it)."""
+    path = os.environ.get("RL_TEST_TIMELINE")
+    if path:
+        import json
+
+        row = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": report.nodeid, "phase": report.when,
+               "start": report.start, "stop": report.stop, "outcome": report.outcome}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
