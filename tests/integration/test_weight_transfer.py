@@ -51,7 +51,7 @@ def test_gloo_sync_equals_object_store_and_breaks_off_cleanly(ray_local, tiny_mo
                                                                AlgorithmConfig(policy_loss="ppo_clip"), temperature=1.0)
     learner = LearnerGroup([actor])
     ray.get([engine.ping.remote(), actor.ping.remote()])  # as the driver does: both up before the rendezvous
-    init_weight_transfer(learner, [engine], 1, timeout_s=20.0)
+    init_weight_transfer(learner, [engine], 1, timeout_s=10.0)
 
     probe = [([5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18])]
     before = ray.get(engine.score_tokens.remote(probe))
@@ -76,7 +76,7 @@ def test_gloo_sync_equals_object_store_and_breaks_off_cleanly(ray_local, tiny_mo
     assert ray.get(engine.score_tokens.remote(probe)) == over_gloo
     assert ray.get(engine.ping.remote()) == 4
 
-    # A sender that stops after the second bucket: the engine's receive times out (transport_timeout_s=20 here).
+    # A sender that stops after the second bucket: the engine's receive times out (transport_timeout_s=10 here).
     ray.get(actor.perturb.remote(0.05, 3))
     ray.get(actor.stop_sending_at.remote(2))
     with pytest.raises(WeightSyncError, match=r"at bucket 3/7 broke off on engine 0: .*did not arrive.*Timed out"):
