@@ -70,11 +70,12 @@ class RunConfig(_Section):
 
 
 class TinyModelConfig(_Section):
-    task: Literal["arith", "dccot_sum"] = Field(
+    task: Literal["arith", "dccot_sum", "number_target"] = Field(
         "arith",
         description="What the embedded tiny model is warm-started on: `arith` (two-number sums, "
-        "trainers/tiny_model.py) or `dccot_sum` (six-term sums in the DC-CoT director/worker format, "
-        "trainers/tiny_dccot.py).",
+        "trainers/tiny_model.py), `dccot_sum` (six-term sums in the DC-CoT director/worker format, "
+        "trainers/tiny_dccot.py) or `number_target` (uniformly random valid moves of the `number_target` "
+        "environment, for GiGPO; trainers/tiny_number_target.py).",
     )
     seed: int = Field(0, description="Seed of the tiny model's init and supervised warm start.")
     sft_steps: int | None = Field(None, ge=0, description="Supervised warm-start steps (None: the builder's default).")

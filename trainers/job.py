@@ -223,6 +223,8 @@ def resolve_model(cfg: Config, run_dir: Path) -> str:
         return str(out)
     if mc.tiny.task == "dccot_sum":
         from trainers.tiny_dccot import build_tiny_dccot_model as build_tiny_model
+    elif mc.tiny.task == "number_target":
+        from trainers.tiny_number_target import build_tiny_number_target_model as build_tiny_model
     else:
         from trainers.tiny_model import build_tiny_model
 

@@ -95,10 +95,11 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
 }
 
 # The embedded tiny models (trainers/tiny_model.py: tiny_qwen2_config): vocab is at most the tokenizer's target
-# size (arith 320, dccot_sum 360), so these are upper bounds.
+# size (arith 320, dccot_sum 360, number_target 320; it has 287), so these are upper bounds.
 TINY_SHAPES = {
     "arith": ModelShape("tiny (arith)", 128, 4, 2, 2, 512, 320, True, head_dim=64),
     "dccot_sum": ModelShape("tiny (dccot_sum)", 128, 4, 2, 2, 512, 360, True, head_dim=64),
+    "number_target": ModelShape("tiny (number_target)", 128, 4, 2, 2, 512, 320, True, head_dim=64),
 }
 
 _SPEC_KEYS = {"hidden": int, "layers": int, "heads": int, "kv_heads": int, "intermediate": int, "vocab": int,
