@@ -15,9 +15,10 @@ from tests.references import check_reference
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-# Held-out mean@4 accuracy of this recipe, measured (docs/benchmarks.md): 0.215 -> 0.276 after 30 steps. The
-# margin asserted is half the measured gain; the eval set's standard error is about 0.015.
-MIN_GAIN = 0.03
+# Held-out mean@4 gain of this recipe in its 30 steps over seeds 0, 1, 2 (benchmarks/algorithms_sweep.py,
+# docs/benchmarks.md "Every algorithm over seeds"): +0.076, +0.105, +0.082, mean +0.088, 95% t interval
+# [+0.0496, +0.126]. The margin asserted is the interval's lower end, rounded down; this run is seed 0.
+MIN_GAIN = 0.049
 COMPARED = ("reward/mean", "reward/accuracy", "loss/policy", "rollout/response_len_mean", "eval/accuracy")
 
 
