@@ -7,8 +7,11 @@ advantage estimator -> advantage shaping (differential smoothing) -> Prompt-GDRO
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +23,31 @@ from rl.metrics import pass_at_k
 from rl.types import PromptItem, RewardResult, Rollout, TrainSample
 from trainers.kinds.base import RolloutContext, StepBatch, result_fields, split
 from trainers.kinds.dynamic_sampling import fill_batch
+
+
+INITIAL_EVAL_FILE = "eval_initial.json"
+
+
+def initially_unsolved_accuracy(path: Path, step: int, ids: list[str], correct: np.ndarray) -> dict[str, float]:
+    """``eval/hard_accuracy``: accuracy on the held-out problems that no sample solved at step 0 (the hard bin
+    GDRO aims at), with ``eval/hard_problems`` (how many). Step 0's per-problem counts are written to ``path``
+    (atomically; a resumed run reads them back); nothing when the file is missing or holds other problems or
+    another number of samples per problem."""
+    counts = [int(c) for c in correct.sum(1)]
+    n = int(correct.shape[1])
+    if step == 0:  # a new run (a resumed one does not evaluate step 0 again)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"ids": ids, "num_samples": n, "correct": counts}))
+        os.replace(tmp, path)
+    if not path.exists():
+        return {}
+    initial = json.loads(path.read_text())
+    if initial["ids"] != ids or initial["num_samples"] != n:
+        return {}
+    hard = np.array(initial["correct"]) == 0
+    if not hard.any():
+        return {"eval/hard_problems": 0.0}
+    return {"eval/hard_accuracy": float(correct[hard].mean()), "eval/hard_problems": float(hard.sum())}
 
 
 class SingleTurn:
@@ -172,6 +200,8 @@ class SingleTurn:
         }
         if n > 1:
             out[f"eval/pass@{n}"] = float(np.mean([pass_at_k(n, int(c), n) for c in correct.sum(1)]))
+        out.update(initially_unsolved_accuracy(Path(ctx.cfg.run.output_dir) / INITIAL_EVAL_FILE, step,
+                                               [it.id for it in ctx.eval_items], correct))
         if ctx.benchmarks:
             from rl.eval_stats import evaluate_benchmarks
 
