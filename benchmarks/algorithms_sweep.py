@@ -101,7 +101,7 @@ def run_one(name: str, recipe: Recipe, seed: int, out: Path, model: Path, steps:
 
 
 def summarize(name: str, recipe: Recipe, runs: list[Path]) -> dict:
-    ends, passes, starts, mech = [], [], [], {k: [] for k in recipe.mechanism}
+    ends, passes, starts, hard, mech = [], [], [], [], {k: [] for k in recipe.mechanism}
     curves = []
     for run in runs:
         rows = read_rows(run)
@@ -109,6 +109,7 @@ def summarize(name: str, recipe: Recipe, runs: list[Path]) -> dict:
         starts.append(ev[0]["eval/accuracy"])
         ends.append(ev[-1]["eval/accuracy"])
         passes.append(ev[-1].get("eval/pass@4", float("nan")))
+        hard.append(ev[-1].get("eval/hard_accuracy", float("nan")))  # on the problems unsolved at step 0
         curves.append([(r["step"], r["eval/accuracy"]) for r in ev])
         for k in recipe.mechanism:
             vals = [r[k] for r in rows if k in r and r["step"] > 0]
@@ -116,6 +117,7 @@ def summarize(name: str, recipe: Recipe, runs: list[Path]) -> dict:
     gains = [e - s for s, e in zip(starts, ends)]
     return {"name": name, "seeds": len(runs), "start": mean_interval(starts), "end": mean_interval(ends),
             "gain": mean_interval(gains), "gains": gains, "pass@4": mean_interval(passes),
+            "hard": mean_interval(hard),
             "mechanism": {k: mean_interval(v) for k, v in mech.items()}, "note": recipe.note, "curves": curves}
 
 
@@ -124,14 +126,14 @@ def _fmt(mi: tuple[float, float], digits: int = 3) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| recipe | seeds | held-out mean@4: start -> end | gain | pass@4 at end | its mechanism (mean over steps) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| recipe | seeds | held-out mean@4: start -> end | gain | pass@4 at end | on the problems unsolved at "
+             "step 0, at end | its mechanism (mean over steps) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         mech = "; ".join(f"`{k}` {_fmt(v)}" for k, v in r["mechanism"].items())
         lines.append(f"| {r['name']} | {r['seeds']} | {r['start'][0]:.3f} -> {_fmt(r['end'])} | {_fmt(r['gain'])} "
-                     f"| {_fmt(r['pass@4'])} | {mech} ({r['note']}) |")
+                     f"| {_fmt(r['pass@4'])} | {_fmt(r['hard'])} | {mech} ({r['note']}) |")
     lines.append("")
-    lines.append("± is the half-width of the 95% Student t interval over the seeds.")
+    lines.append("± is the half-width of the 95% Student t interval over the seeds; nan: a run without that metric.")
     return "\n".join(lines)
 
 

@@ -26,17 +26,18 @@ def test_summary_of_finished_runs(tmp_path):
         rows = [{"step": 0, "eval/accuracy": start, "eval/pass@4": 0.5},
                 {"step": 1, "reward/mean": 0.3, "dapo/filtered_group_frac": 0.2 + seed * 0.2},
                 {"step": 2, "reward/mean": 0.3, "dapo/filtered_group_frac": 0.4, "eval/accuracy": end,
-                 "eval/pass@4": 0.7 + seed * 0.1}]
+                 "eval/pass@4": 0.7 + seed * 0.1, "eval/hard_accuracy": 0.1 + seed * 0.1}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         runs.append(run)
     r = summarize("demo", RECIPES["demo"], runs)
     assert r["gains"] == pytest.approx([0.3, 0.24])
     assert r["gain"][0] == pytest.approx(0.27) and r["gain"][1] == pytest.approx(12.706 * 0.03, rel=1e-3)
     assert r["end"][0] == pytest.approx(0.48) and r["pass@4"][0] == pytest.approx(0.75)
+    assert r["hard"][0] == pytest.approx(0.15)
     assert r["mechanism"]["dapo/filtered_group_frac"][0] == pytest.approx((0.3 + 0.4) / 2)  # per-run means
     assert r["curves"][1] == [(0, 0.22), (2, 0.46)]
     table = markdown_table([r])
-    assert "| demo | 2 | 0.210 -> 0.480 ± " in table and "`dapo/filtered_group_frac` 0.350 ± " in table
+    assert "| demo | 2 | 0.210 -> 0.480 ± " in table and "| 0.150 ± 0.635 |" in table and "`dapo/filtered_group_frac` 0.350 ± " in table
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
