@@ -3,9 +3,11 @@ and pass@4, and each algorithm's own mechanism metric, as a markdown table and a
 
     python -m benchmarks.algorithms_sweep --seeds 0 1 2                 # every algorithm, 30 steps each
     python -m benchmarks.algorithms_sweep --only demo --seeds 0 1 2     # the demo recipe (scripts/demo.sh)
+    python -m benchmarks.algorithms_sweep --only gigpo gigpo_omega0     # GiGPO against episode-level GRPO
 
 Every run is `rl train <recipe> run.seed=<seed>` into ``<out>/<name>/seed<seed>`` from one warm-started tiny model
-(built once into ``<out>/tiny_model``, or ``--model``). Resumable: a finished run (its ``summary.json``) is read, a
+(built once into ``<out>/tiny_model``, or ``--model``; GiGPO's recipes start from the `number_target` model, built
+by their first run and kept in ``<out>/tiny_model_number_target``). Resumable: a finished run (its ``summary.json``) is read, a
 run with a checkpoint goes on with ``--resume``, anything else starts over. Each run's console is in its
 ``console.txt``. The seed moves the data order and the sampling seeds; the model is the same for all.
 """
@@ -32,6 +34,7 @@ class Recipe:
     overrides: tuple[str, ...] = ()
     mechanism: tuple[str, ...] = ()  # metrics averaged over the run's steps
     note: str = ""
+    tiny_task: str = "arith"  # the embedded model it starts from (others: built by the recipe's first run)
 
 
 MINI4 = ("learner.mini_batches_per_step=4",)
@@ -58,10 +61,14 @@ RECIPES: dict[str, Recipe] = {
                    "Prompt-GDRO weights of the hardest (0) and easiest (4) bins"),
     "cispo": Recipe("configs/tiny_cpu.yaml", ("algorithm.policy_loss=cispo", *MINI4), ("loss/clip_frac",),
                     "clipped detached importance weight, 4 mini-batches per step"),
+    "gigpo": Recipe("configs/gigpo_tiny_cpu.yaml", (), ("gigpo/step_adv_share", "rollout/invalid_action_frac"),
+                    "number_target: step-level share of the advantage", tiny_task="number_target"),
+    "gigpo_omega0": Recipe("configs/gigpo_tiny_cpu.yaml", ("kind.gigpo.omega=0",), ("rollout/invalid_action_frac",),
+                           "number_target, episode-level GRPO (omega 0)", tiny_task="number_target"),
     "lora": Recipe("configs/lora_tiny_cpu.yaml", (), ("loss/grad_norm",), "rank-8 adapters, lr 2e-3"),
     "demo": Recipe("configs/demo_tiny_cpu.yaml", (), ("dapo/filtered_group_frac",), "scripts/demo.sh's recipe"),
 }
-ALGORITHMS = [name for name in RECIPES if name != "demo"]
+ALGORITHMS = [name for name in RECIPES if name not in ("demo", "gigpo", "gigpo_omega0", "lora")]
 
 # two-sided 95% Student t quantiles by degrees of freedom (1..10); beyond that the normal's 1.96 is close enough
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -89,14 +96,22 @@ def run_one(name: str, recipe: Recipe, seed: int, out: Path, model: Path, steps:
     if not resume:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
-    args = [sys.executable, "-m", "trainers.cli", "train", recipe.config, f"run.output_dir={run}",
-            f"model.path={model}", "model.build_tiny=false", f"run.seed={seed}", "run.progress=false",
+    if recipe.tiny_task == "arith":
+        model_args = [f"model.path={model}", "model.build_tiny=false"]
+    else:  # the recipe builds its own task's model into its run once; the other runs start from a copy of it
+        model_args, shared = [], out / f"tiny_model_{recipe.tiny_task}"
+        if (shared / "config.json").is_file() and not (run / "tiny_model").exists():
+            shutil.copytree(shared, run / "tiny_model")
+    args = [sys.executable, "-m", "trainers.cli", "train", recipe.config, f"run.output_dir={run}", *model_args,
+            f"run.seed={seed}", "run.progress=false",
             *recipe.overrides, *([f"run.num_steps={steps}"] if steps else []), *(["--resume"] if resume else [])]
     with open(run / "console.txt", "a") as console:
         rc = subprocess.call(args, cwd=ROOT, stdout=console, stderr=subprocess.STDOUT,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if rc != 0:
         raise SystemExit(f"{name} seed {seed} failed (exit {rc}): see {run / 'console.txt'}")
+    if recipe.tiny_task != "arith" and not (out / f"tiny_model_{recipe.tiny_task}" / "config.json").is_file():
+        shutil.copytree(run / "tiny_model", out / f"tiny_model_{recipe.tiny_task}")
     return run
 
 
