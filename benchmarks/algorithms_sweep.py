@@ -141,14 +141,16 @@ def _fmt(mi: tuple[float, float], digits: int = 3) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| recipe | seeds | held-out mean@4: start -> end | gain | pass@4 at end | on the problems unsolved at "
+    lines = ["| recipe | seeds | held-out accuracy: start -> end | gain | pass@4 at end | on the problems unsolved at "
              "step 0, at end | its mechanism (mean over steps) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         mech = "; ".join(f"`{k}` {_fmt(v)}" for k, v in r["mechanism"].items())
         lines.append(f"| {r['name']} | {r['seeds']} | {r['start'][0]:.3f} -> {_fmt(r['end'])} | {_fmt(r['gain'])} "
                      f"| {_fmt(r['pass@4'])} | {_fmt(r['hard'])} | {mech} ({r['note']}) |")
     lines.append("")
-    lines.append("± is the half-width of the 95% Student t interval over the seeds; nan: a run without that metric.")
+    lines.append("Held-out accuracy is the recipe's `eval/accuracy` (single-turn recipes: mean@4 at T=1; GiGPO: greedy "
+                 "success over the eval episodes). ± is the half-width of the 95% Student t interval over the seeds; "
+                 "nan: a run without that metric.")
     return "\n".join(lines)
 
 
@@ -167,12 +169,12 @@ def plot(results: list[dict], out_png: Path) -> None:
         axes[0].fill_between(steps, [m - h for m, h in mi], [m + h for m, h in mi], alpha=0.15,
                              color=line.get_color())
     axes[0].set_xlabel("step")
-    axes[0].set_ylabel("held-out mean@4")
+    axes[0].set_ylabel("held-out accuracy (eval/accuracy)")
     axes[0].set_title("held-out accuracy (mean over seeds, 95% interval)")
     axes[0].legend(fontsize=8, ncol=2)
     names = [r["name"] for r in results]
     axes[1].bar(names, [r["gain"][0] for r in results], yerr=[r["gain"][1] for r in results], capsize=4)
-    axes[1].set_ylabel("gain in held-out mean@4")
+    axes[1].set_ylabel("gain in held-out accuracy")
     axes[1].set_title("end minus start (95% interval over seeds)")
     axes[1].tick_params(axis="x", rotation=30)
     fig.tight_layout()
