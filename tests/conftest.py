@@ -115,7 +115,7 @@ def pytest_runtest_logreport(report):
     """``RL_TEST_TIMELINE=FILE`` appends each test phase's worker, start and stop (JSON lines): where a run's time
     went per worker, idle tails included (``python -m tests.timeline FILE`` summarizes it)."""
     path = os.environ.get("RL_TEST_TIMELINE")
-    if path:
+    if path and getattr(report, "node", None) is None:  # not a worker's report forwarded to xdist's controller
         import json
 
         row = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": report.nodeid, "phase": report.when,
