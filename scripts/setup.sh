@@ -17,7 +17,9 @@ if [ ! -f "$stamp" ]; then
   python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
   # torch first, pinned, so nothing pulls a different (multi-GB CUDA) build for the CPU machine.
   python -m pip install --quiet --no-compile "torch==2.13.0"
-  python -m pip install --quiet --no-compile -e ".[${KIND},dev]"
+  # setuptools' build backend warns about every editable install (a boxed notice on the console); it says nothing
+  # about this project, so the install is quiet without it.
+  PYTHONWARNINGS="ignore:Editable installation" python -m pip install --quiet --no-compile -e ".[${KIND},dev]"
   if [ "$KIND" = cpu ]; then
     # PyPI torchvision/torchaudio break beside torch 2.13.0+cpu (operator torchvision::nms does not exist);
     # text models do not need them.
