@@ -22,9 +22,19 @@ COLUMNS = (
 )
 
 
-def learning_curve_table(records: list[dict]) -> str:
+MAX_ROWS = 40
+
+
+def learning_curve_table(records: list[dict], max_rows: int = MAX_ROWS) -> str:
+    """The curve as a table: every step when there are at most ``max_rows``, else every k-th step (k chosen to fit)
+    plus every evaluated step and the last one, with a line saying so (metrics.jsonl holds them all)."""
     head = " | ".join(title for _, title, _ in COLUMNS)
     lines = [head, "-" * len(head)]
+    if len(records) > max_rows:
+        every = -(-len(records) // max_rows)
+        last = records[-1]["step"]
+        records = [r for r in records if r["step"] % every == 0 or "eval/accuracy" in r or r["step"] == last]
+        lines.insert(0, f"(one step in {every}, and each evaluated step; metrics.jsonl holds every step)")
     for rec in records:
         cells = []
         for key, title, fmt in COLUMNS:
