@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rl.tracking import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,10 +86,6 @@ def mean_interval(xs: list[float]) -> tuple[float, float]:
     return m, _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def read_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def run_one(name: str, recipe: Recipe, seed: int, out: Path, model: Path, steps: int | None) -> Path:
     run = out / name / f"seed{seed}"
     if (run / "summary.json").is_file():
@@ -119,7 +117,7 @@ def summarize(name: str, recipe: Recipe, runs: list[Path]) -> dict:
     ends, passes, starts, hard, mech = [], [], [], [], {k: [] for k in recipe.mechanism}
     curves = []
     for run in runs:
-        rows = read_rows(run)
+        rows = read_metrics(run)
         ev = [r for r in rows if "eval/accuracy" in r]
         starts.append(ev[0]["eval/accuracy"])
         ends.append(ev[-1]["eval/accuracy"])
