@@ -514,11 +514,6 @@ class Config(_Section):
 
     def _check_lora(self) -> None:
         """What ``model.lora`` is not wired with is refused here, naming the key."""
-        if self.learner.strategy != "single":
-            raise ValueError(f"model.lora with learner.strategy={self.learner.strategy}: LoRA training is wired for "
-                             "learner.strategy=single only (the adapter of a 7B model fits one GPU with its "
-                             "optimizer; FSDP2 / DeepSpeed sharding of the adapter is not built); set "
-                             "learner.strategy=single and learner.num_ranks=1")
         if self.sync.transport != "auto":
             raise ValueError(f"sync.transport={self.sync.transport} with model.lora: the engines receive the adapter "
                              "alone, through the object store (a few MiB); leave sync.transport=auto")

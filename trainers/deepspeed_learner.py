@@ -86,6 +86,11 @@ class DeepSpeedLearner(Learner):
         (and fp32 gradient partitions and AdamW state) itself, whatever ``learner.param_dtype`` says."""
         return self.compute_dtype
 
+    def _adapter_dtype(self) -> torch.dtype:
+        """``model.lora``: the adapters are held like the rest of the module, in the compute dtype (ZeRO-3 keeps
+        their fp32 master partitions)."""
+        return self.compute_dtype
+
     def _ds_config(self, trainable: bool) -> dict:
         ds = self.cfg.deepspeed
         dtype = next(self.model.parameters()).dtype
@@ -143,8 +148,9 @@ class DeepSpeedLearner(Learner):
             deepspeed.zero.register_external_parameter(module, head.weight)
         optimizer = None
         if trainable:
-            optimizer = torch.optim.AdamW(module.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas),
-                                          weight_decay=self.cfg.weight_decay)
+            # with model.lora the adapters alone (the frozen base is partitioned too, but has no optimizer state)
+            optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=self.cfg.lr,
+                                          betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay)
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         return engine
 
@@ -170,16 +176,19 @@ class DeepSpeedLearner(Learner):
         return float(self.policy.get_global_grad_norm())
 
     def _gathered_parameters(self, everywhere: frozenset[str] = frozenset(), dtype: torch.dtype | None = None,
-                             device: torch.device | str = "cpu"):
-        """(HF name, whole tensor or None, parameter) for every state-dict entry, in state-dict order, gathering one
-        parameter at a time (a collective: every rank iterates to the end). Tied entries yield the same tensor
-        object; the whole tensor is on ``device`` (default the CPU) on rank 0 (on every rank for the names in
-        ``everywhere``), None elsewhere; cast to ``dtype`` (None: as it is) on the device, before the copy."""
+                             device: torch.device | str = "cpu", select=None):
+        """(HF name, whole tensor or None, parameter) for every state-dict entry that ``select`` (a name predicate;
+        None: all) keeps, in state-dict order, gathering one parameter at a time (a collective: every rank iterates
+        to the end). Tied entries yield the same tensor object; the whole tensor is on ``device`` (default the CPU)
+        on rank 0 (on every rank for the names in ``everywhere``), None elsewhere; cast to ``dtype`` (None: as it
+        is) on the device, before the copy."""
         deepspeed = _import_deepspeed(self.device)
         done: dict[int, torch.Tensor | None] = {}
         entries = self.model.state_dict(keep_vars=True)
         wanted = {id(v) for n, v in entries.items() if n in everywhere}  # tied entries share their tensor
         for name, value in entries.items():
+            if select is not None and not select(name):
+                continue
             keep = self.rank == 0 or id(value) in wanted
             if id(value) not in done:  # the gathers are collectives: the same ones on every rank
                 if hasattr(value, "ds_id"):
@@ -190,11 +199,11 @@ class DeepSpeedLearner(Learner):
                 done[id(value)] = full
             yield name, done[id(value)], value
 
-    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True,
-                      device: torch.device | str = "cpu"):
+    def _whole_tensors(self, select=None, dtype: torch.dtype | None = None, everywhere: frozenset[str] = frozenset(),
+                       copy: bool = True, device: torch.device | str = "cpu"):
         # ``copy`` is moot here: a gathered parameter is released after its copy, which is always made
         yielded: set[int] = set()
-        for name, full, _ in self._gathered_parameters(everywhere, self.export_dtype, device):
+        for name, full, _ in self._gathered_parameters(everywhere, dtype, device, select=select):
             if full is not None and id(full) in yielded:
                 full = full.clone()  # a tied head gets a tensor of its own, as safetensors wants
             elif full is not None:
@@ -304,8 +313,11 @@ class DeepSpeedLearner(Learner):
         if self.rank == 0:
             path = Path(directory)
             path.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(path / "model", state_dict=weights)
-            C.write_learner_state(path, optim_sd, self.num_updates,
+            if self.lora_model is not None:  # adapter/ and the merged model/ (the base class's LoRA format)
+                self._write_lora_model(path, weights)
+            else:
+                self.model.save_pretrained(path / "model", state_dict=weights)
+            C.write_learner_state(path, optim_sd, self.num_updates, lora=self.lora_model is not None,
                                   **({"master_weights": masters} if masters is not None else {}))
             if self.drafter is not None:
                 self.drafter.save(path)
@@ -316,14 +328,18 @@ class DeepSpeedLearner(Learner):
         its partitions of the weights and of the AdamW state."""
         deepspeed = _import_deepspeed(self.device)
         path = Path(directory)
-        weights = C.read_model_weights(path, self.model)
+        if self.lora_model is not None:  # the adapter alone: the frozen base is model.path's
+            weights = self._read_adapter(path)
+        else:
+            self._check_checkpoint_kind(path)
+            weights = C.read_model_weights(path, self.model)
         state = C.read_learner_state(path)
         if state.get("format") != "fqn":
             raise RuntimeError(f"checkpoint {path} has an optimizer state keyed by parameter order (an older "
                                "format); resume it with learner.strategy=single")
         done: set[int] = set()
         for name, value in self.model.state_dict(keep_vars=True).items():
-            if id(value) in done:
+            if id(value) in done or (self.lora_model is not None and name not in weights):
                 continue
             done.add(id(value))
             if hasattr(value, "ds_id"):

@@ -174,6 +174,15 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    """Overwrite host ``tensors`` with rank 0's, in place (no-op without a process group; over gloo, also when the
+    learners' group is NCCL)."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        dist.broadcast(t, 0, group=_cpu_group())
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (a one-element list without a process group)."""
     if not is_distributed():

@@ -134,22 +134,26 @@ class Learner(WeightExportMixin, DrafterMixin):
 
     def _apply_lora(self, lora: LoraSection) -> None:
         """``model.lora``: freeze the base and inject peft adapters into ``self.model`` in place (after the
-        reference copy, which stays the base policy). Only ``learner.strategy=single`` is wired."""
+        reference copy, which stays the base policy), before any sharding, so every strategy shards the adapted
+        model. The adapters start as rank 0's (their random A): every rank trains the same initial policy."""
         from trainers.lora import apply_lora
 
-        if self.strategy != "single":
-            raise ValueError(f"model.lora with learner.strategy={self.strategy}: LoRA is wired for strategy=single "
-                             "only")
         self.lora_model = apply_lora(self.model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                                      target_modules=lora.target_modules)
         self.model = self.lora_model.get_base_model()
-        for p in self.model.parameters():  # the adapters are the master weights: learner.param_dtype
-            if p.requires_grad:
-                p.data = p.data.to(self.param_dtype)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        adapters = [p for p in self.model.parameters() if p.requires_grad]
+        for p in adapters:  # the adapters are the trained weights: held in the strategy's master dtype
+            p.data = p.data.to(self._adapter_dtype())
+        D.broadcast_from_rank0([p.data for p in adapters])
+        trainable = sum(p.numel() for p in adapters)
         total = sum(p.numel() for p in self.model.parameters())
-        print(f"[learner] LoRA rank {lora.rank} alpha {lora.alpha} on {list(lora.target_modules)}: "
-              f"{trainable} trainable of {total} parameters", flush=True)
+        if self.rank == 0:
+            print(f"[learner] LoRA rank {lora.rank} alpha {lora.alpha} on {list(lora.target_modules)}: "
+                  f"{trainable} trainable of {total} parameters", flush=True)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        """The dtype the adapters are held in: ``learner.param_dtype`` (the master weights)."""
+        return self.param_dtype
 
     def trainable_parameters(self) -> dict[str, int]:
         """Trainable parameter count per parameter name (those the optimizer holds)."""
@@ -209,17 +213,18 @@ class Learner(WeightExportMixin, DrafterMixin):
         self.optimizer.step()
         return float(grad_norm)
 
-    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True,
-                      device: torch.device | str = "cpu"):
-        """(HF name, whole tensor on the CPU in ``export_dtype``) for every entry of the model's state dict, on rank
-        0 (and on every rank for the names in ``everywhere``); (name, None) on the others. A collective when
-        sharded: every rank iterates to the end. The cast to the engines' dtype happens on the device, before the
-        gather and the host copy, so fp32 master weights cost no more bytes than the engines' weights.
-        ``copy=False``: a tensor that needs neither cast nor move may be the live parameter itself (for a caller
-        that copies it anyway, such as the transport's packing). ``device``: where the whole tensors go (a GPU
-        transport's sender packs them on the GPU: no round trip through host memory)."""
+    def _whole_tensors(self, select=None, dtype: torch.dtype | None = None, everywhere: frozenset[str] = frozenset(),
+                       copy: bool = True, device: torch.device | str = "cpu"):
+        """(HF name, whole tensor on ``device``) for the entries of the model's state dict that ``select`` (a
+        name predicate; None: all) keeps, in state-dict order, cast to ``dtype`` (None: as held), on rank 0 (and
+        on every rank for the names in ``everywhere``); (name, None) on the others. A collective when sharded:
+        every rank iterates to the end with the same ``select``. The cast happens on the device, before the
+        gather and the host copy. ``copy=False``: a tensor that needs neither cast nor move may be the live
+        parameter itself."""
         for k, v in self.model.state_dict().items():
-            cast = v.detach().to(self.export_dtype)
+            if select is not None and not select(k):
+                continue
+            cast = v.detach().to(dtype) if dtype is not None else v.detach()
             full = D.full_tensor(cast)  # gathers one tensor at a time
             if self.rank != 0 and k not in everywhere:
                 yield k, None
@@ -228,6 +233,14 @@ class Learner(WeightExportMixin, DrafterMixin):
             if copy and out.dtype == v.dtype and v.device == out.device:  # neither the cast nor the move copied
                 out = out.clone()
             yield k, out.contiguous()
+
+    def _full_weights(self, everywhere: frozenset[str] = frozenset(), copy: bool = True,
+                      device: torch.device | str = "cpu"):
+        """Every entry of the model's state dict, whole, in ``export_dtype`` (``_whole_tensors``): what the weight
+        export sends. The cast to the engines' dtype happens before the gather, so fp32 master weights cost no more
+        bytes than the engines' weights. ``device``: where the whole tensors go (a GPU transport's sender packs
+        them on the GPU: no round trip through host memory)."""
+        return self._whole_tensors(dtype=self.export_dtype, everywhere=everywhere, copy=copy, device=device)
 
     # ---------------------------------------------------------------- log-probs
     @torch.no_grad()
@@ -449,34 +462,62 @@ class Learner(WeightExportMixin, DrafterMixin):
         D.barrier()
 
     def _save_lora(self, path: Path) -> None:
+        """``adapter/``, ``model/`` (merged) and the adapter's AdamW state; a collective, rank 0 writes."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        from trainers.lora import adapter_files, merged_state_dict, write_adapter
-
+        whole = dict(self._whole_tensors())  # held dtypes: the adapter's master weights, the base as loaded
         optim_sd = get_optimizer_state_dict(self.policy, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            self._write_lora_model(path, whole)
+            C.write_learner_state(path, optim_sd, self.num_updates, lora=True)
+        D.barrier()
+
+    def _write_lora_model(self, path: Path, whole: dict[str, torch.Tensor]) -> None:
+        """From the whole state dict (adapter tensors included): ``adapter/`` (what a resume loads, the adapter
+        export) and ``model/`` (the merged weights with the model's config: a complete ``model.path``)."""
+        from trainers.lora import adapter_files, is_adapter_key, merged_state_dict, write_adapter
+
         path.mkdir(parents=True, exist_ok=True)
-        write_adapter(adapter_files(self.lora_model), path / "adapter")
-        self.model.save_pretrained(path / "model", state_dict=merged_state_dict(self.lora_model))
-        C.write_learner_state(path, optim_sd, self.num_updates, lora=True)
+        adapter = {k: v for k, v in whole.items() if is_adapter_key(k)}
+        write_adapter(adapter_files(self.lora_model, tensors=adapter), path / "adapter")
+        self.model.save_pretrained(path / "model", state_dict=merged_state_dict(self.lora_model, whole))
 
-    def _load_lora(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
+    def _read_adapter(self, path: Path) -> dict[str, torch.Tensor]:
+        """A checkpoint's adapter, checked against ``model.lora``, under the base model's state-dict names."""
         from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        from trainers.lora import adapter_state_dict
+        from trainers.lora import adapter_keys
 
         file = path / "adapter" / "adapter_model.safetensors"
         if not file.is_file():
             raise RuntimeError(f"checkpoint {path} has no adapter ({file}): it was not written by a model.lora run; "
                                "resume it without model.lora, or start a LoRA run from its model/ (model.path)")
         tensors = load_file(str(file))
-        want = set(adapter_state_dict(self.lora_model))
-        if set(tensors) != want:
-            raise RuntimeError(f"checkpoint {path}: its adapter does not fit model.lora (missing "
-                               f"{sorted(want - set(tensors))[:4]}, unexpected {sorted(set(tensors) - want)[:4]})")
-        set_peft_model_state_dict(self.lora_model, tensors)
+        keys = adapter_keys(self.lora_model)
+        if set(tensors) != set(keys):
+            missing, unexpected = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
+            raise RuntimeError(f"checkpoint {path}: its adapter does not fit model.lora (missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]})")
+        return {keys[name]: t for name, t in tensors.items()}
+
+    def _check_checkpoint_kind(self, path: Path) -> None:
+        """A LoRA checkpoint resumes only a LoRA run, and a full one only a full run."""
+        if self.lora_model is None and (path / "adapter").is_dir():
+            raise RuntimeError(f"checkpoint {path} was written by a model.lora run: resume it with the same "
+                               "model.lora (its model/ holds the merged weights, which a new run can start from)")
+
+    def _load_lora(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        adapter = self._read_adapter(path)
+        # every rank holds the whole adapter; each keeps its shard (FSDP2) or all of it (single)
+        set_model_state_dict(self.policy, {f"lm.{k}": v for k, v in adapter.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
         state = C.read_learner_state(path)
         set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -490,9 +531,7 @@ class Learner(WeightExportMixin, DrafterMixin):
         path = Path(directory)
         if self.lora_model is not None:
             return self._load_lora(path)
-        if (path / "adapter").is_dir():
-            raise RuntimeError(f"checkpoint {path} was written by a model.lora run: resume it with the same "
-                               "model.lora (its model/ holds the merged weights, which a new run can start from)")
+        self._check_checkpoint_kind(path)
         weights = C.read_model_weights(path, self.model)
         state = C.read_learner_state(path)
         if state.get("format") != "fqn":

@@ -50,8 +50,9 @@ def plan_weight_buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list
 class WeightExportMixin:
     """The weight export of :class:`trainers.learner.Learner` (its public methods are what the driver calls for a
     sync). It reads from the learner: ``model``, ``rank``, ``device``, ``export_dtype``, ``lora_model``, the
-    strategy's gather ``_full_weights``, ``_release_cached_memory``, and the online drafter (``drafter``,
-    ``_shared_weight_names``), whose copies of the shared embedding and LM head follow every export."""
+    strategy's gathers ``_full_weights`` / ``_whole_tensors``, ``_release_cached_memory``, and the online drafter
+    (``drafter``, ``_shared_weight_names``), whose copies of the shared embedding and LM head follow every
+    export."""
 
     _sender = None  # rank 0's weight-transport sender, once init_weight_transport ran
 
@@ -173,9 +174,13 @@ class WeightExportMixin:
 
     def export_adapter(self) -> dict[str, bytes] | None:
         """``model.lora``: the adapter's files (``trainers.lora.adapter_files``) in the engines' dtype, what each
-        sync sends; rank 0 (None elsewhere, and without LoRA)."""
-        from trainers.lora import adapter_files
+        sync sends; rank 0 (None elsewhere, and without LoRA). A collective when sharded: the adapter's tensors
+        alone are gathered, one at a time (the frozen base never moves)."""
+        from trainers.lora import adapter_files, is_adapter_key
 
-        if self.lora_model is None or self.rank != 0:
+        if self.lora_model is None:
             return None
-        return adapter_files(self.lora_model, dtype=self.export_dtype)
+        tensors = dict(self._whole_tensors(select=is_adapter_key, dtype=self.export_dtype))
+        if self.rank != 0:
+            return None
+        return adapter_files(self.lora_model, tensors=tensors)

@@ -80,6 +80,26 @@ def test_adapter_files_load_back_with_peft(tiny, tmp_path):
         assert (loaded(ids).logits - model(ids).logits).abs().max().item() < 1e-6
 
 
+def test_adapter_names_are_peft_s_own(tiny):
+    from peft import get_peft_model_state_dict
+
+    from trainers.lora import adapter_keys, adapter_state_dict, saved_name
+
+    model = apply_lora(tiny, rank=4, alpha=8)
+    _perturb(model)
+    want = get_peft_model_state_dict(model)
+    ours = adapter_state_dict(model)
+    assert set(ours) == set(want) and len(ours) == 28
+    assert all(torch.equal(ours[k], want[k]) for k in want)
+    # and back: peft's name -> the base model's state-dict name, from the names alone
+    keys = adapter_keys(model)
+    assert keys["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"] == \
+        "model.layers.1.mlp.down_proj.lora_B.default.weight"
+    assert all(saved_name(v) == k for k, v in keys.items()) and set(keys) == set(want)
+    with pytest.raises(ValueError, match="is not a tensor of adapter 'default'"):
+        saved_name("model.layers.0.self_attn.q_proj.base_layer.weight")
+
+
 def test_bad_rank():
     with pytest.raises(ValueError, match="rank must be >= 1"):
         apply_lora(None, rank=0, alpha=1)
@@ -194,8 +214,6 @@ def test_lora_config_errors_name_the_key(override, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["learner.strategy=fsdp2", "learner.num_ranks=2"], "model.lora with learner.strategy=fsdp2"),
-    (["learner.strategy=deepspeed", "learner.num_ranks=2"], "model.lora with learner.strategy=deepspeed"),
     (["sync.transport=gloo"], "sync.transport=gloo with model.lora"),
     (["drafter.mode=fixed"], "drafter.mode=fixed with model.lora"),
     (["placement.mode=colocated"], "placement.engine_sleep_level=2 with model.lora"),
@@ -209,6 +227,11 @@ def test_lora_refuses_what_it_is_not_wired_with(overrides, message):
 
 def test_lora_config_resolves_the_engine_rank_and_sync():
     from rl.config import load_config
+
+    for strategy in ("fsdp2", "deepspeed"):  # the sharded learners train adapters too (test_lora_sharded.py)
+        sharded = load_config(None, ["model.build_tiny=true", "model.lora={rank: 8, alpha: 16}",
+                                     f"learner.strategy={strategy}", "learner.num_ranks=2"])
+        assert sharded.learner.strategy == strategy and sharded.weight_transport() == "adapter"
 
     cfg = load_config(None, ["model.build_tiny=true", "model.lora={rank: 12, alpha: 24}"])
     assert cfg.model.lora.engine_max_rank() == 16 and cfg.weight_transport() == "adapter"
