@@ -3,14 +3,16 @@ model): `configs/lora_tiny_cpu.yaml` trains the adapter alone, every sync ships 
 canary passes after each. Then the bug LoRA users lose weeks to is put back three ways, each of which must stop
 the run at that step with the canary: the adapter push skipped, a stale adapter delivered under the new version,
 and the new adapter loaded under the id vLLM already serves (vLLM caches adapters by id, so it keeps the old one).
-A corrupted adapter is refused at the load, naming the engine, which keeps its version.
+A corrupted adapter is refused at the load, naming the engine, which keeps its version. Last, a resume from step 1
+gives step 2's adapter bit for bit.
 
-One engine start for all of it: the trainer runs in this process, its actors in a local Ray."""
+Two engine starts (the run, the resume): the trainer runs in this process, its actors in a local Ray."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -28,6 +30,8 @@ FAST = ["run.progress=false", "data.eval.num_problems=4", "eval.num_samples=1", 
 
 def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arrive(tiny_model_dir, tmp_path):
     import ray
+    import torch
+    from safetensors.torch import load_file
 
     from rl.config import load_config
     from trainers.driver import CanaryError, Trainer
@@ -35,8 +39,8 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
 
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     out = tmp_path / "run"
-    cfg = load_config("configs/lora_tiny_cpu.yaml", [f"run.output_dir={out}", f"model.path={tiny_model_dir}",
-                                                     "model.build_tiny=false", *FAST])
+    overrides = [f"model.path={tiny_model_dir}", "model.build_tiny=false", *FAST, "run.save_every_steps=1"]
+    cfg = load_config("configs/lora_tiny_cpu.yaml", [f"run.output_dir={out}", *overrides])
 
     def reuse_the_served_id(engine, files: dict, version: int) -> int:
         """The naive adapter sync, run inside the engine actor: the new files at a new path but under the LoRA id
@@ -118,3 +122,23 @@ def test_lora_run_syncs_the_adapter_and_the_canary_stops_a_push_that_did_not_arr
         print("[reused id]", reused_id.value)
     finally:
         job.close()
+
+    # resume: from step 1's checkpoint (a copy of the run without step 2's), step 2 again gives step 2's adapter,
+    # gradient norm and canary, bit for bit
+    again = tmp_path / "resumed"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("step_000002", "adapters", "logs"))
+    job = start_job(load_config("configs/lora_tiny_cpu.yaml", [f"run.output_dir={again}", *overrides]),
+                    resume=True)
+    try:
+        assert job.start_step == 1
+        assert Trainer(job).run()["final_step"] == 2
+    finally:
+        job.close()
+    resumed = {r["step"]: r for r in map(json.loads, (again / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(resumed) == [0, 1, 2]
+    for key in ("loss/grad_norm", "loss/policy", "sync/canary_max_abs_diff", "sync/weight_version"):
+        assert resumed[2][key] == m[2][key], key
+    assert resumed[2]["sync/adapter_id"] == 2  # the restarted engine's ids start again (step 1's sync was id 1)
+    want = load_file(out / "checkpoints" / "step_000002" / "adapter" / "adapter_model.safetensors")
+    got = load_file(again / "checkpoints" / "step_000002" / "adapter" / "adapter_model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
