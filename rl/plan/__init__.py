@@ -53,6 +53,11 @@ compute dtype; N = learner.num_ranks under fsdp2 and deepspeed, 1 under single)
   gathered parameters are counted like FSDP2's with resharding.
   The frozen reference policy (``algorithm.kl_coef > 0``) is held in the compute dtype: ``P*c/N``. With
   ``learner.fsdp.cpu_offload`` on a GPU run these four live in host memory instead.
+- ``model.lora``: ``P_a = L * sum over model.lora.target_modules of r*(in + out)`` adapter parameters. The
+  frozen base is held in the compute dtype and only the adapters train: parameters ``P*c/N + P_a*b/N``,
+  gradients ``P_a*b/N``, AdamW state ``2*P_a*b/N`` (DeepSpeed in bf16/fp16: the adapters in c, with fp32
+  gradient partitions ``4*P_a/N`` and masters + moments ``12*P_a/N``); under ``single`` with c < b autocast
+  copies the adapters alone: ``P_a*c``.
 - the compute copies of the parameters. FSDP2 gathered parameters (in the compute dtype): the root unit
   (embedding, LM head, final norm) stays gathered from forward through backward, two decoder layers are gathered
   at a time (the current one and the prefetched next), and the unsharded gradients of the root and of one layer
@@ -99,7 +104,10 @@ rollout.tensor_parallel_size, G = --gpu-memory-gib)
 ------------------------------------------------------------------------------------------------------------
 - weights ``P*e/tp``; vLLM claims ``gpu_memory_utilization * G`` in all; about 2 GiB of that go to its
   profiling run's activations, CUDA graphs and context (an estimate; it varies by model and version), the rest
-  is KV cache: ``kv = u*G - P*e/tp - 2 GiB``.
+  is KV cache: ``kv = u*G - P*e/tp - S - 2 GiB``.
+- LoRA slots ``S`` (``model.lora``; 0 without): vLLM holds ``max_loras`` (1) adapters of ``max_lora_rank`` (the
+  smallest vLLM value >= model.lora.rank) on every projection it supports, whatever the adapter targets:
+  ``S = L * max_lora_rank * sum over the 7 projections of (in + out) * e / tp``.
 - KV bytes per token on one GPU ``2 * L * ceil(kv_heads/tp) * d * e``; the cache holds ``kv / that`` tokens.
   It is compared with a step's concurrent need per engine, every sequence at full length:
   ``ceil(prompts per round * n / num_engines) * max_model_len`` (prompts per round: dynamic sampling's

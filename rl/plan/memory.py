@@ -1,5 +1,5 @@
 """Per-GPU (or host) memory of a plan: the learner rank's weights, gradients, optimizer, activations and log-prob
-peak, the drafter, the engine's weights and KV cache, phase by phase."""
+peak, the drafter, the engine's weights, LoRA slots and KV cache, phase by phase."""
 
 from __future__ import annotations
 
@@ -55,11 +55,13 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
     lora = cfg.model.lora
     adapter = shape.lora_params(lora.rank, lora.target_modules) if lora is not None else 0
     if lora is not None:  # frozen base in the compute dtype; adapters, their gradients and AdamW state in param_dtype
-        states = {"parameters": p * c + adapter * b, "gradients": adapter * b, "optimizer": 2 * adapter * b,
+        held = _ceil_div(adapter * b, n)  # sharded like the base under fsdp2 / deepspeed
+        states = {"parameters": _ceil_div(p * c, n) + held, "gradients": held, "optimizer": 2 * held,
                   "reference": states["reference"]}
+    trained = adapter if lora is not None else p
     if ds and b < 4:  # ZeRO-3 in bf16/fp16 keeps fp32 gradient partitions and fp32 master weights beside AdamW
-        states["gradients"] = _ceil_div(p * 4, n)
-        states["optimizer"] = _ceil_div(3 * p * 4, n)
+        states["gradients"] = _ceil_div(trained * 4, n)
+        states["optimizer"] = _ceil_div(3 * trained * 4, n)
     if ds:
         host = {"parameters": lc.deepspeed.offload_params, "reference": lc.deepspeed.offload_params,
                 "gradients": lc.deepspeed.offload_optimizer, "optimizer": lc.deepspeed.offload_optimizer}
@@ -68,10 +70,8 @@ def _learner_memory(cfg, shape: ModelShape, on_gpu: bool, tokens: int) -> dict[s
     host = {k: bool(v and on_gpu) for k, v in host.items()}
     offload = any(host.values())
     on_device = {k: (0 if host[k] else v) for k, v in states.items()}
-    if lora is not None:
-        gathered = adapter * c if c < b else 0  # the base is held in the compute dtype: only the adapters are cast
-    elif not fsdp:
-        gathered = p * c if c < b else 0  # autocast's compute-dtype copies of the weights, forward to backward
+    if not fsdp:  # autocast's compute-dtype copies of the weights, forward to backward (with LoRA: the adapters)
+        gathered = trained * c if c < b else 0
     elif ds or lc.fsdp.reshard_after_forward:  # ZeRO-3 gathers module by module, like FSDP2 with resharding
         gathered = c * (2 * p_root + 3 * p_layer)
     else:
@@ -148,6 +148,10 @@ def _engine_memory(cfg, shape: ModelShape, on_gpu: bool, gpu_bytes: float, host_
     tp = r.tensor_parallel_size if on_gpu else 1
     p = shape.num_params()
     weights = _ceil_div(p * e, tp)
+    lora = cfg.model.lora
+    # vLLM's LoRA slots: max_loras (1) adapters of max_lora_rank on every projection it supports (all 7, whatever
+    # the adapter targets), in the engine's dtype, split by tensor parallelism
+    lora_slots = _ceil_div(shape.lora_params(lora.engine_max_rank(), ModelShape.LORA_MODULES) * e, tp) if lora else 0
     kv_per_token = 2 * shape.layers * _ceil_div(shape.kv_heads, tp) * shape.d * e
     ds = r.dynamic_sampling
     groups = cfg.kind.step_groups(cfg)
@@ -159,20 +163,21 @@ def _engine_memory(cfg, shape: ModelShape, on_gpu: bool, gpu_bytes: float, host_
         "dtype": engine_dtype(cfg),
         "tensor_parallel_size": tp,
         "weights": weights,
+        "lora_slots": lora_slots,
         "kv_bytes_per_token": kv_per_token,
         "concurrent_sequences": seqs_per_engine,
         "concurrent_need_tokens": need_tokens,
     }
     if on_gpu:
         budget = int(r.gpu_memory_utilization * gpu_bytes)
-        kv = budget - weights - ENGINE_OVERHEAD_BYTES
+        kv = budget - weights - lora_slots - ENGINE_OVERHEAD_BYTES
         out.update(budget=budget, overhead=ENGINE_OVERHEAD_BYTES, kv_cache=max(kv, 0),
                    kv_tokens=max(kv, 0) // kv_per_token, awake=budget, asleep=CUDA_CONTEXT_BYTES)
         key = "rollout.gpu_memory_utilization"
         if kv <= 0:
-            lowest = (weights + ENGINE_OVERHEAD_BYTES + r.max_model_len * kv_per_token) / gpu_bytes
+            lowest = (weights + lora_slots + ENGINE_OVERHEAD_BYTES + r.max_model_len * kv_per_token) / gpu_bytes
             f.error(key, f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} gives the engine "
-                    f"{_gib(budget)} GiB, not more than its weights ({_gib(weights)} GiB) + "
+                    f"{_gib(budget)} GiB, not more than its weights ({_gib(weights + lora_slots)} GiB) + "
                     f"~{_gib(ENGINE_OVERHEAD_BYTES)} GiB overhead: no room for a KV cache. Raise it above "
                     f"{math.ceil(lowest * 100) / 100}, or raise rollout.tensor_parallel_size")
         elif out["kv_tokens"] < r.max_model_len:
@@ -188,8 +193,8 @@ def _engine_memory(cfg, shape: ModelShape, on_gpu: bool, gpu_bytes: float, host_
         out.update(budget=None, kv_cache=None, kv_tokens=None)
         if host_bytes:
             reserve = int(r.gpu_memory_utilization * host_bytes)
-            out.update(budget=reserve, kv_cache=max(reserve - weights, 0),
-                       kv_tokens=max(reserve - weights, 0) // kv_per_token)
+            out.update(budget=reserve, kv_cache=max(reserve - weights - lora_slots, 0),
+                       kv_tokens=max(reserve - weights - lora_slots, 0) // kv_per_token)
     return out
 
 
@@ -220,7 +225,7 @@ def _memory(cfg, shape: ModelShape, gpu_memory_gib: float, host_memory_gib: floa
     if not learner_gpu and not engine_gpu:
         f.notes.append("CPU-only config (learner.num_gpus=0, rollout.num_gpus_per_engine=0): the per-GPU estimate "
                        "does not apply; the numbers are host RAM")
-        engine_host = engine["weights"] + (engine["kv_cache"] or 0)
+        engine_host = engine["weights"] + engine["lora_slots"] + (engine["kv_cache"] or 0)
         per_rank = learner["peak"] + learner["drafter_buffer_host"]
         out["host"] = {
             "per_learner_rank": per_rank,

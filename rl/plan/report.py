@@ -116,6 +116,8 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
     rows.append((f"engine ({en['dtype']} weights{tp}), {'per GPU' if en.get('awake') is not None else 'host RAM'}",
                  ""))
     rows.append(("  weights", _size(en["weights"])))
+    if en.get("lora_slots"):
+        rows.append(("  LoRA slots (1 adapter of max_lora_rank, every projection)", _size(en["lora_slots"])))
     if en.get("awake") is not None:
         rows.append(("  gpu_memory_utilization share", _size(en["budget"])))
         rows.append(("  KV cache", _size(en["kv_cache"])))

@@ -358,6 +358,39 @@ def test_lora_recipe_by_hand(capsys):
     assert full["lora_params"] == 0 and full["optimizer"] == 2 * base * 4 and full["peak"] > 80 * GIB
 
 
+def test_lora_engine_slots_and_sharded_learners_by_hand(capsys):
+    """The engines' LoRA slots: vLLM holds max_loras (1) adapters of max_lora_rank (64 here) on all 7 projections
+    in bf16: 64 * 90112 * 28 * 2 bytes = 0.30 GiB, taken from the KV cache. Sharded over 4 FSDP2 ranks: the bf16
+    base, the fp32 adapters, their gradients and AdamW moments each a quarter; under ZeRO-3 in bf16 the adapters
+    are held in bf16 with fp32 gradient partitions, masters and moments."""
+    cfg = str(ROOT / "configs" / "cluster_8gpu_qwen2.5_math_7b_lora.yaml")
+    rc, out, _ = run_plan(capsys, cfg, "--cluster-gpus", "8", "--json")
+    mem = json.loads(out)["memory"]
+    slots = 64 * 90112 * 28 * 2
+    assert mem["engine"]["lora_slots"] == slots and round(slots / GIB, 2) == 0.30
+    rc, out, _ = run_plan(capsys, cfg, "model.lora=null", "--cluster-gpus", "8", "--json")
+    plain = json.loads(out)["memory"]["engine"]
+    assert plain["lora_slots"] == 0 and plain["kv_cache"] - mem["engine"]["kv_cache"] == slots
+    # a rank-12 adapter on two projections still gets rank-16 slots on all seven
+    rc, out, _ = run_plan(capsys, cfg, "model.lora={rank: 12, alpha: 24, target_modules: [q_proj, v_proj]}",
+                          "--cluster-gpus", "8", "--json")
+    assert json.loads(out)["memory"]["engine"]["lora_slots"] == 16 * 90112 * 28 * 2
+    base = KNOWN_SHAPES["qwen2.5-math-7b"].num_params()
+    adapter = 64 * 90112 * 28
+    for strategy in ("fsdp2", "deepspeed"):
+        rc, out, _ = run_plan(capsys, cfg, f"learner.strategy={strategy}", "learner.num_ranks=4", "learner.num_gpus=1",
+                              "rollout.num_engines=4", "--cluster-gpus", "8", "--json")
+        assert rc == 0, out
+        lr = json.loads(out)["memory"]["learner"]
+        q = lambda x: -(-x // 4)  # noqa: E731 - ceil of a quarter
+        if strategy == "fsdp2":
+            assert lr["parameters"] == q(base * 2) + q(adapter * 4)
+            assert lr["gradients"] == q(adapter * 4) and lr["optimizer"] == 2 * q(adapter * 4)
+        else:
+            assert lr["parameters"] == q(base * 2) + q(adapter * 2)
+            assert lr["gradients"] == q(adapter * 4) and lr["optimizer"] == q(3 * adapter * 4)
+
+
 def test_lora_targets_plan_does_not_know(capsys):
     rc, out, _ = run_plan(capsys, str(ROOT / "configs" / "cluster_8gpu_qwen2.5_math_7b_lora.yaml"),
                           "model.lora.target_modules=[q_proj,qkv_proj]", "--cluster-gpus", "8", "--json")
