@@ -5,19 +5,22 @@
 #
 # Stages, in order of information per minute (GPU time limits in seconds; they sum to 540):
 #   env              20  versions, GPU, model runner; the project's modules import without ray/vllm/deepspeed
-#   mixed_precision  45  benchmarks/mixed_precision.py: does one step at lr 1e-6 change the weights (bf16 vs fp32 masters)
-#   pytest_gpu      135  pytest tests/gpu (Triton kernels, packing backends, FSDP2/DeepSpeed on CUDA)
-#   engine          150  scripts/gpu_engine_check.py: runner, bucketed sync, bf16 canary gap, sleep/wake order, drafter
-#   fused_logprob   115  benchmarks/fused_logprob.py at H 1536 and 3584, V 151936, T 8k and 32k, with the GEMM floor
-#   learner_step     75  benchmarks/learner_step.py: Qwen2.5-1.5B shape, packed + fused vs padded + naive
+#   mixed_precision  40  benchmarks/mixed_precision.py: does one step at lr 1e-6 change the weights (bf16 vs fp32 masters)
+#   pytest_gpu      125  pytest tests/gpu (Triton kernels, packing backends, FSDP2/DeepSpeed on CUDA)
+#   engine          140  scripts/gpu_engine_check.py: runner, bucketed sync, bf16 canary gap, sleep/wake order, drafter
+#   lora             90  scripts/gpu_lora_check.py: vLLM's CUDA LoRA path: adapter vs merged-weights gap in bf16, a
+#                        second version under a new id, generation through it (a second engine start, with LoRA)
+#   fused_logprob    80  benchmarks/fused_logprob.py at H 1536 and 3584, V 151936, T 8k and 32k, with the GEMM floor
+#   learner_step     45  benchmarks/learner_step.py: Qwen2.5-1.5B shape, packed + fused vs padded + naive
+# (No stage has run on a GPU yet: the limits are estimates. A stage that is cut keeps what it wrote.)
 # Each stage runs under its own `timeout`, writes its own log (OUT_DIR/logs/STAGE.log, never piped, so a stopped
 # stage keeps it) and its JSON results (OUT_DIR/results/); a stage whose package is missing is skipped, not failed.
 # At the end scripts/gpu_check_report.py writes OUT_DIR/report.md and OUT_DIR/report.json. Exit code 0 when every
 # stage is ok or skipped.
 #
 # --smoke: the same stages' CPU variants (tiny shapes; pytest tests/gpu then reports its tests as skipped), under
-# 2 minutes. The engine stage is left out of --smoke (a vLLM CPU engine start alone takes 30-110 s on 2 cores);
-# `--smoke --only engine` runs it by itself.
+# 2 minutes. The engine and lora stages are left out of --smoke (a vLLM CPU engine start alone takes 30-110 s on 2
+# cores); `--smoke --only engine` (or `lora`) runs one by itself.
 #
 # It never installs anything: it uses .venv/bin/python when there is one, else python3 on PATH (set GPU_CHECK_PYTHON
 # to choose). With vLLM installed outside the image's site-packages, set up its environment first, in the same command.
@@ -33,14 +36,14 @@ while [ $# -gt 0 ]; do
     --smoke) SMOKE=1 ;;
     --only) shift; [ $# -gt 0 ] || usage; ONLY=$1 ;;
     --only=*) ONLY=${1#--only=} ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$OUT" ] || usage; OUT=$1 ;;
   esac
   shift
 done
 [ -n "$OUT" ] || usage
-STAGES="env mixed_precision pytest_gpu engine fused_logprob learner_step"
+STAGES="env mixed_precision pytest_gpu engine lora fused_logprob learner_step"
 for s in ${ONLY//,/ }; do
   case " $STAGES " in *" $s "*) ;; *) echo "unknown stage '$s'; stages: $STAGES" >&2; exit 2 ;; esac
 done
@@ -64,10 +67,12 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDO
 has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 if [ "$SMOKE" = 1 ]; then
   MODE=smoke; DEV=cpu
-  declare -A LIMIT=([env]=20 [mixed_precision]=35 [pytest_gpu]=35 [engine]=240 [fused_logprob]=30 [learner_step]=30)
+  declare -A LIMIT=([env]=20 [mixed_precision]=35 [pytest_gpu]=35 [engine]=240 [lora]=120 [fused_logprob]=30
+                    [learner_step]=30)
 else
   MODE=gpu; DEV=cuda
-  declare -A LIMIT=([env]=20 [mixed_precision]=45 [pytest_gpu]=135 [engine]=150 [fused_logprob]=115 [learner_step]=75)
+  declare -A LIMIT=([env]=20 [mixed_precision]=40 [pytest_gpu]=125 [engine]=140 [lora]=90 [fused_logprob]=80
+                    [learner_step]=45)
   if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     echo "no CUDA device visible to $PY: run with --smoke for the CPU variants" >&2
     exit 2
@@ -77,7 +82,7 @@ fi
 selected() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 BUDGET=0
 for s in $STAGES; do
-  if selected "$s" && { [ "$s" != engine ] || [ "$SMOKE" = 0 ] || [ -n "$ONLY" ]; }; then
+  if selected "$s" && { { [ "$s" != engine ] && [ "$s" != lora ]; } || [ "$SMOKE" = 0 ] || [ -n "$ONLY" ]; }; then
     BUDGET=$((BUDGET + ${LIMIT[$s]}))
   fi
 done
@@ -152,6 +157,16 @@ if selected engine; then
     skip_stage engine "smoke: a vLLM CPU engine start takes 30-110 s on 2 cores, more than the 2-minute budget leaves; run --smoke --only engine"
   else
     run_stage engine "'$PY' scripts/gpu_engine_check.py --json '$RES/engine.json' --work '$WORK/engine' $([ "$SMOKE" = 1 ] && echo --smoke)"
+  fi
+fi
+
+# ---- lora (its own engine, started with LoRA enabled)
+if selected lora; then
+  if ! has vllm || ! has peft; then skip_stage lora "vllm or peft is not importable"
+  elif [ "$SMOKE" = 1 ] && [ -z "$ONLY" ]; then
+    skip_stage lora "smoke: a vLLM CPU engine start takes 30-110 s on 2 cores, more than the 2-minute budget leaves; run --smoke --only lora"
+  else
+    run_stage lora "'$PY' scripts/gpu_lora_check.py --json '$RES/lora.json' --work '$WORK/lora' $([ "$SMOKE" = 1 ] && echo --smoke)"
   fi
 fi
 

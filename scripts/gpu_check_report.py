@@ -30,6 +30,7 @@ STAGES = {
     "mixed_precision": "share of weights one step at lr 1e-6 changes: pure bf16 vs fp32 masters + bf16 compute",
     "pytest_gpu": "pytest tests/gpu: Triton kernels, packing backends, FSDP2 and DeepSpeed on CUDA",
     "engine": "vLLM engine: runner, bucketed sync, bf16 canary gap, sleep/wake order, drafter reload",
+    "lora": "vLLM LoRA path: adapter vs merged-weights gap, a second version under a new id, generation through it",
     "fused_logprob": "fused log-prob fwd+bwd: naive, chunked, Triton, Liger; time against the bf16 GEMM floor",
     "learner_step": "learner step, Qwen2.5-1.5B shape: packed + fused vs padded + naive (tokens/s, MFU, peak memory)",
 }
@@ -247,6 +248,28 @@ def stage_results(out: Path, name: str, log: str) -> tuple[dict, str, str | None
             else:
                 parts.append("sleep/wake " + ", ".join(f"{k} {v['status']} {v['s']} s"
                                                        for k, v in w.get("steps", {}).items()))
+        if r.get("failed"):
+            parts.append("FAILED: " + "; ".join(r["failed"]))
+        return r, "; ".join(parts), None
+    if name == "lora":
+        r = _load(res_dir / "lora.json") or {}
+        if r.get("status") == "skipped":
+            return r, r.get("reason", ""), r.get("reason")
+        c = r.get("checks", {})
+        parts = [f"{c['env'].get('dtype')}"] if isinstance(c.get("env"), dict) else []
+        if "engine_start_s" in c:
+            parts.append(f"start {c['engine_start_s']} s")
+        a = c.get("adapter_gap")
+        if isinstance(a, dict) and "gap_to_merged" in a:
+            parts.append(f"adapter gap to merged max {a['gap_to_merged']['max']:.3g} (bound {a['bound']:.3g}; to the "
+                         f"base {a['gap_to_base']['max']:.3g}), load {a['load_s']} s")
+        v = c.get("second_version")
+        if isinstance(v, dict) and "gap_to_new" in v:
+            parts.append(f"version 2 {'ok' if v.get('ok') else 'WRONG'} (id {v['lora_id']}, gap to new "
+                         f"{v['gap_to_new']['max']:.3g}, to old {v['gap_to_old']['max']:.3g})")
+        g = c.get("generate")
+        if isinstance(g, dict):
+            parts.append(f"generate {'ok' if g.get('ok') else g.get('status')}")
         if r.get("failed"):
             parts.append("FAILED: " + "; ".join(r["failed"]))
         return r, "; ".join(parts), None

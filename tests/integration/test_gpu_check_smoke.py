@@ -15,7 +15,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["env", "mixed_precision", "pytest_gpu", "engine", "fused_logprob", "learner_step"]
+STAGES = ["env", "mixed_precision", "pytest_gpu", "engine", "lora", "fused_logprob", "learner_step"]
 SMOKE_WALL_S = 150
 
 
@@ -55,9 +55,10 @@ def test_gpu_check_smoke(tmp_path):
         assert py["details"]["passed"] == py["details"]["failed"] == py["details"]["error"] == 0
         assert py["details"]["skipped"] >= 10
 
-    # The engine is left out of the smoke run, saying why.
-    assert stages["engine"]["status"] == "skipped"
-    assert "smoke" in stages["engine"]["reason"] or "vllm" in stages["engine"]["reason"]
+    # The engine and LoRA stages are left out of the smoke run, saying why.
+    for name in ("engine", "lora"):
+        assert stages[name]["status"] == "skipped"
+        assert "smoke" in stages[name]["reason"] or "vllm" in stages[name]["reason"]
 
     # Fused log-probs: the chunked kernel needs less memory than naive at the largest smoke shape.
     rows = [r for r in stages["fused_logprob"]["details"]["rows"] if r["fwd+bwd ms"] != "-"]

@@ -27,7 +27,8 @@ def test_report_names_a_timed_out_stage_and_keeps_its_log(tmp_path):
     assert proc.returncode == 1
     report = json.loads((out / "report.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
-    assert [stages[n]["status"] for n in STAGES] == ["ok", "skipped", "timeout", "skipped", "skipped", "skipped"]
+    assert [stages[n]["status"] for n in STAGES] == ["ok", "skipped", "timeout", "skipped", "skipped", "skipped",
+                                                     "skipped"]
     assert stages["pytest_gpu"]["details"]["passed"] == 1 and stages["pytest_gpu"]["details"]["failed"] == 1
     assert stages["pytest_gpu"]["log_tail"][-1] == "still running"
     assert stages["pytest_gpu"]["gpu_processes_after"] == "1"
