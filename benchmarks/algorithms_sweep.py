@@ -86,7 +86,8 @@ def mean_interval(xs: list[float]) -> tuple[float, float]:
     return m, _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def run_one(name: str, recipe: Recipe, seed: int, out: Path, model: Path, steps: int | None) -> Path:
+def run_one(name: str, recipe: Recipe, seed: int, out: Path, model: Path, steps: int | None,
+            extra: tuple[str, ...] = ()) -> Path:
     run = out / name / f"seed{seed}"
     if (run / "summary.json").is_file():
         return run
@@ -102,7 +103,8 @@ def run_one(name: str, recipe: Recipe, seed: int, out: Path, model: Path, steps:
             shutil.copytree(shared, run / "tiny_model")
     args = [sys.executable, "-m", "trainers.cli", "train", recipe.config, f"run.output_dir={run}", *model_args,
             f"run.seed={seed}", "run.progress=false",
-            *recipe.overrides, *([f"run.num_steps={steps}"] if steps else []), *(["--resume"] if resume else [])]
+            *recipe.overrides, *([f"run.num_steps={steps}"] if steps else []), *extra,
+            *(["--resume"] if resume else [])]
     with open(run / "console.txt", "a") as console:
         rc = subprocess.call(args, cwd=ROOT, stdout=console, stderr=subprocess.STDOUT,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="recipes to run (default: every algorithm)")
     p.add_argument("--steps", type=int, help="override each recipe's run.num_steps")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run (after the recipe's own), e.g. learner.lr=4e-3")
     p.add_argument("--model", type=Path, help="a built tiny model to start from (default: build one into --out)")
     p.add_argument("--plot", type=Path, help="write the plot here (default: <out>/sweep.png)")
     args = p.parse_args(argv)
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     with tqdm(jobs, desc="runs", unit="run") as bar:
         for name, seed in bar:
             bar.set_postfix_str(f"{name} seed {seed}")
-            runs[name].append(run_one(name, RECIPES[name], seed, args.out, model, args.steps))
+            runs[name].append(run_one(name, RECIPES[name], seed, args.out, model, args.steps, tuple(args.set)))
     results = [summarize(n, RECIPES[n], runs[n]) for n in names]
     table = markdown_table(results)
     (args.out / "table.md").write_text(table + "\n")
