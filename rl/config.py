@@ -139,7 +139,7 @@ class ModelConfig(_Section):
         description="LoRA training (docs/lora.md): {rank, alpha, dropout, target_modules}. None: full fine-tuning. "
         "Set: only the adapters train (the optimizer holds them alone), each sync sends the adapter alone to the "
         "engines (through the object store, in one piece: sync.transport and sync.bucket_mb do not apply) and the "
-        "canary runs through it, checkpoints hold the adapter (and the merged model). learner.strategy=single only.",
+        "canary runs through it, checkpoints hold the adapter (and the merged model). Every learner.strategy.",
     )
 
     @model_validator(mode="after")
