@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
     base = rows[0]
     same = all(r["tokens"] == base["tokens"] for r in rows)
-    print(f"\n| mode | ready (s) | vLLM start (s) | generation (s) | ready vs baseline | generation vs baseline |")
+    print("\n| mode | ready (s) | vLLM start (s) | generation (s) | ready vs baseline | generation vs baseline |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['ready_s']:.1f} | {r['vllm_start_s']:.1f} | {r['generate_s']:.3f} | "

@@ -83,11 +83,13 @@ def adapter_files(model, dtype: torch.dtype | None = None,
 def merged_state_dict(model, whole: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The full weights with every adapter folded in (W + scale * B @ A, in fp32, then W's dtype), under the base
     model's parameter names, without changing ``model``: what an engine that does not serve adapters loads, and
-    the merged export. ``whole``: every entry of the base model's state dict as a whole tensor (a sharded learner
-    gathers them first); None: read from ``model`` (unsharded)."""
+    the merged export. ``whole``: every entry of the base model's state dict as a whole tensor, the caller's own
+    copies (a learner gathers them first): the entries without an adapter are returned as they are, not copied;
+    None: read from ``model`` (unsharded), copying every entry."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
+    owned = whole is not None
     whole = base.state_dict() if whole is None else whole
     merged: dict[str, torch.Tensor] = {}
     lora_layers = {name: mod for name, mod in base.named_modules() if isinstance(mod, LoraLayer)}
@@ -104,7 +106,9 @@ def merged_state_dict(model, whole: dict[str, torch.Tensor] | None = None) -> di
             if getattr(layer, "fan_in_fan_out", False):
                 delta = delta.T
             tensor = (tensor.float() + delta).to(tensor.dtype)
-        merged[clean] = tensor.detach().clone()
+        elif not owned:
+            tensor = tensor.detach().clone()
+        merged[clean] = tensor
     return merged
 
 

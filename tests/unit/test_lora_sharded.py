@@ -122,8 +122,10 @@ def test_sharded_lora_equals_the_single_learner(single, strategy):
     ck, ref_ck = root / strategy / "ck", root / "single" / "ck"
     assert _max_abs(load_file(ck / "adapter" / "adapter_model.safetensors"),
                     load_file(ref_ck / "adapter" / "adapter_model.safetensors")) < 2e-5
-    assert _max_abs(load_file(ck / "model" / "model.safetensors"),
-                    load_file(ref_ck / "model" / "model.safetensors")) < 2e-5
+    # (the fixture ties its LM head to the embedding: a checkpoint may store the head once, under the embedding)
+    merged = {k: v for k, v in load_file(ck / "model" / "model.safetensors").items() if k != "lm_head.weight"}
+    ref_merged = {k: v for k, v in load_file(ref_ck / "model" / "model.safetensors").items() if k != "lm_head.weight"}
+    assert len(merged) == 2 * 12 + 2 and _max_abs(merged, ref_merged) < 2e-5  # 12 tensors a layer, embedding, norm
     state = torch.load(ck / "learner_state.pt", weights_only=False)
     assert state["lora"] is True and len(state["optimizer"]["state"]) == 28  # AdamW state of the adapter alone
     # 2 ranks resume the single strategy's checkpoint: the next update is the single strategy's next update
