@@ -184,6 +184,52 @@ def _num(text) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- stages
+def _engine_parts(c: dict) -> list[str]:
+    """The engine stage's key numbers from its checks."""
+    parts = []
+    if "runner" in c:
+        parts.append(f"runner {str(c['runner']).split('.')[-1]}")
+    if "engine_start_s" in c:
+        parts.append(f"start {c['engine_start_s']} s")
+    g = c.get("canary_gap")
+    if isinstance(g, dict) and "mean" in g:
+        parts.append(f"canary gap mean {g['mean']:.3g} max {g['max']:.3g} ({c.get('env', {}).get('dtype')})")
+    s = c.get("sync")
+    if isinstance(s, dict) and "ok" in s:
+        parts.append(f"sync {'ok' if s['ok'] else 'WRONG'} ({s['buckets']} buckets, {s['push_s']} s, gap after "
+                     f"{s['gap_to_new_weights']['max']:.3g})")
+    d = c.get("drafter_reload")
+    if isinstance(d, dict):
+        parts.append(f"drafter reload {'ok' if d.get('ok') else d.get('status')}")
+    w = c.get("sleep_wake")
+    if isinstance(w, dict):
+        if w.get("status") == "skipped":
+            parts.append("sleep/wake skipped (no sleep mode)")
+        else:
+            parts.append("sleep/wake " + ", ".join(f"{k} {v['status']} {v['s']} s"
+                                                   for k, v in w.get("steps", {}).items()))
+    return parts
+
+
+def _lora_parts(c: dict) -> list[str]:
+    """The lora stage's key numbers from its checks."""
+    parts = [f"{c['env'].get('dtype')}"] if isinstance(c.get("env"), dict) else []
+    if "engine_start_s" in c:
+        parts.append(f"start {c['engine_start_s']} s")
+    a = c.get("adapter_gap")
+    if isinstance(a, dict) and "gap_to_merged" in a:
+        parts.append(f"adapter gap to merged max {a['gap_to_merged']['max']:.3g} (bound {a['bound']:.3g}; to the "
+                     f"base {a['gap_to_base']['max']:.3g}), load {a['load_s']} s")
+    v = c.get("second_version")
+    if isinstance(v, dict) and "gap_to_new" in v:
+        parts.append(f"version 2 {'ok' if v.get('ok') else 'WRONG'} (id {v['lora_id']}, gap to new "
+                     f"{v['gap_to_new']['max']:.3g}, to old {v['gap_to_old']['max']:.3g})")
+    g = c.get("generate")
+    if isinstance(g, dict):
+        parts.append(f"generate {'ok' if g.get('ok') else g.get('status')}")
+    return parts
+
+
 def stage_results(out: Path, name: str, log: str) -> tuple[dict, str, str | None]:
     """(details, one-line key numbers, a reason to call the stage skipped)."""
     res_dir = out / "results"
@@ -221,55 +267,11 @@ def stage_results(out: Path, name: str, log: str) -> tuple[dict, str, str | None
         if r["passed"] == r["failed"] == r["error"] == 0 and r["skipped"] > 0:
             skip = f"all {r['skipped']} tests skipped" + (f" ({r['skip_reasons'][0]})" if r["skip_reasons"] else "")
         return r, key, skip
-    if name == "engine":
-        r = _load(res_dir / "engine.json") or {}
+    if name in ("engine", "lora"):  # the check scripts' JSON (scripts/gpu_engine_check.py, gpu_lora_check.py)
+        r = _load(res_dir / f"{name}.json") or {}
         if r.get("status") == "skipped":
             return r, r.get("reason", ""), r.get("reason")
-        c = r.get("checks", {})
-        parts = []
-        if "runner" in c:
-            parts.append(f"runner {str(c['runner']).split('.')[-1]}")
-        if "engine_start_s" in c:
-            parts.append(f"start {c['engine_start_s']} s")
-        g = c.get("canary_gap")
-        if isinstance(g, dict) and "mean" in g:
-            parts.append(f"canary gap mean {g['mean']:.3g} max {g['max']:.3g} ({c.get('env', {}).get('dtype')})")
-        s = c.get("sync")
-        if isinstance(s, dict) and "ok" in s:
-            parts.append(f"sync {'ok' if s['ok'] else 'WRONG'} ({s['buckets']} buckets, {s['push_s']} s, gap after "
-                         f"{s['gap_to_new_weights']['max']:.3g})")
-        d = c.get("drafter_reload")
-        if isinstance(d, dict):
-            parts.append(f"drafter reload {'ok' if d.get('ok') else d.get('status')}")
-        w = c.get("sleep_wake")
-        if isinstance(w, dict):
-            if w.get("status") == "skipped":
-                parts.append("sleep/wake skipped (no sleep mode)")
-            else:
-                parts.append("sleep/wake " + ", ".join(f"{k} {v['status']} {v['s']} s"
-                                                       for k, v in w.get("steps", {}).items()))
-        if r.get("failed"):
-            parts.append("FAILED: " + "; ".join(r["failed"]))
-        return r, "; ".join(parts), None
-    if name == "lora":
-        r = _load(res_dir / "lora.json") or {}
-        if r.get("status") == "skipped":
-            return r, r.get("reason", ""), r.get("reason")
-        c = r.get("checks", {})
-        parts = [f"{c['env'].get('dtype')}"] if isinstance(c.get("env"), dict) else []
-        if "engine_start_s" in c:
-            parts.append(f"start {c['engine_start_s']} s")
-        a = c.get("adapter_gap")
-        if isinstance(a, dict) and "gap_to_merged" in a:
-            parts.append(f"adapter gap to merged max {a['gap_to_merged']['max']:.3g} (bound {a['bound']:.3g}; to the "
-                         f"base {a['gap_to_base']['max']:.3g}), load {a['load_s']} s")
-        v = c.get("second_version")
-        if isinstance(v, dict) and "gap_to_new" in v:
-            parts.append(f"version 2 {'ok' if v.get('ok') else 'WRONG'} (id {v['lora_id']}, gap to new "
-                         f"{v['gap_to_new']['max']:.3g}, to old {v['gap_to_old']['max']:.3g})")
-        g = c.get("generate")
-        if isinstance(g, dict):
-            parts.append(f"generate {'ok' if g.get('ok') else g.get('status')}")
+        parts = (_engine_parts if name == "engine" else _lora_parts)(r.get("checks", {}))
         if r.get("failed"):
             parts.append("FAILED: " + "; ".join(r["failed"]))
         return r, "; ".join(parts), None

@@ -35,3 +35,27 @@ def test_report_names_a_timed_out_stage_and_keeps_its_log(tmp_path):
     md = (out / "report.md").read_text()
     assert "| pytest_gpu | timeout | 140 | 140 | 1 passed, 1 failed" in md
     assert "## pytest_gpu: timeout" in md and "| engine | skipped | 0 | 150 | vllm is not importable |" in md
+
+
+def test_report_summarizes_the_lora_stage(tmp_path):
+    """The lora stage's key numbers come from scripts/gpu_lora_check.py's JSON; a failed check is named."""
+    out = tmp_path / "check"
+    (out / "logs").mkdir(parents=True)
+    (out / "results").mkdir()
+    (out / "stages.tsv").write_text("lora\t1\t80\t90\t\t0\n")
+    gap = lambda mean, mx: {"mean": mean, "max": mx, "n": 48}  # noqa: E731
+    (out / "results" / "lora.json").write_text(json.dumps({
+        "stage": "lora", "status": "failed", "failed": ["second_version: gap to new 0.3 (bound 0.05), to old 0.01"],
+        "checks": {"env": {"dtype": "bfloat16"}, "engine_start_s": 41.5,
+                   "adapter_gap": {"ok": True, "load_s": 0.02, "lora_id": 1, "gap_to_merged": gap(2e-3, 3e-2),
+                                   "gap_to_base": gap(0.1, 0.5), "bound": 0.05},
+                   "second_version": {"ok": False, "lora_id": 2, "gap_to_new": gap(0.1, 0.3),
+                                      "gap_to_old": gap(1e-3, 1e-2)}}}))
+    proc = subprocess.run([sys.executable, "scripts/gpu_check_report.py", "aggregate", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lora = {s["stage"]: s for s in json.loads((out / "report.json").read_text())["stages"]}["lora"]
+    assert lora["status"] == "failed"
+    assert lora["key"] == ("bfloat16; start 41.5 s; adapter gap to merged max 0.03 (bound 0.05; to the base 0.5), "
+                           "load 0.02 s; version 2 WRONG (id 2, gap to new 0.3, to old 0.01); FAILED: second_version: "
+                           "gap to new 0.3 (bound 0.05), to old 0.01")
