@@ -80,9 +80,12 @@ else
 fi
 
 selected() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+# the stages that start a vLLM engine: a default --smoke run leaves them out (--smoke --only NAME runs one)
+smoke_leaves_out() { [ "$SMOKE" = 1 ] && [ -z "$ONLY" ] && { [ "$1" = engine ] || [ "$1" = lora ]; }; }
+SMOKE_ENGINE_REASON="smoke: a vLLM CPU engine start takes 30-110 s on 2 cores, more than the 2-minute budget leaves"
 BUDGET=0
 for s in $STAGES; do
-  if selected "$s" && { { [ "$s" != engine ] && [ "$s" != lora ]; } || [ "$SMOKE" = 0 ] || [ -n "$ONLY" ]; }; then
+  if selected "$s" && ! smoke_leaves_out "$s"; then
     BUDGET=$((BUDGET + ${LIMIT[$s]}))
   fi
 done
@@ -153,8 +156,7 @@ fi
 # ---- engine
 if selected engine; then
   if ! has vllm; then skip_stage engine "vllm is not importable (install a vLLM build matching this torch)"
-  elif [ "$SMOKE" = 1 ] && [ -z "$ONLY" ]; then
-    skip_stage engine "smoke: a vLLM CPU engine start takes 30-110 s on 2 cores, more than the 2-minute budget leaves; run --smoke --only engine"
+  elif smoke_leaves_out engine; then skip_stage engine "$SMOKE_ENGINE_REASON; run --smoke --only engine"
   else
     run_stage engine "'$PY' scripts/gpu_engine_check.py --json '$RES/engine.json' --work '$WORK/engine' $([ "$SMOKE" = 1 ] && echo --smoke)"
   fi
@@ -163,8 +165,7 @@ fi
 # ---- lora (its own engine, started with LoRA enabled)
 if selected lora; then
   if ! has vllm || ! has peft; then skip_stage lora "vllm or peft is not importable"
-  elif [ "$SMOKE" = 1 ] && [ -z "$ONLY" ]; then
-    skip_stage lora "smoke: a vLLM CPU engine start takes 30-110 s on 2 cores, more than the 2-minute budget leaves; run --smoke --only lora"
+  elif smoke_leaves_out lora; then skip_stage lora "$SMOKE_ENGINE_REASON; run --smoke --only lora"
   else
     run_stage lora "'$PY' scripts/gpu_lora_check.py --json '$RES/lora.json' --work '$WORK/lora' $([ "$SMOKE" = 1 ] && echo --smoke)"
   fi

@@ -47,16 +47,12 @@ def saved_name(key: str, adapter: str = "default") -> str:
     return f"{PEFT_PREFIX}{head}.{tail}"
 
 
-def _adapter_tensors(model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors of an unsharded peft model, under the base model's state-dict names."""
-    return {k: v.detach() for k, v in model.get_base_model().state_dict().items() if is_adapter_key(k)}
-
-
 def adapter_state_dict(model, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's saved names (:func:`saved_name`). ``tensors``: the adapter's whole
     tensors under the base model's state-dict names (a sharded learner gathers them first); None: read them from
     ``model`` (unsharded)."""
-    tensors = _adapter_tensors(model) if tensors is None else tensors
+    if tensors is None:
+        tensors = {k: v.detach() for k, v in model.get_base_model().state_dict().items() if is_adapter_key(k)}
     return {saved_name(k): v.contiguous() for k, v in tensors.items()}
 
 
